@@ -1,0 +1,47 @@
+# megadalle: `make demo` runs the main job on its embedded default, `make test` runs the whole suite.
+# Both set up everything on a fresh machine: Debian packages (as root), .venv, requirements, the package.
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+DEMO_CONFIG ?= megadalle/configs/demo.toml
+PYTEST_ARGS ?=
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup sysdeps demo test lint format clean
+
+setup: sysdeps $(STAMP)
+
+sysdeps:
+	@bash tools/install_sysdeps.sh
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
+	$(PY) tools/train_tokenizer.py --config $(DEMO_CONFIG)
+	@echo "demo: done; outputs under outputs/demo/"
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf outputs build .pytest_cache

@@ -1,0 +1,365 @@
+"""One configuration tree for every megadalle job.
+
+`JobConfig` holds one dataclass per section. `load_config(argv)` resolves it in this precedence
+(highest first), as torchtitan does:
+
+    command line (--section.key=value)  >  TOML run file (--config path.toml)  >  dataclass defaults
+
+Unknown sections and keys are errors, and every value is type-checked against the field's annotation;
+errors name the key and where it came from (the TOML file or the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, ill-typed or inconsistent; the message names key and origin."""
+
+
+@dataclass
+class Job:
+    name: str = "debug"
+    """Run name; the run folder is `<job.run_root>/<job.name>`."""
+    run_root: str = "outputs"
+    """Folder under which each run gets its own folder (config, logs, checkpoints, images)."""
+    stage: Literal["dvae", "prior", "clip"] = "dvae"
+    """Which model `megadalle/train.py` trains."""
+    seed: int = 0
+    """Global seed; each rank and data worker derives its own from it."""
+    description: str = ""
+    """Free text written beside the resolved config."""
+
+
+@dataclass
+class Data:
+    shards: str = "outputs/shards"
+    """Folder (or s3://bucket/prefix) holding `manifest.json` and the `<split>/*.tar` shards."""
+    image_size: int = 256
+    """Side of the square images, in pixels: 256 for the paper, 64 or 32 for CPU runs."""
+    sources: list[str] = field(default_factory=lambda: ["twemoji", "openmoji"])
+    """Emoji art sets for tools/make_shards.py: twemoji, openmoji, iconify:<set> (needs npm); `name=PATH`
+    overrides the folder a set is read from."""
+    style_in_caption: bool = True
+    """Append the art style to captions ("red heart in openmoji style")."""
+    val_percent: float = 5.0
+    """Share of concepts (all their images) held out as the in-distribution validation split."""
+    zeroshot_percent: float = 12.0
+    """Share of concepts for which one skin tone and one art style are held out (the zero-shot split)."""
+    shard_max_samples: int = 1000
+    """Samples per tar shard."""
+    limit_per_source: int = 0
+    """Use at most this many images of each source (0: all); for fast tests."""
+    num_workers: int = 2
+    """Worker processes for rendering and for the data loader."""
+
+
+@dataclass
+class Tokenizer:
+    model_path: str = "outputs/tokenizer/bpe.model"
+    """The sentencepiece model file written by tools/train_tokenizer.py."""
+    vocab_size: int = 16384
+    """BPE vocabulary size (the paper's 16,384)."""
+    max_len: int = 256
+    """Text positions of the stream; longer captions are truncated (and counted)."""
+    dropout: float = 0.1
+    """BPE-dropout probability applied only in training mode (the paper's 10%)."""
+    extra_text: list[str] = field(default_factory=list)
+    """Extra plain-text files (one sentence a line) added to the captions for tokenizer training."""
+    lowercase: bool = True
+    """Lower-case captions before encoding, as the paper does."""
+
+
+@dataclass
+class Model:
+    dvae_flavor: str = "paper"
+    """dVAE size from megadalle.models.dvae.FLAVORS."""
+    prior_flavor: str = "debug"
+    """Transformer prior size from megadalle.models.transformer.FLAVORS."""
+    attention: Literal["dense", "flex", "triton"] = "dense"
+    """Attention implementation of the prior: masked SDPA reference, FlexAttention, or Triton block-sparse."""
+    dvae_checkpoint: str = ""
+    """dVAE weights used to encode images for the prior (empty: read token shards)."""
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    """Peak step size."""
+    lr_min: float = 1.25e-6
+    """Final step size of the cosine decay."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2 (0.999 for the dVAE, 0.96 for the prior)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (1e-4 dVAE, 4.5e-2 prior)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: off; the prior uses 4)."""
+    warmup_steps: int = 0
+    """Linear warm-up updates before the schedule."""
+    ema_decay: float = 0.999
+    """Decay of the parameter exponential moving average (0: no EMA)."""
+    ema_every: int = 1
+    """Update the EMA every this many updates (the prior: 25)."""
+
+
+@dataclass
+class Train:
+    steps: int = 100
+    """Optimizer updates to run."""
+    micro_batch_size: int = 8
+    """Samples per process per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated into one update."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision; fp16 uses the loss scaler."""
+    activation_checkpointing: bool = False
+    """Recompute each resblock's activations in backward."""
+    log_every: int = 10
+    """Updates between metric lines."""
+    eval_every: int = 100
+    """Updates between evaluations (validation metrics, image grids)."""
+
+
+@dataclass
+class Checkpoint:
+    every: int = 0
+    """Updates between checkpoints (0: only at the end)."""
+    keep: int = 3
+    """Checkpoints kept; older ones are removed after a newer one is complete."""
+    resume: str = ""
+    """Checkpoint folder to resume from ("latest": the newest in this run folder)."""
+
+
+@dataclass
+class Parallel:
+    deepspeed_config: str = "ds_configs/zero0_cpu.json"
+    """DeepSpeed JSON; the values the JobConfig owns are "auto" there and filled from this tree."""
+
+
+@dataclass
+class Logging:
+    json_file: str = "metrics.jsonl"
+    """Per-step JSON lines, relative to the run folder."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Python logging level for the readable rank-0 lines."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    data: Data = field(default_factory=Data)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    model: Model = field(default_factory=Model)
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    parallel: Parallel = field(default_factory=Parallel)
+    logging: Logging = field(default_factory=Logging)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job.run_root) / self.job.name
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `where`. Strings come from the command line."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or value in ("none", "None", "null")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an int, got bool {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a float, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a float, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _section_types(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    out = {}
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        out[sec.name] = typing.get_type_hints(type(section))
+    return out
+
+
+def _set(cfg: JobConfig, section: str, key: str, value: Any, origin: str) -> None:
+    types_ = _section_types(cfg)
+    if section not in types_:
+        raise ConfigError(f"{origin}: unknown config section '{section}' (sections: {', '.join(types_)})")
+    if key not in types_[section]:
+        raise ConfigError(
+            f"{origin}: unknown config key '{section}.{key}' (section '{section}' has: {', '.join(types_[section])})"
+        )
+    setattr(getattr(cfg, section), key, _coerce(value, types_[section][key], f"{origin}: {section}.{key}"))
+
+
+def apply_toml(cfg: JobConfig, path: str | os.PathLike) -> None:
+    """Apply a TOML run file onto `cfg` in place."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
+        for key, value in values.items():
+            _set(cfg, section, key, value, str(path))
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """Resolve a JobConfig: CLI args > TOML file > JobConfig defaults.
+
+    argv accepts `--config PATH` (a TOML run file; applied first whatever its position) and any number of
+    `--section.key=value` or `--section.key value` overrides. A bare `--section.flag` sets a bool to true.
+    Lists are comma-separated on the command line.
+    """
+    argv = list(argv or [])
+    toml_path: str | None = None
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --section.key=value)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 1
+            else:
+                value = "true"
+        if name == "config":
+            toml_path = value
+        else:
+            overrides.append((name, value))
+        i += 1
+    cfg = JobConfig()
+    if toml_path is not None:
+        apply_toml(cfg, toml_path)
+    for name, value in overrides:
+        section, dot, key = name.partition(".")
+        if not dot:
+            raise ConfigError(f"command line: --{name} is not of the form --section.key")
+        _set(cfg, section, key, value, f"command line --{name}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: JobConfig) -> None:
+    """Cross-field checks that no single type annotation can express."""
+    checks = [
+        (cfg.data.image_size > 0, f"data.image_size must be positive, got {cfg.data.image_size}"),
+        (0 <= cfg.data.val_percent < 100, f"data.val_percent must be in [0, 100), got {cfg.data.val_percent}"),
+        (
+            0 <= cfg.data.zeroshot_percent < 100,
+            f"data.zeroshot_percent must be in [0, 100), got {cfg.data.zeroshot_percent}",
+        ),
+        (cfg.data.shard_max_samples > 0, f"data.shard_max_samples must be positive, got {cfg.data.shard_max_samples}"),
+        (cfg.tokenizer.vocab_size >= 64, f"tokenizer.vocab_size must be >= 64, got {cfg.tokenizer.vocab_size}"),
+        (cfg.tokenizer.max_len > 0, f"tokenizer.max_len must be positive, got {cfg.tokenizer.max_len}"),
+        (0 <= cfg.tokenizer.dropout < 1, f"tokenizer.dropout must be in [0, 1), got {cfg.tokenizer.dropout}"),
+        (cfg.train.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {cfg.train.micro_batch_size}"),
+        (cfg.train.grad_accum_steps > 0, f"train.grad_accum_steps must be positive, got {cfg.train.grad_accum_steps}"),
+        (cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}"),
+        (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: JobConfig) -> str:
+    """The resolved config as a TOML run file that `load_config(["--config", path])` reads back identically."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_resolved(cfg: JobConfig, folder: str | os.PathLike) -> Path:
+    """Write `config.toml` (the resolved config) into `folder` atomically and return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(dump_toml(cfg))
+    os.replace(tmp, path)
+    return path

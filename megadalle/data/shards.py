@@ -1,0 +1,117 @@
+"""Webdataset tar shards on local disk: the writer, the manifest, and checks of both.
+
+Layout of a shard set:
+    <root>/manifest.json              counts, a sha256 and size per shard, what was skipped and why
+    <root>/<split>/<split>-NNNNNN.tar samples "KEY.png" + "KEY.txt" (caption) + "KEY.json" (metadata)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+MANIFEST = "manifest.json"
+FORMAT = "megadalle-shards/1"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes samples into `<folder>/<prefix>-NNNNNN.tar`, `max_samples` each; a shard appears under its
+    final name only once it is complete (written as `.tar.tmp`, then renamed)."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, max_samples: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.records: list[dict[str, Any]] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        final = self.folder / f"{self.prefix}-{len(self.records):06d}.tar"
+        self._path = final
+        self._tar = wds.TarWriter(str(final) + ".tmp")
+        self._count = 0
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        os.replace(str(self._path) + ".tmp", self._path)
+        self.records.append(
+            {
+                "path": f"{self.folder.name}/{self._path.name}",
+                "samples": self._count,
+                "bytes": self._path.stat().st_size,
+                "sha256": sha256_file(self._path),
+            }
+        )
+        self._tar = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._count += 1
+        if self._count >= self.max_samples:
+            self._finish()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._finish()
+        return self.records
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {path}: build shards with tools/make_shards.py") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed manifest: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def split_urls(root: str | os.PathLike, split: str) -> list[str]:
+    """Local paths of a split's shards, in manifest order."""
+    manifest = read_manifest(root)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{Path(root) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return [str(Path(root) / s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(root: str | os.PathLike) -> int:
+    """Check every shard's size and sha256 against the manifest; return the number of samples."""
+    manifest = read_manifest(root)
+    total = 0
+    for split, info in manifest["splits"].items():
+        for rec in info["shards"]:
+            path = Path(root) / rec["path"]
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} of split {split!r} listed in the manifest is missing")
+            if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+                raise ValueError(f"shard {path} does not match its sha256/size in {Path(root) / MANIFEST}")
+            total += rec["samples"]
+    return total

@@ -1,0 +1,97 @@
+"""Fill a DeepSpeed JSON from the JobConfig.
+
+The DeepSpeed file keeps what is DeepSpeed's own (ZeRO stage, offload, bucket sizes). The values the
+JobConfig owns are written there as "auto" and filled here; a value that is not "auto" must agree with
+the JobConfig, else `ValueError` names the key, both values and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from megadalle.config import ConfigError, JobConfig
+
+AUTO = "auto"
+
+
+def _owned_values(cfg: JobConfig, world_size: int) -> dict[tuple[str, ...], tuple[Any, str]]:
+    """Key path in the DeepSpeed JSON -> (value from the JobConfig, the JobConfig field it comes from)."""
+    t, o = cfg.train, cfg.optim
+    return {
+        ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps",): (t.grad_accum_steps, "train.grad_accum_steps"),
+        ("train_batch_size",): (
+            t.micro_batch_size * t.grad_accum_steps * world_size,
+            f"train.micro_batch_size * train.grad_accum_steps * world_size({world_size})",
+        ),
+        ("gradient_clipping",): (o.grad_clip, "optim.grad_clip"),
+        ("fp16", "enabled"): (t.precision == "fp16", "train.precision"),
+        ("bf16", "enabled"): (t.precision == "bf16", "train.precision"),
+        ("optimizer", "params", "lr"): (o.lr, "optim.lr"),
+        ("optimizer", "params", "betas"): ([o.beta1, o.beta2], "optim.beta1, optim.beta2"),
+        ("optimizer", "params", "eps"): (o.eps, "optim.eps"),
+        ("optimizer", "params", "weight_decay"): (o.weight_decay, "optim.weight_decay"),
+    }
+
+
+def _agree(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: str = "<ds config>") -> dict[str, Any]:
+    """Return a copy of `ds` with the JobConfig-owned values filled in.
+
+    A missing top-level key is added (`train_micro_batch_size_per_gpu`, ...); a missing optional table
+    (`fp16`, `bf16`, `optimizer`) is added only when it is needed (fp16/bf16 enabled); the optimizer's
+    params are filled only when the file declares an optimizer.
+    """
+    out = copy.deepcopy(ds)
+    for keys, (value, source) in _owned_values(cfg, world_size).items():
+        node = out
+        for k in keys[:-1]:
+            if k not in node:
+                if k in ("fp16", "bf16") and value:
+                    node[k] = {}
+                else:
+                    node = None
+                    break
+            node = node[k]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin}: '{'.'.join(keys[:-1])}' must be a JSON object")
+        if node is None:
+            continue
+        last = keys[-1]
+        if last not in node or node[last] == AUTO:
+            node[last] = value
+        elif not _agree(node[last], value):
+            raise ConfigError(
+                f"{origin}: '{'.'.join(keys)}' is {node[last]!r} but the JobConfig gives {value!r} "
+                f'({source}); write "auto" there and set it in the JobConfig'
+            )
+    if out.get("fp16", {}).get("enabled") and out.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{origin}: fp16 and bf16 are both enabled")
+    return out
+
+
+def load_ds_config(cfg: JobConfig, world_size: int, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read `parallel.deepspeed_config` (or `path`) and fill it from `cfg`."""
+    path = Path(path or cfg.parallel.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: the DeepSpeed config must be a JSON object")
+    return fill_ds_config(ds, cfg, world_size, origin=str(path))
