@@ -8,7 +8,10 @@ import pytest
 from tests.cluster import SlurmCluster, slurm_available
 from tests.conftest import free_port, python, require, require_cmd
 
-ALLREDUCE = "from mpi4py import MPI; c = MPI.COMM_WORLD; print('SUM', c.allreduce(c.Get_rank() + 1), c.Get_size())"
+ALLREDUCE = (
+    "from mpi4py import MPI; c = MPI.COMM_WORLD; "
+    "print(f'SUM {c.allreduce(c.Get_rank() + 1)} {c.Get_size()}', flush=True)"  # one write: lines cannot interleave
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def test_mpirun_two_ranks_allreduce():
 def test_sbatch_srun_pmix_two_tasks(slurm, tmp_path: Path):
     out = tmp_path / "job.out"
     script = tmp_path / "job.sh"
-    script.write_text(f"#!/bin/bash\nsrun --mpi=pmix -n 2 {python()} -c \"{ALLREDUCE}\"\n")
+    script.write_text(f'#!/bin/bash\nsrun --mpi=pmix -n 2 {python()} -c "{ALLREDUCE}"\n')
     job = slurm.sbatch(script, "-N", "1", "-n", "2", "-o", str(out))
     state = slurm.wait(job, timeout=120)
     assert state == "COMPLETED", f"{state}: {out.read_text() if out.exists() else ''}\n{slurm.log_tail()}"
