@@ -33,6 +33,7 @@ demo: setup
 	@echo "demo: done; outputs under outputs/demo/"
 
 test: setup
+	$(VENV)/bin/ruff check --quiet .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
