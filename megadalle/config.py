@@ -82,13 +82,33 @@ class Tokenizer:
 @dataclass
 class Model:
     dvae_flavor: str = "paper"
-    """dVAE size from megadalle.models.dvae.FLAVORS."""
+    """dVAE size from megadalle.models.dvae.FLAVORS: paper, small, debug."""
     prior_flavor: str = "debug"
     """Transformer prior size from megadalle.models.transformer.FLAVORS."""
     attention: Literal["dense", "flex", "triton"] = "dense"
     """Attention implementation of the prior: masked SDPA reference, FlexAttention, or Triton block-sparse."""
     dvae_checkpoint: str = ""
     """dVAE weights used to encode images for the prior (empty: read token shards)."""
+
+
+@dataclass
+class Dvae:
+    kl_weight: float = 6.6
+    """beta, the KL weight reached after the warm-up (the paper's 6.6)."""
+    kl_warmup_steps: int = 5000
+    """Updates of the cosine warm-up of beta from 0."""
+    tau_start: float = 1.0
+    """Gumbel-softmax temperature at step 0."""
+    tau_end: float = 0.0625
+    """Temperature after annealing (1/16)."""
+    tau_steps: int = 150000
+    """Updates of the cosine annealing of tau."""
+    lr_decay_steps: int = 1200000
+    """Updates of the cosine decay of the step size from optim.lr to optim.lr_min."""
+    eval_batches: int = 4
+    """Validation batches per evaluation."""
+    grid_images: int = 8
+    """Images in the reconstruction grid PNG written at each evaluation."""
 
 
 @dataclass
@@ -163,6 +183,7 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     model: Model = field(default_factory=Model)
+    dvae: Dvae = field(default_factory=Dvae)
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
@@ -254,20 +275,27 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, origin: str) -> Non
     setattr(getattr(cfg, section), key, _coerce(value, types_[section][key], f"{origin}: {section}.{key}"))
 
 
+def apply_toml_text(cfg: JobConfig, text: str, origin: str) -> None:
+    """Apply TOML text onto `cfg` in place; errors name `origin`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: malformed TOML: {e}") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: top-level key '{section}' must be a [section] table")
+        for key, value in values.items():
+            _set(cfg, section, key, value, origin)
+
+
 def apply_toml(cfg: JobConfig, path: str | os.PathLike) -> None:
     """Apply a TOML run file onto `cfg` in place."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top-level key '{section}' must be a [section] table")
-        for key, value in values.items():
-            _set(cfg, section, key, value, str(path))
+    apply_toml_text(cfg, text, str(path))
 
 
 def load_config(argv: list[str] | None = None) -> JobConfig:

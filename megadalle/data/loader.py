@@ -1,0 +1,83 @@
+"""Streaming loaders over the webdataset shards: an endless, per-rank-seeded training stream and a finite
+evaluation pass. Samples that fail to decode are counted, never silently dropped."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from megadalle.data.shards import split_urls
+from megadalle.data.transforms import center_resize, dvae_augment
+
+
+@dataclass
+class SkipCounter:
+    """Samples a loader could not use, by reason; logged with the metrics."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def handler(self, exn: Exception) -> bool:
+        key = type(exn).__name__
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return True  # continue with the next sample
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)  # copy: decoded arrays are read-only
+
+
+def train_images(
+    root: str, image_size: int, batch_size: int, rank: int, seed: int, skips: SkipCounter, shuffle_buffer: int = 1000
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images (B, 3, S, S) in [0, 1], captions) batches; shards resampled with a rank-specific seed so
+    every rank draws a different stream and no rank runs dry before another."""
+    rng = random.Random(seed * 1_000_003 + rank)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(split_urls(root, "train"), seed=seed, worker_seed=lambda: rank, deterministic=True),
+        wds.tarfile_to_samples(handler=skips.handler),
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
+        wds.decode("rgb8", handler=skips.handler),
+        wds.to_tuple("png", "txt", handler=skips.handler),
+        wds.map_tuple(lambda im: _to_tensor(dvae_augment(im, image_size, rng)), lambda t: t),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    )
+    yield from pipeline
+
+
+def eval_images(root: str, split: str, image_size: int, batch_size: int, limit: int = 0) -> Iterator[tuple]:
+    """Finite pass over a split in manifest order: (images (B, 3, S, S), captions, metadata with "key")."""
+    urls = split_urls(root, split)
+    # every caller reads the whole split (evaluation on one rank, encoding): no node splitting
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards).decode("rgb8")
+    batch: list = []
+    seen = 0
+    for sample in ds:
+        meta = dict(sample["json"], key=sample["__key__"])
+        batch.append((_to_tensor(center_resize(sample["png"], image_size)), sample["txt"], meta))
+        seen += 1
+        if len(batch) == batch_size or seen == limit:
+            yield _collate(batch)
+            batch = []
+        if seen == limit:
+            return
+    if batch:
+        yield _collate(batch)
+
+
+def _all_shards(urls: list) -> list:
+    return urls
+
+
+def _collate(samples: list[tuple]) -> tuple:
+    cols = list(zip(*samples))
+    return (torch.stack(cols[0]), *[list(c) for c in cols[1:]])

@@ -1,0 +1,89 @@
+"""Checkpoints: DeepSpeed's engine state (sharded as it trains) plus our own `extra.pt` (EMA, step, resolved
+config), written into `<run>/checkpoints/step_NNNNNNNN/`. DeepSpeed writes the `latest` pointer last, and
+our file is written before it, atomically, so `latest` only ever names a complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megadalle.config import JobConfig, dump_toml
+from megadalle.engine.ema import ShardedEMA
+
+EXTRA = "extra.pt"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, root: Path, step: int, ema: ShardedEMA | None, cfg: JobConfig, keep: int) -> Path:
+    """Collective: every rank calls it."""
+    tag = tag_of(step)
+    folder = root / tag
+    ema_state = ema.full_state_dict() if ema is not None else None
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_atomic({"step": step, "ema": ema_state, "config": dump_toml(cfg)}, folder / EXTRA)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    if dist.get_rank() == 0 and keep > 0:
+        tags = sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """ "" -> None; "latest" -> the tag named by <root>/latest (None if there is none yet); else a folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        latest = root / "latest"
+        return root / latest.read_text().strip() if latest.is_file() else None
+    path = Path(resume)
+    if not (path / EXTRA).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no {EXTRA} there (not a megadalle checkpoint)")
+    return path
+
+
+def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> int:
+    """Restore engine state and EMA from `folder`; return the step it was saved at."""
+    extra_path = folder / EXTRA
+    if not extra_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} is incomplete: {EXTRA} is missing")
+    extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no engine state in {folder}")
+    if ema is not None:
+        if extra.get("ema") is None:
+            raise ValueError(f"checkpoint {folder} has no EMA but optim.ema_decay > 0")
+        ema.load_full_state_dict(extra["ema"])
+    return int(extra["step"])
+
+
+def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(EMA state_dict, resolved config TOML) of a checkpoint folder or its extra.pt, for encoding/sampling."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EXTRA
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    extra = torch.load(path, map_location="cpu", weights_only=False)
+    if extra.get("ema") is None:
+        raise ValueError(f"{path} holds no EMA weights")
+    return extra["ema"], extra["config"]

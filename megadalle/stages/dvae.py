@@ -1,0 +1,127 @@
+"""Stage 1, the dVAE: model, schedules, one training step, and the evaluation with EMA weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megadalle.config import ConfigError, JobConfig
+from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.engine.schedules import cosine
+from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
+from megadalle.models.dvae_loss import map_pixels, reconstruction
+
+READABLE = ["loss", "recon_nats", "kl_nats", "tau", "beta", "lr", "grad_norm", "images_per_s"]
+
+
+def dvae_args(cfg: JobConfig) -> DVAEArgs:
+    if cfg.model.dvae_flavor not in FLAVORS:
+        raise ConfigError(f"model.dvae_flavor: unknown flavor {cfg.model.dvae_flavor!r} (known: {sorted(FLAVORS)})")
+    return FLAVORS[cfg.model.dvae_flavor]
+
+
+class DVAEStage:
+    readable = READABLE
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.args = dvae_args(cfg)
+        self.skips = SkipCounter()
+
+    def build_model(self) -> DiscreteVAE:
+        return DiscreteVAE(self.args)
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Weight decay on conv kernels only, not on biases."""
+        decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+        rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def schedules(self, step: int) -> dict[str, float]:
+        d, o = self.cfg.dvae, self.cfg.optim
+        return {
+            "tau": cosine(step, d.tau_start, d.tau_end, d.tau_steps),
+            "beta": cosine(step, 0.0, d.kl_weight, d.kl_warmup_steps),
+            "lr": cosine(step, o.lr, o.lr_min, d.lr_decay_steps),
+        }
+
+    def batches(self, rank: int):
+        c = self.cfg
+        for images, _captions in train_images(
+            c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips
+        ):
+            yield map_pixels(images)
+
+    def micro_step(self, engine, x: torch.Tensor, sched: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; returns detached statistics."""
+        dtype = next(engine.module.parameters()).dtype
+        out = engine(x.to(dtype), sched["tau"], sched["beta"])
+        engine.backward(out.loss)
+        return {"loss": out.loss.detach(), "recon_nats": out.recon.detach(), "kl_nats": out.kl.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, ema_state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
+        """Validation with EMA weights on one rank: relaxed and hard ELB (nats/dim), MSE/PSNR of the argmax
+        reconstruction, codebook usage and perplexity; writes the reconstruction grid PNG."""
+        c, a = self.cfg, self.args
+        model = DiscreteVAE(a).eval()
+        model.load_state_dict(ema_state)
+        tau = self.schedules(step)["tau"]
+        dims = a.channels * a.image_size**2
+        sums = {"elb_relaxed": 0.0, "elb_hard": 0.0, "mse": 0.0}
+        counts = torch.zeros(a.vocab_size, dtype=torch.long)
+        n = 0
+        gen = torch.Generator().manual_seed(c.job.seed)  # same gumbel / code samples at every evaluation
+        grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        limit = c.dvae.eval_batches * c.train.micro_batch_size
+        for images, _captions, _meta in eval_images(
+            c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit
+        ):
+            x = map_pixels(images)
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+                soft = model(x, tau, 1.0)
+                hard = model(x, tau, 1.0, hard=True)
+            b = images.shape[0]
+            sums["elb_relaxed"] += float(-soft.loss) * b
+            sums["elb_hard"] += float(-hard.loss) * b
+            codes = soft.logits.argmax(dim=1)  # (B, h, w)
+            recon = reconstruction(model.decoder.decode_codes(codes))
+            sums["mse"] += float((recon - images).square().mean(dim=(1, 2, 3)).sum())
+            counts += torch.bincount(codes.flatten(), minlength=a.vocab_size)
+            n += b
+            if grid is None:
+                grid = (images[: c.dvae.grid_images], recon[: c.dvae.grid_images])
+        if n == 0:
+            raise ValueError(f"validation split of {c.data.shards} is empty")
+        p = counts.double() / counts.sum()
+        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        mse = sums["mse"] / n
+        metrics = {
+            "elb_relaxed_nats_per_dim": sums["elb_relaxed"] / n,
+            "elb_hard_nats_per_dim": sums["elb_hard"] / n,
+            "mse": mse,
+            "psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "codebook_used_fraction": float((counts > 0).float().mean()),
+            "codebook_perplexity": math.exp(entropy),
+            "val_images": n,
+            "dims": dims,
+        }
+        if grid is not None:
+            write_grid(grid[0], grid[1], out_dir / f"recon_step{step:08d}.png")
+        return metrics
+
+
+def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
+    """Originals in the top row, reconstructions below (as the paper's Figure 1). (B, 3, H, W) in [0, 1]."""
+    rows = [torch.cat(list(originals), dim=2), torch.cat(list(recons), dim=2)]  # each (3, H, B*W)
+    img = torch.cat(rows, dim=1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()  # (2H, B*W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray(np.ascontiguousarray(img)).save(tmp)
+    tmp.replace(path)
