@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sysdeps demo test lint format clean
+.PHONY: setup sysdeps demo test lint format clean bench-dvae
 
 setup: sysdeps $(STAMP)
 
@@ -28,10 +28,18 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+DVAE_CONFIG ?= megadalle/configs/dvae_small.toml
+
 demo: setup
 	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
 	$(PY) tools/train_tokenizer.py --config $(DEMO_CONFIG)
-	@echo "demo: done; outputs under outputs/demo/"
+	$(PY) megadalle/train.py --config $(DVAE_CONFIG)
+	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens
+	@echo "demo: done. shards, tokenizer and tokens under outputs/demo/; dVAE run (metrics.jsonl,"
+	@echo "      reconstruction grids in images/, checkpoints/) under outputs/dvae_small/"
+
+bench-dvae: setup
+	$(PY) tools/bench_dvae.py
 
 test: setup
 	$(VENV)/bin/ruff check --quiet .

@@ -111,7 +111,9 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         step = load_checkpoint(engine, resume, ema)
         log.info(f"resumed from {resume} at step {step}")
 
-    logger = MetricsLogger(run_dir / cfg.logging.json_file if rank == 0 else None, cfg.train.log_every, stage.readable)
+    logger = MetricsLogger(
+        run_dir / cfg.logging.json_file if rank == 0 else None, cfg.train.log_every, stage.readable, append=step > 0
+    )
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     t = cfg.train
     log.info(

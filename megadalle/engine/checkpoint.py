@@ -77,8 +77,11 @@ def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> int:
 
 
 def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(EMA state_dict, resolved config TOML) of a checkpoint folder or its extra.pt, for encoding/sampling."""
+    """(EMA state_dict, resolved config TOML) of a checkpoint folder, its extra.pt, or a checkpoints/ folder
+    (its `latest`), for encoding and sampling."""
     path = Path(path)
+    if path.is_dir() and (path / "latest").is_file():  # a run's checkpoints/ folder: follow its pointer
+        path = path / (path / "latest").read_text().strip()
     if path.is_dir():
         path = path / EXTRA
     if not path.is_file():

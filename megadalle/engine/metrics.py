@@ -29,11 +29,12 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, path: Path | None, every: int, readable: list[str]) -> None:
+    def __init__(self, path: Path | None, every: int, readable: list[str], append: bool = False) -> None:
+        """`append`: a resumed run continues its file; a fresh run starts a new one."""
         self.path = path
         self.every = max(1, every)
         self.readable = readable
-        self._f = open(path, "a", buffering=1) if path is not None else None  # line-buffered
+        self._f = open(path, "a" if append else "w", buffering=1) if path is not None else None  # line-buffered
         self.t0 = time.time()
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train", force: bool = False) -> None:
