@@ -116,3 +116,19 @@ def test_train_py_each_zero_stage_and_precision(tmp_path, emoji_shards, ds_confi
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train = [m for m in read_metrics(tmp_path / "dvae_debug") if m["kind"] == "train"]
     assert len(train) == 2 and all(m["loss"] == m["loss"] for m in train), "finite losses"
+
+
+def test_deepspeed_launcher_two_processes(tmp_path, emoji_shards):
+    from tests.conftest import free_port
+
+    launcher = Path(python()).parent / "deepspeed"  # the launcher ships in the venv, next to python
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "megadalle/train.py",
+         "--deepspeed_config", "ds_configs/zero3_cpu.json", "--config", "megadalle/configs/dvae_debug.toml",
+         f"--data.shards={emoji_shards}", f"--job.run_root={tmp_path}", "--train.steps=2", "--train.eval_every=0",
+         "--train.micro_batch_size=4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2, ZeRO 3" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path / "dvae_debug") if m["kind"] == "train"] == [1, 2]
