@@ -29,14 +29,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $@
 
 DVAE_CONFIG ?= megadalle/configs/dvae_small.toml
+PRIOR_CONFIG ?= megadalle/configs/prior_small.toml
 
 demo: setup
 	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
 	$(PY) tools/train_tokenizer.py --config $(DEMO_CONFIG)
 	$(PY) megadalle/train.py --config $(DVAE_CONFIG)
 	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens
-	@echo "demo: done. shards, tokenizer and tokens under outputs/demo/; dVAE run (metrics.jsonl,"
-	@echo "      reconstruction grids in images/, checkpoints/) under outputs/dvae_small/"
+	$(PY) megadalle/train.py --config $(PRIOR_CONFIG)
+	@echo "demo: done. shards, tokenizer and tokens under outputs/demo/; runs (config.toml, metrics.jsonl,"
+	@echo "      images/, checkpoints/) under outputs/dvae_small/ and outputs/prior_small/"
 
 bench-dvae: setup
 	$(PY) tools/bench_dvae.py

@@ -112,6 +112,16 @@ class Dvae:
 
 
 @dataclass
+class Prior:
+    tokens: str = "outputs/demo/tokens"
+    """Token shard set written by tools/encode_shards.py (its manifest gives the grid and the image vocab)."""
+    lr_decay_steps: int = 0
+    """Cosine decay from optim.lr to optim.lr_min over this many updates after the warm-up (0: constant)."""
+    eval_batches: int = 4
+    """Validation batches per evaluation."""
+
+
+@dataclass
 class Optim:
     lr: float = 1e-4
     """Peak step size."""
@@ -184,6 +194,7 @@ class JobConfig:
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     model: Model = field(default_factory=Model)
     dvae: Dvae = field(default_factory=Dvae)
+    prior: Prior = field(default_factory=Prior)
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -62,7 +62,11 @@ def make_stage(cfg: JobConfig):
         from megadalle.stages.dvae import DVAEStage
 
         return DVAEStage(cfg)
-    raise ConfigError(f"job.stage={cfg.job.stage!r} is not implemented yet (implemented: dvae)")
+    if cfg.job.stage == "prior":
+        from megadalle.stages.prior import PriorStage
+
+        return PriorStage(cfg)
+    raise ConfigError(f"job.stage={cfg.job.stage!r} is not implemented yet (implemented: dvae, prior)")
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -148,6 +152,8 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
         metrics.update(sched)
+        if hasattr(stage, "throughput"):
+            metrics.update(stage.throughput(images_per_step / dt))
         metrics.update(
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             images_per_s=images_per_step / dt,
@@ -214,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg, rank, world)
-    except ConfigError as e:
-        log.error(f"config error: {e}")
+    except (ConfigError, FileNotFoundError) as e:
+        log.error(f"{type(e).__name__}: {e}")
+        dist.destroy_process_group()
         return 2
     dist.barrier()
     dist.destroy_process_group()  # a clean exit: gloo otherwise may abort at interpreter shutdown

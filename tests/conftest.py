@@ -71,3 +71,30 @@ def torchrun(script: str | Path, nproc: int = 2, args: list[str] | None = None, 
     cmd = [python(), "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
     cmd += [f"--master_port={free_port()}", str(script), *(args or [])]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(cmd: list[str], timeout: float = 300):
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def dvae_checkpoint(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A debug dVAE trained for 3 updates with train.py (single process)."""
+    root = tmp_path_factory.mktemp("run")
+    _run([python(), "megadalle/train.py", "--config", "megadalle/configs/dvae_debug.toml",
+          f"--data.shards={emoji_shards}", f"--job.run_root={root}", "--train.steps=3",
+          "--train.eval_every=0"])  # fmt: skip
+    return root / "dvae_debug" / "checkpoints" / "step_00000003"
+
+
+@pytest.fixture(scope="session")
+def token_shards(dvae_checkpoint: Path, emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The emoji shards encoded by the debug dVAE: 8x8 grids of 256 codes."""
+    out = tmp_path_factory.mktemp("tokens")
+    _run([python(), "tools/encode_shards.py", "--checkpoint", str(dvae_checkpoint), "--shards", str(emoji_shards),
+          "--out", str(out)])  # fmt: skip
+    return out

@@ -81,3 +81,37 @@ def _all_shards(urls: list) -> list:
 def _collate(samples: list[tuple]) -> tuple:
     cols = list(zip(*samples))
     return (torch.stack(cols[0]), *[list(c) for c in cols[1:]])
+
+
+def train_tokens(
+    root: str, batch_size: int, rank: int, seed: int, skips: SkipCounter, shuffle_buffer: int = 1000
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (image codes (B, h*w) int64 in raster order, captions) batches from token shards."""
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(split_urls(root, "train"), seed=seed, worker_seed=lambda: rank, deterministic=True),
+        wds.tarfile_to_samples(handler=skips.handler),
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
+        wds.decode(handler=skips.handler),
+        wds.to_tuple("tokens.npy", "txt", handler=skips.handler),
+        wds.map_tuple(lambda t: torch.from_numpy(np.asarray(t, dtype=np.int64).reshape(-1)), lambda t: t),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    )
+    yield from pipeline
+
+
+def eval_tokens(root: str, split: str, batch_size: int, limit: int = 0) -> Iterator[tuple]:
+    """Finite pass over a token split in manifest order: (codes (B, h*w), captions, metadata with "key")."""
+    ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+    batch: list = []
+    seen = 0
+    for sample in ds.decode():
+        codes = torch.from_numpy(np.asarray(sample["tokens.npy"], dtype=np.int64).reshape(-1))
+        batch.append((codes, sample["txt"], dict(sample["json"], key=sample["__key__"])))
+        seen += 1
+        if len(batch) == batch_size or seen == limit:
+            yield _collate(batch)
+            batch = []
+        if seen == limit:
+            return
+    if batch:
+        yield _collate(batch)

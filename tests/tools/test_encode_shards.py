@@ -10,18 +10,6 @@ from megadalle.engine.checkpoint import load_ema_weights
 from tests.conftest import REPO, python
 
 
-@pytest.fixture(scope="module")
-def dvae_checkpoint(emoji_shards, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    proc = subprocess.run(
-        [python(), "megadalle/train.py", "--config", "megadalle/configs/dvae_debug.toml",
-         f"--data.shards={emoji_shards}", f"--job.run_root={root}", "--train.steps=3", "--train.eval_every=0"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "dvae_debug" / "checkpoints" / "step_00000003"
-
-
 def tokens(root: Path, split: str) -> dict[str, tuple[np.ndarray, str, dict]]:
     ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, empty_check=False).decode()
     return {s["__key__"]: (s["tokens.npy"], s["txt"], s["json"]) for s in ds}

@@ -1,0 +1,264 @@
+"""The DALL-E prior: a decoder-only sparse transformer over text then image tokens (Sec. 2.2, App. B).
+
+Stream (B, N), N = T + H W: T text positions (BPE ids; positions without text get a learned padding token
+of their own, id text_vocab + position) then the H x W image codes in raster order. Logits at position t
+predict token t + 1: text logits over the text vocabulary, image logits over the image vocabulary, in fp32.
+Loss = 1/8 text CE + 7/8 image CE, each averaged over its own target tokens (text targets: real text tokens).
+
+Each layer is two resblocks (pre-LN attention, pre-LN MLP), the unit the per-resblock gradient scaler wraps.
+Column layers transpose the image states (rows <-> columns) before attention and back after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megadalle.models.sparsity import Kind, attention_mask, image_transpose_perm, layer_kinds
+
+PAD_ID = 0  # the tokenizer's <pad>: "no text here"
+
+
+@dataclass(frozen=True)
+class PriorArgs:
+    n_layers: int = 64
+    d_model: int = 3968
+    n_heads: int = 62
+    text_len: int = 256
+    text_vocab: int = 16384
+    grid: int = 32
+    """Image tokens form a grid x grid raster (the dVAE's code grid)."""
+    image_vocab: int = 8192
+    mlp_ratio: int = 4
+    conv_kernel: int = 11
+    text_loss_weight: float = 1 / 8
+    """Image loss weight is 1 - this."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+FLAVORS: dict[str, PriorArgs] = {
+    "debug": PriorArgs(n_layers=4, d_model=64, n_heads=4, text_len=16, text_vocab=512, grid=8, image_vocab=256),
+    "small": PriorArgs(n_layers=8, d_model=256, n_heads=4, text_len=32, text_vocab=2048, grid=16, image_vocab=1024),
+    "1p3b": PriorArgs(n_layers=24, d_model=2048, n_heads=32),
+    "12b": PriorArgs(),
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 with fp32 gain and bias, whatever the activations' dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class FP32Head(nn.Linear):
+    """Unembedding computed in fp32 whatever the parameters' and activations' dtype (logits stay fp32).
+    Called as a module so that ZeRO-3 gathers its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+def _init_linear(layer: nn.Linear, std: float) -> None:
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+class AttentionBlock(nn.Module):
+    """x + attn(LN(x)) with the layer's mask; `attention` selects dense SDPA or FlexAttention."""
+
+    def __init__(self, a: PriorArgs, kind: Kind, attention: Literal["dense", "flex", "triton"]) -> None:
+        super().__init__()
+        if a.d_model % a.n_heads:
+            raise ValueError(f"d_model {a.d_model} is not divisible by n_heads {a.n_heads}")
+        self.a, self.kind, self.attention = a, kind, attention
+        self.ln = LayerNorm(a.d_model)
+        self.qkv = nn.Linear(a.d_model, 3 * a.d_model)
+        self.proj = nn.Linear(a.d_model, a.d_model)
+        _init_linear(self.qkv, 0.02)
+        _init_linear(self.proj, 0.02 / math.sqrt(2 * a.n_layers))
+        self.register_buffer("mask", attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel), persistent=False)
+        if kind == "column":
+            perm = image_transpose_perm(a.grid, a.grid)
+            self.register_buffer("perm", perm, persistent=False)
+            self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        self._block_mask = None
+
+    def _transpose(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        t = self.a.text_len
+        return torch.cat([x[:, :t], x[:, t:][:, perm]], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        h = self.ln(x)
+        if self.kind == "column":
+            h = self._transpose(h, self.perm)  # image part column by column
+        q, k, v = self.qkv(h).split(D, dim=2)
+        nh, hd = self.a.n_heads, self.a.head_dim
+        q = q.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
+        k = k.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
+        v = v.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
+        y = self._attend(q, k, v, N)  # (B, nh, N, hd)
+        y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        if self.kind == "column":
+            y = self._transpose(y, self.inv_perm)  # back to raster order
+        return x + self.proj(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+        mask = self.mask[:n, :n]
+        if self.attention == "dense":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.attention == "flex":
+            from megadalle.models.attention import flex_attention_masked
+
+            return flex_attention_masked(q, k, v, mask)
+        raise NotImplementedError("attention='triton' needs the block-sparse kernels (kernels/), not built yet")
+
+
+class MLPBlock(nn.Module):
+    """x + W2 gelu(W1 LN(x))."""
+
+    def __init__(self, a: PriorArgs) -> None:
+        super().__init__()
+        self.ln = LayerNorm(a.d_model)
+        self.fc = nn.Linear(a.d_model, a.mlp_ratio * a.d_model)
+        self.proj = nn.Linear(a.mlp_ratio * a.d_model, a.d_model)
+        _init_linear(self.fc, 0.02)
+        _init_linear(self.proj, 0.02 / math.sqrt(2 * a.n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
+
+
+class Layer(nn.Module):
+    def __init__(self, a: PriorArgs, kind: Kind, attention: Literal["dense", "flex", "triton"]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.attn = AttentionBlock(a, kind, attention)
+        self.mlp = MLPBlock(a)
+
+
+@dataclass
+class PriorOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    text_logits: torch.Tensor
+    """(B, T, text_vocab) fp32: logits at text positions 0..T-1 (predicting positions 1..T)."""
+    image_logits: torch.Tensor
+    """(B, H W, image_vocab) fp32: logits predicting image tokens 0..HW-1 (from positions T-1..N-2)."""
+
+
+class DallePrior(nn.Module):
+    def __init__(
+        self, a: PriorArgs, attention: Literal["dense", "flex", "triton"] = "dense", kinds: list[Kind] | None = None
+    ) -> None:
+        """`kinds` overrides the paper's layer schedule (tests, ablations)."""
+        super().__init__()
+        kinds = kinds or layer_kinds(a.n_layers)
+        if len(kinds) != a.n_layers:
+            raise ValueError(f"{len(kinds)} layer kinds for {a.n_layers} layers")
+        self.a = a
+        self.activation_checkpointing = False
+        self.text_emb = nn.Embedding(a.text_vocab + a.text_len, a.d_model)  # + one padding token per position
+        self.text_pos = nn.Embedding(a.text_len, a.d_model)
+        self.image_emb = nn.Embedding(a.image_vocab, a.d_model)
+        self.row_emb = nn.Embedding(a.grid, a.d_model)
+        self.col_emb = nn.Embedding(a.grid, a.d_model)
+        self.layers = nn.ModuleList([Layer(a, kind, attention) for kind in kinds])
+        self.ln_f = LayerNorm(a.d_model)
+        self.text_head = FP32Head(a.d_model, a.text_vocab, bias=False)
+        self.image_head = FP32Head(a.d_model, a.image_vocab, bias=False)
+        for emb in (self.text_emb, self.text_pos, self.image_emb, self.row_emb, self.col_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        for head in (self.text_head, self.image_head):
+            nn.init.normal_(head.weight, std=0.02)
+
+    def text_ids(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokenizer ids, PAD_ID where there is no text -> embedding ids with per-position padding."""
+        pos = torch.arange(self.a.text_len, device=text.device)
+        return torch.where(text == PAD_ID, self.a.text_vocab + pos, text)
+
+    def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text (B, T), image (B, n) with n <= H W raster codes -> (B, T + n, D)."""
+        a = self.a
+        n = image.shape[1]
+        pos = torch.arange(n, device=image.device)
+        x_img = self.image_emb(image) + self.row_emb(pos // a.grid) + self.col_emb(pos % a.grid)  # (B, n, D)
+        x_txt = self.text_emb(self.text_ids(text)) + self.text_pos(torch.arange(a.text_len, device=text.device))
+        return torch.cat([x_txt, x_img], dim=1)
+
+    def check_inputs(self, text: torch.Tensor, image: torch.Tensor) -> None:
+        a = self.a
+        if text.dim() != 2 or text.shape[1] != a.text_len:
+            raise ValueError(f"text has shape {tuple(text.shape)} but the model takes (B, {a.text_len})")
+        if image.dim() != 2 or image.shape[1] != a.grid * a.grid:
+            raise ValueError(f"image has shape {tuple(image.shape)} but the model takes (B, {a.grid * a.grid})")
+        if int(text.max()) >= a.text_vocab or int(text.min()) < 0:
+            raise ValueError(f"text ids must be in [0, {a.text_vocab}), got [{int(text.min())}, {int(text.max())}]")
+        if int(image.max()) >= a.image_vocab or int(image.min()) < 0:
+            raise ValueError(
+                f"image codes must be in [0, {a.image_vocab}), got [{int(image.min())}, {int(image.max())}]"
+            )
+
+    def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.embed(text, image)
+        for layer in self.layers:
+            for block in (layer.attn, layer.mlp):
+                if self.activation_checkpointing and self.training:
+                    x = checkpoint(block, x, use_reentrant=False)  # recompute the resblock in backward
+                else:
+                    x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> PriorOutput:
+        """text (B, T) ids (PAD_ID = no text), image (B, H W) codes -> losses and fp32 logits."""
+        self.check_inputs(text, image)
+        a = self.a
+        T = a.text_len
+        h = self.hidden(text, image)  # (B, N, D)
+        text_logits = self.text_head(h[:, :T])  # (B, T, text_vocab) fp32
+        image_logits = self.image_head(h[:, T - 1 : -1])  # (B, HW, image_vocab) fp32
+        text_targets = text[:, 1:].masked_fill(text[:, 1:] == PAD_ID, -100)  # padding is not predicted
+        if bool((text_targets != -100).any()):
+            text_loss = F.cross_entropy(text_logits[:, :-1].reshape(-1, a.text_vocab), text_targets.reshape(-1))
+        else:
+            text_loss = text_logits.sum() * 0.0
+        image_loss = F.cross_entropy(image_logits.reshape(-1, a.image_vocab), image.reshape(-1))
+        loss = a.text_loss_weight * text_loss + (1 - a.text_loss_weight) * image_loss
+        return PriorOutput(loss, text_loss, image_loss, text_logits, image_logits)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_sample(a: PriorArgs, attended_pairs: list[int]) -> float:
+    """Forward + backward FLOPs of one sample: 6 x (matmul parameters) per token plus attention,
+    counting only attended pairs (QK^T and PV: 2 x 2 x d per pair, x 3 for backward)."""
+    n, d = a.seq_len, a.d_model
+    per_layer = 12 * d * d
+    dense = 6 * n * (a.n_layers * per_layer + d * (a.text_vocab + a.image_vocab))
+    attn = 3 * 4 * d * sum(attended_pairs)
+    return float(dense + attn)

@@ -1,0 +1,122 @@
+"""Stage 2, the transformer prior: token shards + BPE captions -> 1/8 text + 7/8 image cross-entropy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megadalle.config import ConfigError, JobConfig
+from megadalle.data.loader import SkipCounter, eval_tokens, train_tokens
+from megadalle.data.shards import read_manifest
+from megadalle.engine.schedules import cosine, warmup_then
+from megadalle.models.sparsity import attended_pairs
+from megadalle.models.tokenizer import BPETokenizer
+from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, flops_per_sample
+
+READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
+
+
+def prior_args(cfg: JobConfig) -> PriorArgs:
+    if cfg.model.prior_flavor not in FLAVORS:
+        raise ConfigError(f"model.prior_flavor: unknown flavor {cfg.model.prior_flavor!r} (known: {sorted(FLAVORS)})")
+    return FLAVORS[cfg.model.prior_flavor]
+
+
+def check_data(a: PriorArgs, manifest: dict[str, Any], tokens: str, tok: BPETokenizer, cfg: JobConfig) -> None:
+    """The token shards, the tokenizer and the flavor must agree; say which and where when they do not."""
+    if manifest.get("content") != "tokens":
+        raise ConfigError(f"prior.tokens={tokens} is not a token shard set (write one with tools/encode_shards.py)")
+    if manifest["grid"] != [a.grid, a.grid] or manifest["vocab_size"] != a.image_vocab:
+        raise ConfigError(
+            f"prior.tokens={tokens} has {manifest['grid'][0]}x{manifest['grid'][1]} grids of {manifest['vocab_size']} "
+            f"codes but model.prior_flavor={cfg.model.prior_flavor} takes {a.grid}x{a.grid} of {a.image_vocab}"
+        )
+    if tok.max_len != a.text_len:
+        raise ConfigError(f"tokenizer.max_len={tok.max_len} but model.prior_flavor takes {a.text_len} text positions")
+    if tok.vocab_size > a.text_vocab:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer.model_path} has {tok.vocab_size} pieces, more than the flavor's text vocab "
+            f"{a.text_vocab}"
+        )
+
+
+class PriorStage:
+    readable = READABLE
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.args = prior_args(cfg)
+        self.skips = SkipCounter()
+        t = cfg.tokenizer
+        self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
+        check_data(self.args, read_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
+        a = self.args
+        self.flops = flops_per_sample(a, attended_pairs(self._kinds(), a.text_len, a.grid, a.grid, a.conv_kernel))
+
+    def _kinds(self):
+        from megadalle.models.sparsity import layer_kinds
+
+        return layer_kinds(self.args.n_layers)
+
+    def build_model(self) -> DallePrior:
+        model = DallePrior(self.args, self.cfg.model.attention)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        return model
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Weight decay on matmul weights; none on gains, biases and embeddings."""
+        decay, rest = [], []
+        for name, p in model.named_parameters():
+            (decay if p.dim() == 2 and "emb" not in name else rest).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def schedules(self, step: int) -> dict[str, float]:
+        o, p = self.cfg.optim, self.cfg.prior
+        if step < o.warmup_steps:
+            lr = warmup_then(step, o.warmup_steps, o.lr)
+        else:
+            lr = cosine(step - o.warmup_steps, o.lr, o.lr_min, p.lr_decay_steps) if p.lr_decay_steps else o.lr
+        return {"lr": lr}
+
+    def batches(self, rank: int):
+        c = self.cfg
+        self.tokenizer.train()  # BPE-dropout on training captions
+        for codes, captions in train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips):
+            text, _ = self.tokenizer.encode_batch(captions)
+            yield text, codes
+
+    def micro_step(self, engine, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float]) -> dict:
+        text, codes = batch
+        out = engine(text, codes)
+        engine.backward(out.loss)
+        return {"loss": out.loss.detach(), "text_loss": out.text_loss.detach(), "image_loss": out.image_loss.detach()}
+
+    def throughput(self, samples_per_s: float) -> dict[str, float]:
+        return {
+            "samples_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.args.seq_len,
+            "tflops": samples_per_s * self.flops / 1e12,
+            "truncated_captions": self.tokenizer.stats.truncated,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
+        """Validation and zero-shot losses with the given (EMA) weights, captions without BPE-dropout."""
+        c = self.cfg
+        model = DallePrior(self.args, "dense").eval()
+        model.load_state_dict(state)
+        tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
+        metrics: dict[str, float] = {}
+        for split in ("val", "zeroshot"):
+            sums, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+            limit = c.prior.eval_batches * c.train.micro_batch_size
+            for codes, captions, _ in eval_tokens(c.prior.tokens, split, c.train.micro_batch_size, limit):
+                out = model(tok.encode_batch(captions)[0], codes)
+                for k in sums:
+                    sums[k] += float(getattr(out, k)) * len(captions)
+                n += len(captions)
+            if n:
+                metrics.update({f"{split}_{k}": v / n for k, v in sums.items()})
+        return metrics
