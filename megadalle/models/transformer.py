@@ -103,7 +103,10 @@ class AttentionBlock(nn.Module):
             perm = image_transpose_perm(a.grid, a.grid)
             self.register_buffer("perm", perm, persistent=False)
             self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
-        self._block_mask = None
+            raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
+            self.register_buffer("raster_mask", raster, persistent=False)  # for incremental decoding
+        else:
+            self.raster_mask = self.mask
 
     def _transpose(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         t = self.a.text_len
@@ -124,6 +127,21 @@ class AttentionBlock(nn.Module):
         if self.kind == "column":
             y = self._transpose(y, self.inv_perm)  # back to raster order
         return x + self.proj(y)
+
+    def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+        """Incremental attention for stream positions start..start+n-1 in raster order. cache: K, V buffers
+        (B, nh, N, hd) filled up to `start`; attention is permutation-equivariant, so column layers use the
+        raster-order form of their mask instead of transposing the states."""
+        B, n, D = x.shape
+        nh, hd = self.a.n_heads, self.a.head_dim
+        q, k, v = self.qkv(self.ln(x)).split(D, dim=2)
+        q = q.view(B, n, nh, hd).transpose(1, 2)  # (B, nh, n, hd)
+        cache[0][:, :, start : start + n] = k.view(B, n, nh, hd).transpose(1, 2)
+        cache[1][:, :, start : start + n] = v.view(B, n, nh, hd).transpose(1, 2)
+        keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
+        mask = self.raster_mask[start : start + n, : start + n]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, n, hd)
+        return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
         mask = self.mask[:n, :n]
@@ -231,6 +249,26 @@ class DallePrior(nn.Module):
                 else:
                     x = block(x)
         return self.ln_f(x)
+
+    def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty K, V buffers (B, nh, N, hd) for every layer, for incremental decoding."""
+        a = self.a
+        like = self.text_head.weight
+        shape = (batch, a.n_heads, a.seq_len, a.head_dim)
+        return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.layers]
+
+    def forward_cached(self, x: torch.Tensor, cache: list, start: int) -> torch.Tensor:
+        """Embedded stream positions start..start+n-1 (B, n, D) -> final hidden states (B, n, D), filling the cache."""
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer.attn.forward_cached(x, layer_cache, start)
+            x = layer.mlp(x)
+        return self.ln_f(x)
+
+    def embed_image_token(self, codes: torch.Tensor, p: int) -> torch.Tensor:
+        """codes (B,) at raster position p -> (B, 1, D)."""
+        pos = torch.tensor([p], device=codes.device)
+        row, col = pos // self.a.grid, pos % self.a.grid
+        return (self.image_emb(codes) + self.row_emb(row) + self.col_emb(col)).unsqueeze(1)
 
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> PriorOutput:
         """text (B, T) ids (PAD_ID = no text), image (B, H W) codes -> losses and fp32 logits."""

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from megadalle.models.transformer import PAD_ID, DallePrior, PriorArgs
+from megadalle.sampling import filter_logits, generate, generate_uncached
+
+A = PriorArgs(n_layers=3, d_model=32, n_heads=4, text_len=6, text_vocab=50, grid=4, image_vocab=20, conv_kernel=3)
+
+
+def inputs(B: int = 2):
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(4, A.text_vocab, (B, A.text_len), generator=g)
+    text[0, 4:] = PAD_ID
+    return text, torch.randint(0, A.image_vocab, (B, A.grid**2), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv", "schedule"])
+def test_kv_cached_logits_equal_full_forward_at_every_position(kind):
+    torch.manual_seed(0)
+    model = DallePrior(A, kinds=None if kind == "schedule" else [kind] * A.n_layers).eval()
+    text, image = inputs()
+    with torch.no_grad():
+        full = model(text, image)
+        cache = model.new_cache(2)
+        h = model.forward_cached(model.embed(text, image[:, :0]), cache, 0)  # the text prompt
+        torch.testing.assert_close(model.text_head(h), full.text_logits, rtol=1e-4, atol=1e-5)
+        steps = [model.image_head(h[:, -1])]
+        for p in range(A.grid**2 - 1):  # teacher-forced: feed the true token, compare the next prediction
+            h = model.forward_cached(model.embed_image_token(image[:, p], p), cache, A.text_len + p)
+            steps.append(model.image_head(h[:, -1]))
+    torch.testing.assert_close(torch.stack(steps, 1), full.image_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_and_uncached_sampling_draw_the_same_codes():
+    torch.manual_seed(0)
+    model = DallePrior(A).eval()
+    text, _ = inputs()
+    a = generate(model, text, generator=torch.Generator().manual_seed(5))
+    b = generate_uncached(model, text, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (2, 16) and int(a.max()) < A.image_vocab
+
+
+def test_image_prompt_prefix_is_kept_exactly():
+    torch.manual_seed(0)
+    model = DallePrior(A).eval()
+    text, image = inputs()
+    prefix = image[:, :6]  # the first rows and a half
+    out = generate(model, text, prefix, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out[:, :6], prefix)
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        generate(model, text, image)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all() and filter_logits(logits, top_k=2)[0, 1] == 3.0
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = torch.isfinite(filter_logits(logits, top_p=float(p[0] + 0.01)))[0]
+    assert kept.tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1))[0].tolist() == [True, False, False, False]
