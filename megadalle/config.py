@@ -85,6 +85,8 @@ class Model:
     """dVAE size from megadalle.models.dvae.FLAVORS: paper, small, debug."""
     prior_flavor: str = "debug"
     """Transformer prior size from megadalle.models.transformer.FLAVORS."""
+    clip_flavor: str = "small"
+    """Contrastive reranker size from megadalle.models.clip.FLAVORS: small, debug."""
     attention: Literal["dense", "flex", "triton"] = "dense"
     """Attention implementation of the prior: masked SDPA reference, FlexAttention, or Triton block-sparse."""
     dvae_checkpoint: str = ""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
-from megadalle.engine.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from megadalle.engine.checkpoint import gathered_state, load_checkpoint, resolve_resume, save_checkpoint
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
@@ -66,7 +66,11 @@ def make_stage(cfg: JobConfig):
         from megadalle.stages.prior import PriorStage
 
         return PriorStage(cfg)
-    raise ConfigError(f"job.stage={cfg.job.stage!r} is not implemented yet (implemented: dvae, prior)")
+    if cfg.job.stage == "clip":
+        from megadalle.stages.clip import ClipStage
+
+        return ClipStage(cfg)
+    raise ConfigError(f"job.stage={cfg.job.stage!r} is not one of dvae, prior, clip")
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -183,7 +187,7 @@ def _evaluate(stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, l
     """Collective: EMA weights (or the live ones) gathered on every rank, evaluated on rank 0."""
     import torch.distributed as dist
 
-    state = ema.full_state_dict() if ema is not None else _gathered_state(engine)
+    state = ema.full_state_dict() if ema is not None else gathered_state(engine)
     metrics = stage.evaluate(state, step, run_dir / "images") if dist.get_rank() == 0 else {}
     dist.barrier()
     if dist.get_rank() == 0:
@@ -195,14 +199,6 @@ def _local_grad_norm(engine) -> float:
     """Global gradient norm where every rank holds whole, already averaged gradients (ZeRO-0)."""
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-
-
-def _gathered_state(engine) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_tensor")):
-        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megadalle.config import ConfigError, JobConfig, apply_toml_text
+from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import eval_images
 from megadalle.data.shards import FORMAT, MANIFEST, ShardWriter, read_manifest, write_json_atomic
-from megadalle.engine.checkpoint import load_ema_weights
+from megadalle.engine.checkpoint import load_eval_weights
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels
 from megadalle.stages.dvae import dvae_args
@@ -30,9 +30,7 @@ from megadalle.stages.dvae import dvae_args
 
 def load_dvae(checkpoint: str | Path) -> tuple[DiscreteVAE, JobConfig]:
     """The EMA dVAE of a checkpoint, in eval mode, with the config it was trained with."""
-    state, config_toml = load_ema_weights(checkpoint)
-    cfg = JobConfig()
-    apply_toml_text(cfg, config_toml, f"{checkpoint} (stored config)")
+    state, cfg = load_eval_weights(checkpoint)
     model = DiscreteVAE(dvae_args(cfg)).eval()
     model.load_state_dict(state)
     return model, cfg

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megadalle.config import JobConfig, dump_toml
+from megadalle.config import JobConfig, apply_toml_text, dump_toml
 from megadalle.engine.ema import ShardedEMA
 
 EXTRA = "extra.pt"
@@ -33,10 +33,12 @@ def save_checkpoint(engine, root: Path, step: int, ema: ShardedEMA | None, cfg: 
     """Collective: every rank calls it."""
     tag = tag_of(step)
     folder = root / tag
-    ema_state = ema.full_state_dict() if ema is not None else None
+    # the weights for evaluation, encoding and sampling: the EMA, or the live weights when there is none
+    weights = ema.full_state_dict() if ema is not None else gathered_state(engine)
+    kind = "ema" if ema is not None else "live"
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        save_atomic({"step": step, "ema": ema_state, "config": dump_toml(cfg)}, folder / EXTRA)
+        save_atomic({"step": step, "weights": weights, "weights_kind": kind, "config": dump_toml(cfg)}, folder / EXTRA)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     if dist.get_rank() == 0 and keep > 0:
@@ -70,15 +72,24 @@ def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> int:
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine state in {folder}")
     if ema is not None:
-        if extra.get("ema") is None:
+        if extra.get("weights_kind") != "ema":
             raise ValueError(f"checkpoint {folder} has no EMA but optim.ema_decay > 0")
-        ema.load_full_state_dict(extra["ema"])
+        ema.load_full_state_dict(extra["weights"])
     return int(extra["step"])
 
 
-def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(EMA state_dict, resolved config TOML) of a checkpoint folder, its extra.pt, or a checkpoints/ folder
-    (its `latest`), for encoding and sampling."""
+def gathered_state(engine) -> dict[str, torch.Tensor]:
+    """Collective under ZeRO-3: the full fp32 state dict of the live weights, on every rank."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_tensor")):
+        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def load_eval_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
+    """(state_dict, resolved JobConfig) of a checkpoint folder, its extra.pt, or a checkpoints/ folder (its
+    `latest`): the EMA weights where the run kept an EMA, else the live ones. For encoding and sampling."""
     path = Path(path)
     if path.is_dir() and (path / "latest").is_file():  # a run's checkpoints/ folder: follow its pointer
         path = path / (path / "latest").read_text().strip()
@@ -87,6 +98,8 @@ def load_ema_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
     extra = torch.load(path, map_location="cpu", weights_only=False)
-    if extra.get("ema") is None:
-        raise ValueError(f"{path} holds no EMA weights")
-    return extra["ema"], extra["config"]
+    if not extra.get("weights"):
+        raise ValueError(f"{path} holds no weights")
+    cfg = JobConfig()
+    apply_toml_text(cfg, extra["config"], f"{path} (stored config)")
+    return extra["weights"], cfg

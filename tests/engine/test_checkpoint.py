@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megadalle.engine.checkpoint import EXTRA, load_ema_weights, resolve_resume, save_atomic
+from megadalle.engine.checkpoint import EXTRA, load_eval_weights, resolve_resume, save_atomic
 from megadalle.engine.ema import ShardedEMA
 
 
@@ -17,10 +17,10 @@ def test_resolve_resume(tmp_path):
 
 
 def test_atomic_save_and_ema_errors(tmp_path):
-    save_atomic({"step": 1, "ema": None, "config": ""}, tmp_path / EXTRA)
+    save_atomic({"step": 1, "weights": {}, "config": ""}, tmp_path / EXTRA)
     assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(ValueError, match="holds no EMA weights"):
-        load_ema_weights(tmp_path)
+    with pytest.raises(ValueError, match="holds no weights"):
+        load_eval_weights(tmp_path)
 
 
 def test_ema_math_single_process():

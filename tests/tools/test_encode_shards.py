@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 
 from megadalle.data.shards import read_manifest, split_urls, verify_shards
-from megadalle.engine.checkpoint import load_ema_weights
+from megadalle.engine.checkpoint import load_eval_weights
 from tests.conftest import REPO, python
 
 
@@ -41,10 +41,10 @@ def test_encoding_is_deterministic_and_complete(dvae_checkpoint, emoji_shards, t
 
 
 def test_ema_weights_in_checkpoint_and_errors(dvae_checkpoint, tmp_path):
-    state, config = load_ema_weights(dvae_checkpoint)
-    assert "encoder.blocks.input.w" in state and 'dvae_flavor = "debug"' in config
+    state, cfg = load_eval_weights(dvae_checkpoint)
+    assert "encoder.blocks.input.w" in state and cfg.model.dvae_flavor == "debug"
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
-        load_ema_weights(tmp_path / "nothing")
+        load_eval_weights(tmp_path / "nothing")
     proc = subprocess.run(
         [python(), "tools/encode_shards.py", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120,

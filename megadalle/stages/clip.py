@@ -1,0 +1,94 @@
+"""The contrastive reranker's stage: image shards + BPE captions -> InfoNCE; retrieval R@1/R@5 on val."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megadalle.config import ConfigError, JobConfig
+from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.engine.schedules import cosine, warmup_then
+from megadalle.models.clip import FLAVORS, ClipArgs, ContrastiveModel, recall_at_k
+from megadalle.models.tokenizer import BPETokenizer
+
+READABLE = ["loss", "logit_scale", "lr", "grad_norm", "images_per_s"]
+
+
+def clip_args(cfg: JobConfig) -> ClipArgs:
+    if cfg.model.clip_flavor not in FLAVORS:
+        raise ConfigError(f"model.clip_flavor: unknown flavor {cfg.model.clip_flavor!r} (known: {sorted(FLAVORS)})")
+    a = FLAVORS[cfg.model.clip_flavor]
+    if cfg.tokenizer.max_len != a.text_len:
+        raise ConfigError(f"tokenizer.max_len={cfg.tokenizer.max_len} but model.clip_flavor takes {a.text_len} tokens")
+    return a
+
+
+class ClipStage:
+    readable = READABLE
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.args = clip_args(cfg)
+        self.skips = SkipCounter()
+        t = cfg.tokenizer
+        self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
+        if self.tokenizer.vocab_size > self.args.text_vocab:
+            raise ConfigError(
+                f"tokenizer has {self.tokenizer.vocab_size} pieces > clip text vocab {self.args.text_vocab}"
+            )
+
+    def build_model(self) -> ContrastiveModel:
+        return ContrastiveModel(self.args)
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "tok" not in n and "pos" not in n]
+        ids = {id(p) for p in decay}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def schedules(self, step: int) -> dict[str, float]:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return {"lr": warmup_then(step, o.warmup_steps, o.lr)}
+        return {"lr": cosine(step - o.warmup_steps, o.lr, o.lr_min, max(1, self.cfg.train.steps - o.warmup_steps))}
+
+    def batches(self, rank: int):
+        c = self.cfg
+        self.tokenizer.train()
+        for images, captions in train_images(
+            c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips
+        ):
+            yield images, self.tokenizer.encode_batch(captions)[0]
+
+    def micro_step(self, engine, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float]) -> dict:
+        images, text = batch
+        dtype = next(engine.module.parameters()).dtype
+        out = engine(images.to(dtype), text)
+        engine.backward(out.loss)
+        return {"loss": out.loss.detach(), "logit_scale": engine.module.scale().detach()}
+
+    @torch.no_grad()
+    def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
+        """Retrieval on val and zeroshot: R@1 and R@5, image->text and text->image; chance is k / N."""
+        c = self.cfg
+        model = ContrastiveModel(self.args).eval()
+        model.load_state_dict(state)
+        tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
+        metrics: dict[str, float] = {}
+        for split in ("val", "zeroshot"):
+            img, txt = [], []
+            limit = c.dvae.eval_batches * c.train.micro_batch_size * 4
+            for images, captions, _ in eval_images(c.data.shards, split, self.args.image_size, 64, limit):
+                img.append(model.embed_images(images))
+                txt.append(model.embed_text(tok.encode_batch(captions)[0]))
+            if not img:
+                continue
+            sim = torch.cat(img) @ torch.cat(txt).T  # (N, N)
+            metrics.update({
+                f"{split}_n": float(len(sim)),
+                f"{split}_i2t_r1": recall_at_k(sim, 1), f"{split}_i2t_r5": recall_at_k(sim, 5),
+                f"{split}_t2i_r1": recall_at_k(sim.T, 1), f"{split}_t2i_r5": recall_at_k(sim.T, 5),
+            })  # fmt: skip
+        return metrics
