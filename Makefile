@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sysdeps demo test lint format clean bench-dvae
+.PHONY: setup sysdeps demo test lint format clean bench-dvae bench-sampling
 
 setup: sysdeps $(STAMP)
 
@@ -30,6 +30,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 
 DVAE_CONFIG ?= megadalle/configs/dvae_small.toml
 PRIOR_CONFIG ?= megadalle/configs/prior_small.toml
+CLIP_CONFIG ?= megadalle/configs/clip_small.toml
 
 demo: setup
 	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
@@ -37,8 +38,15 @@ demo: setup
 	$(PY) megadalle/train.py --config $(DVAE_CONFIG)
 	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens
 	$(PY) megadalle/train.py --config $(PRIOR_CONFIG)
-	@echo "demo: done. shards, tokenizer and tokens under outputs/demo/; runs (config.toml, metrics.jsonl,"
-	@echo "      images/, checkpoints/) under outputs/dvae_small/ and outputs/prior_small/"
+	$(PY) megadalle/train.py --config $(CLIP_CONFIG)
+	$(PY) megadalle/sample.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
+		--clip outputs/clip_small/checkpoints --captions-file megadalle/configs/demo_captions.txt \
+		--candidates 8 --keep 4 --out outputs/demo/samples
+	@echo "demo: done. shards, tokenizer, tokens and samples (samples.png, scores.json) under outputs/demo/;"
+	@echo "      runs (config.toml, metrics.jsonl, images/, checkpoints/) under outputs/{dvae,prior,clip}_small/"
+
+bench-sampling: setup
+	$(PY) tools/bench_sampling.py
 
 bench-dvae: setup
 	$(PY) tools/bench_dvae.py
