@@ -2,7 +2,10 @@
 """Benchmark: sampling the image tokens of one caption with the KV cache vs a full forward per token
 (the baseline), same model, same run, same seeds.
 
-    python tools/bench_sampling.py [--flavor small] [--batch 4] [--repeats 1]
+    python tools/bench_sampling.py [--flavor debug] [--full-sequence] [--batch 4] [--repeats 1]
+
+--full-sequence keeps the flavor's width and depth but uses the paper's stream: 256 text + 32x32 = 1280
+positions, vocabularies 16,384 and 8,192.
 
 Both draw the same codes (checked); prints seconds per image for each and the speed-up ratio, plus one JSON line.
 dalle-pytorch's generate_images is not compared: it depends on torchvision and an unpinned torch (a CUDA
@@ -12,6 +15,7 @@ build of several GB), which this project does not install.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,11 +29,14 @@ from megadalle.sampling import generate, generate_uncached
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flavor", default="small")
+    p.add_argument("--flavor", default="debug")
+    p.add_argument("--full-sequence", action="store_true", help="the paper's 1280-position stream")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
     a = FLAVORS[args.flavor]
+    if args.full_sequence:
+        a = dataclasses.replace(a, text_len=256, grid=32, text_vocab=16384, image_vocab=8192)
     torch.manual_seed(0)
     model = DallePrior(a).eval()
     text = torch.randint(4, a.text_vocab, (args.batch, a.text_len))

@@ -56,14 +56,19 @@ def train_images(
 
 def eval_images(root: str, split: str, image_size: int, batch_size: int, limit: int = 0) -> Iterator[tuple]:
     """Finite pass over a split in manifest order: (images (B, 3, S, S), captions, metadata with "key")."""
-    urls = split_urls(root, split)
-    # every caller reads the whole split (evaluation on one rank, encoding): no node splitting
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards).decode("rgb8")
+    return _finite_batches(
+        root, split, "rgb8", lambda s: _to_tensor(center_resize(s["png"], image_size)), batch_size, limit
+    )
+
+
+def _finite_batches(root: str, split: str, decode: str, first, batch_size: int, limit: int) -> Iterator[tuple]:
+    """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all). Every caller
+    reads the whole split (evaluation on one rank, encoding, sampling): no node splitting."""
+    ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
     batch: list = []
     seen = 0
-    for sample in ds:
-        meta = dict(sample["json"], key=sample["__key__"])
-        batch.append((_to_tensor(center_resize(sample["png"], image_size)), sample["txt"], meta))
+    for sample in ds.decode(decode):
+        batch.append((first(sample), sample["txt"], dict(sample["json"], key=sample["__key__"])))
         seen += 1
         if len(batch) == batch_size or seen == limit:
             yield _collate(batch)
@@ -93,7 +98,7 @@ def train_tokens(
         wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
         wds.decode(handler=skips.handler),
         wds.to_tuple("tokens.npy", "txt", handler=skips.handler),
-        wds.map_tuple(lambda t: torch.from_numpy(np.asarray(t, dtype=np.int64).reshape(-1)), lambda t: t),
+        wds.map_tuple(_codes, lambda t: t),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     yield from pipeline
@@ -101,17 +106,9 @@ def train_tokens(
 
 def eval_tokens(root: str, split: str, batch_size: int, limit: int = 0) -> Iterator[tuple]:
     """Finite pass over a token split in manifest order: (codes (B, h*w), captions, metadata with "key")."""
-    ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
-    batch: list = []
-    seen = 0
-    for sample in ds.decode():
-        codes = torch.from_numpy(np.asarray(sample["tokens.npy"], dtype=np.int64).reshape(-1))
-        batch.append((codes, sample["txt"], dict(sample["json"], key=sample["__key__"])))
-        seen += 1
-        if len(batch) == batch_size or seen == limit:
-            yield _collate(batch)
-            batch = []
-        if seen == limit:
-            return
-    if batch:
-        yield _collate(batch)
+    return _finite_batches(root, split, "rgb8", lambda s: _codes(s["tokens.npy"]), batch_size, limit)
+
+
+def _codes(tokens: np.ndarray) -> torch.Tensor:
+    """(h, w) int16 grid -> (h*w,) int64 raster order."""
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1))
