@@ -8,14 +8,27 @@ from typing import Any
 import torch
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_tokens, train_tokens
+from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
 from megadalle.data.shards import read_manifest
+from megadalle.engine.checkpoint import load_eval_weights
 from megadalle.engine.schedules import cosine, warmup_then
+from megadalle.models.dvae import FLAVORS as DVAE_FLAVORS
+from megadalle.models.dvae import DiscreteVAE
+from megadalle.models.dvae_loss import map_pixels
 from megadalle.models.sparsity import attended_pairs
 from megadalle.models.tokenizer import BPETokenizer
 from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, flops_per_sample
 
 READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
+
+
+def load_frozen_dvae(path: str) -> DiscreteVAE:
+    """The EMA dVAE of a checkpoint, in eval mode, with gradients off."""
+    state, d_cfg = load_eval_weights(path)
+    model = DiscreteVAE(DVAE_FLAVORS[d_cfg.model.dvae_flavor]).eval()
+    model.load_state_dict(state)
+    model.requires_grad_(False)
+    return model
 
 
 def prior_args(cfg: JobConfig) -> PriorArgs:
@@ -51,7 +64,14 @@ class PriorStage:
         self.skips = SkipCounter()
         t = cfg.tokenizer
         self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
-        check_data(self.args, read_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
+        self.dvae = None
+        if cfg.model.dvae_checkpoint:  # encode images on the fly with a frozen dVAE instead of token shards
+            self.dvae = load_frozen_dvae(cfg.model.dvae_checkpoint)
+            d = self.dvae.args
+            manifest = {"content": "tokens", "grid": [d.grid_size] * 2, "vocab_size": d.vocab_size}
+            check_data(self.args, manifest, f"{cfg.model.dvae_checkpoint} (frozen dVAE)", self.tokenizer, cfg)
+        else:
+            check_data(self.args, read_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
         a = self.args
         self.flops = flops_per_sample(a, attended_pairs(self._kinds(), a.text_len, a.grid, a.grid, a.conv_kernel))
 
@@ -83,9 +103,23 @@ class PriorStage:
     def batches(self, rank: int):
         c = self.cfg
         self.tokenizer.train()  # BPE-dropout on training captions
-        for codes, captions in train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips):
+        if self.dvae is None:
+            stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips)
+        else:
+            stream = self._encoded(rank)
+        for codes, captions in stream:
             text, _ = self.tokenizer.encode_batch(captions)
             yield text, codes
+
+    def _encoded(self, rank: int):
+        """(codes (B, h*w), captions) from image shards through the frozen dVAE (argmax, no gumbel noise)."""
+        c, d = self.cfg, self.dvae
+        size = d.args.image_size
+        for images, captions in train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed,
+                                             self.skips):  # fmt: skip
+            with torch.no_grad():
+                codes = d.encode_codes(map_pixels(images)).flatten(1)  # (B, h*w)
+            yield codes, captions
 
     def micro_step(self, engine, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float]) -> dict:
         text, codes = batch
@@ -101,6 +135,16 @@ class PriorStage:
             "truncated_captions": self.tokenizer.stats.truncated,
         }
 
+    def _eval_batches(self, split: str, limit: int):
+        c = self.cfg
+        if self.dvae is None:
+            for codes, captions, _ in eval_tokens(c.prior.tokens, split, c.train.micro_batch_size, limit):
+                yield codes, captions
+            return
+        size = self.dvae.args.image_size
+        for images, captions, _ in eval_images(c.data.shards, split, size, c.train.micro_batch_size, limit):
+            yield self.dvae.encode_codes(map_pixels(images)).flatten(1), captions
+
     @torch.no_grad()
     def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
         """Validation and zero-shot losses with the given (EMA) weights, captions without BPE-dropout."""
@@ -112,7 +156,7 @@ class PriorStage:
         for split in ("val", "zeroshot"):
             sums, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
             limit = c.prior.eval_batches * c.train.micro_batch_size
-            for codes, captions, _ in eval_tokens(c.prior.tokens, split, c.train.micro_batch_size, limit):
+            for codes, captions in self._eval_batches(split, limit):
                 out = model(tok.encode_batch(captions)[0], codes)
                 for k in sums:
                     sums[k] += float(getattr(out, k)) * len(captions)

@@ -102,3 +102,17 @@ def test_mismatched_tokens_and_flavor_is_a_clear_error(tmp_path, token_shards, t
     )  # fmt: skip
     assert proc.returncode == 2
     assert "has 8x8 grids of 256 codes but model.prior_flavor=small takes 16x16 of 1024" in proc.stdout + proc.stderr
+
+
+def test_prior_encodes_images_on_the_fly_with_a_frozen_dvae(tmp_path, emoji_shards, tokenizer_model, dvae_checkpoint):
+    proc = subprocess.run(
+        [python(), "megadalle/train.py", "--config", "megadalle/configs/prior_debug.toml",
+         f"--model.dvae_checkpoint={dvae_checkpoint}", f"--data.shards={emoji_shards}",
+         f"--tokenizer.model_path={tokenizer_model}", f"--job.run_root={tmp_path}", "--train.steps=2",
+         "--train.eval_every=2", "--parallel.deepspeed_config=ds_configs/zero0_cpu.json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "prior_debug" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2]
+    assert any("val_image_loss" in m for m in lines if m["kind"] == "eval")
