@@ -163,6 +163,8 @@ class Train:
     """Updates between metric lines."""
     eval_every: int = 100
     """Updates between evaluations (validation metrics, image grids)."""
+    eval_samples: int = 1024
+    """Samples per split in a retrieval evaluation (stage clip); R@k is measured among them."""
 
 
 @dataclass

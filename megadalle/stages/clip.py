@@ -79,8 +79,9 @@ class ClipStage:
         metrics: dict[str, float] = {}
         for split in ("val", "zeroshot"):
             img, txt = [], []
-            limit = c.dvae.eval_batches * c.train.micro_batch_size * 4
-            for images, captions, _ in eval_images(c.data.shards, split, self.args.image_size, 64, limit):
+            for images, captions, _ in eval_images(
+                c.data.shards, split, self.args.image_size, 64, c.train.eval_samples
+            ):
                 img.append(model.embed_images(images))
                 txt.append(model.embed_text(tok.encode_batch(captions)[0]))
             if not img:
