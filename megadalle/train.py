@@ -163,6 +163,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             images_per_s=images_per_step / dt,
             step_time_s=dt,
             skipped_samples=stage.skips.total,
+            skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
             memory_mb=_memory_mb(),
         )
         if not np.isfinite(metrics["loss"]):
@@ -175,7 +176,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
 
     if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
         save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep)
-    if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+    if cfg.train.eval_every and step % cfg.train.eval_every != 0:  # eval_every = 0: never evaluate
         last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
     logger.close()
     del engine, optimizer
