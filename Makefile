@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sysdeps demo test lint format clean bench-dvae bench-sampling
+.PHONY: setup sysdeps demo test lint format clean debug-data bench-dvae bench-sampling
 
 setup: sysdeps $(STAMP)
 
@@ -47,6 +47,13 @@ demo: setup
 
 bench-sampling: setup
 	$(PY) tools/bench_sampling.py
+
+# Small data for the debug run files (dvae_debug, prior_debug, clip_debug) under outputs/debug/, ~1 minute.
+debug-data: setup
+	$(PY) tools/make_shards.py --config megadalle/configs/debug_cpu.toml
+	$(PY) tools/train_tokenizer.py --config megadalle/configs/debug_cpu.toml
+	$(PY) megadalle/train.py --config megadalle/configs/dvae_debug.toml --train.eval_every=0
+	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_debug/checkpoints --out outputs/debug/tokens
 
 bench-dvae: setup
 	$(PY) tools/bench_dvae.py

@@ -142,3 +142,19 @@ def test_verify_detects_a_corrupted_shard(curated_sources, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-512] + b"\0" * 511 + b"\1")
     with pytest.raises(ValueError, match="does not match its sha256"):
         verify_shards(out)
+
+
+@pytest.mark.network
+def test_iconify_set_via_npm(tmp_path):
+    from megadalle.data import iconify
+    from tests.conftest import require_cmd
+
+    require_cmd("npm")
+    folder = iconify.fetch_iconify("fxemoji", cache=tmp_path / "cache")  # ~1 MB from the npm registry
+    data = Data(image_size=32, sources=[f"iconify:fxemoji={folder}"], val_percent=0, zeroshot_percent=0,
+                limit_per_source=20, style_in_caption=True)  # fmt: skip
+    manifest = build_emoji_shards(data, tmp_path / "out", progress=False)
+    got = samples(tmp_path / "out", "train")
+    assert manifest["samples"] == len(got) == 20
+    assert all(s["txt"].endswith(" in fxemoji style") and s["png"].std() > 0 for s in got)
+    assert all(s["json"]["source"] == "iconify:fxemoji" and s["json"]["license"] == "Apache-2.0" for s in got)
