@@ -27,13 +27,13 @@ from tqdm import tqdm
 from megadalle.engine.checkpoint import load_eval_weights
 from megadalle.models.clip import FLAVORS as CLIP_FLAVORS
 from megadalle.models.clip import ContrastiveModel
-from megadalle.models.dvae import FLAVORS as DVAE_FLAVORS
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.models.tokenizer import BPETokenizer
 from megadalle.models.transformer import FLAVORS as PRIOR_FLAVORS
 from megadalle.models.transformer import DallePrior
 from megadalle.sampling import generate
+from megadalle.stages.dvae import load_trained_dvae
 
 
 @dataclass
@@ -48,11 +48,9 @@ class Models:
 def load_models(prior: str, dvae: str, clip: str | None) -> Models:
     """Eval-mode models from checkpoints (EMA weights where the run kept them), checked against each other."""
     p_state, p_cfg = load_eval_weights(prior)
-    d_state, d_cfg = load_eval_weights(dvae)
     p = DallePrior(PRIOR_FLAVORS[p_cfg.model.prior_flavor]).eval()
     p.load_state_dict(p_state)
-    d = DiscreteVAE(DVAE_FLAVORS[d_cfg.model.dvae_flavor]).eval()
-    d.load_state_dict(d_state)
+    d = load_trained_dvae(dvae)[0]
     if (d.args.grid_size, d.args.vocab_size) != (p.a.grid, p.a.image_vocab):
         raise ValueError(
             f"dVAE {dvae} makes {d.args.grid_size}x{d.args.grid_size} grids of {d.args.vocab_size} codes but prior "

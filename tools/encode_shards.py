@@ -19,26 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megadalle.config import ConfigError, JobConfig
+from megadalle.config import ConfigError
 from megadalle.data.loader import eval_images
 from megadalle.data.shards import FORMAT, MANIFEST, ShardWriter, read_manifest, write_json_atomic
-from megadalle.engine.checkpoint import load_eval_weights
-from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels
-from megadalle.stages.dvae import dvae_args
-
-
-def load_dvae(checkpoint: str | Path) -> tuple[DiscreteVAE, JobConfig]:
-    """The EMA dVAE of a checkpoint, in eval mode, with the config it was trained with."""
-    state, cfg = load_eval_weights(checkpoint)
-    model = DiscreteVAE(dvae_args(cfg)).eval()
-    model.load_state_dict(state)
-    return model, cfg
+from megadalle.stages.dvae import load_trained_dvae
 
 
 @torch.no_grad()
 def encode_shards(checkpoint: str, shards: str, out: str, batch: int = 64, progress: bool = True) -> dict:
-    model, cfg = load_dvae(checkpoint)
+    model, cfg = load_trained_dvae(checkpoint)
     a = model.args
     src = read_manifest(shards)
     out_path = Path(out)
@@ -83,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args(argv)
     try:
-        shards = args.shards or load_dvae(args.checkpoint)[1].data.shards
+        shards = args.shards or load_trained_dvae(args.checkpoint)[1].data.shards
         m = encode_shards(args.checkpoint, shards, args.out, args.batch)
     except (FileNotFoundError, ValueError, ConfigError, RuntimeError) as e:
         print(f"encode_shards: error: {e}", file=sys.stderr)

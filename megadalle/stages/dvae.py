@@ -19,6 +19,18 @@ from megadalle.models.dvae_loss import map_pixels, reconstruction
 READABLE = ["loss", "recon_nats", "kl_nats", "tau", "beta", "lr", "grad_norm", "images_per_s"]
 
 
+def load_trained_dvae(checkpoint: str | Path) -> tuple[DiscreteVAE, JobConfig]:
+    """The dVAE of a checkpoint (EMA weights where the run kept them), in eval mode with gradients off, and the
+    config it was trained with. Used for encoding shards, encoding on the fly for the prior, and sampling."""
+    from megadalle.engine.checkpoint import load_eval_weights
+
+    state, cfg = load_eval_weights(checkpoint)
+    model = DiscreteVAE(dvae_args(cfg)).eval()
+    model.load_state_dict(state)
+    model.requires_grad_(False)
+    return model, cfg
+
+
 def dvae_args(cfg: JobConfig) -> DVAEArgs:
     if cfg.model.dvae_flavor not in FLAVORS:
         raise ConfigError(f"model.dvae_flavor: unknown flavor {cfg.model.dvae_flavor!r} (known: {sorted(FLAVORS)})")

@@ -10,25 +10,14 @@ import torch
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
 from megadalle.data.shards import read_manifest
-from megadalle.engine.checkpoint import load_eval_weights
 from megadalle.engine.schedules import cosine, warmup_then
-from megadalle.models.dvae import FLAVORS as DVAE_FLAVORS
-from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels
-from megadalle.models.sparsity import attended_pairs
+from megadalle.models.sparsity import attended_pairs, layer_kinds
 from megadalle.models.tokenizer import BPETokenizer
 from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, flops_per_sample
+from megadalle.stages.dvae import load_trained_dvae
 
 READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
-
-
-def load_frozen_dvae(path: str) -> DiscreteVAE:
-    """The EMA dVAE of a checkpoint, in eval mode, with gradients off."""
-    state, d_cfg = load_eval_weights(path)
-    model = DiscreteVAE(DVAE_FLAVORS[d_cfg.model.dvae_flavor]).eval()
-    model.load_state_dict(state)
-    model.requires_grad_(False)
-    return model
 
 
 def prior_args(cfg: JobConfig) -> PriorArgs:
@@ -66,19 +55,16 @@ class PriorStage:
         self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
         self.dvae = None
         if cfg.model.dvae_checkpoint:  # encode images on the fly with a frozen dVAE instead of token shards
-            self.dvae = load_frozen_dvae(cfg.model.dvae_checkpoint)
+            self.dvae = load_trained_dvae(cfg.model.dvae_checkpoint)[0]
             d = self.dvae.args
             manifest = {"content": "tokens", "grid": [d.grid_size] * 2, "vocab_size": d.vocab_size}
             check_data(self.args, manifest, f"{cfg.model.dvae_checkpoint} (frozen dVAE)", self.tokenizer, cfg)
         else:
             check_data(self.args, read_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
         a = self.args
-        self.flops = flops_per_sample(a, attended_pairs(self._kinds(), a.text_len, a.grid, a.grid, a.conv_kernel))
-
-    def _kinds(self):
-        from megadalle.models.sparsity import layer_kinds
-
-        return layer_kinds(self.args.n_layers)
+        self.flops = flops_per_sample(
+            a, attended_pairs(layer_kinds(a.n_layers), a.text_len, a.grid, a.grid, a.conv_kernel)
+        )
 
     def build_model(self) -> DallePrior:
         model = DallePrior(self.args, self.cfg.model.attention)
