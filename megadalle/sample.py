@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from megadalle.data.transforms import center_resize, to_tensor, to_uint8
 from megadalle.engine.checkpoint import load_eval_weights
 from megadalle.models.clip import FLAVORS as CLIP_FLAVORS
 from megadalle.models.clip import ContrastiveModel
@@ -70,14 +71,12 @@ def load_models(prior: str, dvae: str, clip: str | None) -> Models:
 
 def image_prompt_codes(models: Models, path: str, rows: int) -> torch.Tensor:
     """The first `rows` rows of the code grid of the image at `path`: (rows * grid,)."""
-    from megadalle.data.transforms import center_resize
-
     g = models.prior.a.grid
     if not 0 < rows < g:
         raise ValueError(f"--prompt-rows must be in [1, {g - 1}], got {rows}")
     with Image.open(path) as im:
         img = center_resize(np.asarray(im.convert("RGB")), models.dvae.args.image_size)
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)[None]  # (1, 3, S, S)
+    x = to_tensor(img)[None]  # (1, 3, S, S)
     return models.dvae.encode_codes(map_pixels(x)).reshape(-1)[: rows * g]
 
 
@@ -146,8 +145,7 @@ def write_grid(results: list[dict], path: Path, label_height: int = 14) -> None:
         y = row * (size + label_height)
         draw.text((2, y + 1), r["caption"], fill=(0, 0, 0))
         for col, i in enumerate(r["kept"]):
-            arr = r["images"][i].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()  # (S, S, 3)
-            canvas.paste(Image.fromarray(np.ascontiguousarray(arr)), (col * size, y + label_height))
+            canvas.paste(Image.fromarray(to_uint8(r["images"][i])), (col * size, y + label_height))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     canvas.save(tmp)

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 
 from megadalle.data.shards import split_urls
-from megadalle.data.transforms import center_resize, dvae_augment
+from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
 
 @dataclass
@@ -31,11 +31,6 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)  # copy: decoded arrays are read-only
-
-
 def train_images(
     root: str, image_size: int, batch_size: int, rank: int, seed: int, skips: SkipCounter, shuffle_buffer: int = 1000
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -48,7 +43,7 @@ def train_images(
         wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
         wds.decode("rgb8", handler=skips.handler),
         wds.to_tuple("png", "txt", handler=skips.handler),
-        wds.map_tuple(lambda im: _to_tensor(dvae_augment(im, image_size, rng)), lambda t: t),
+        wds.map_tuple(lambda im: to_tensor(dvae_augment(im, image_size, rng)), lambda t: t),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     yield from pipeline
@@ -57,7 +52,7 @@ def train_images(
 def eval_images(root: str, split: str, image_size: int, batch_size: int, limit: int = 0) -> Iterator[tuple]:
     """Finite pass over a split in manifest order: (images (B, 3, S, S), captions, metadata with "key")."""
     return _finite_batches(
-        root, split, "rgb8", lambda s: _to_tensor(center_resize(s["png"], image_size)), batch_size, limit
+        root, split, "rgb8", lambda s: to_tensor(center_resize(s["png"], image_size)), batch_size, limit
     )
 
 

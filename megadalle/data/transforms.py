@@ -5,7 +5,18 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 from PIL import Image
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1] (a copy: decoded arrays may be read-only)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> contiguous (H, W, 3) uint8, for PIL."""
+    return np.ascontiguousarray(img.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
 
 
 def _random_crop(img: np.ndarray, size: int, rng: random.Random) -> np.ndarray:

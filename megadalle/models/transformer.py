@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megadalle.models.attention import dense_attention, flex_attention_masked
 from megadalle.models.sparsity import Kind, attention_mask, image_transpose_perm, layer_kinds
 
 PAD_ID = 0  # the tokenizer's <pad>: "no text here"
@@ -140,16 +141,14 @@ class AttentionBlock(nn.Module):
         cache[1][:, :, start : start + n] = v.view(B, n, nh, hd).transpose(1, 2)
         keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
         mask = self.raster_mask[start : start + n, : start + n]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, n, hd)
+        y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
         return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
         mask = self.mask[:n, :n]
         if self.attention == "dense":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return dense_attention(q, k, v, mask)
         if self.attention == "flex":
-            from megadalle.models.attention import flex_attention_masked
-
             return flex_attention_masked(q, k, v, mask)
         raise NotImplementedError("attention='triton' needs the block-sparse kernels (kernels/), not built yet")
 

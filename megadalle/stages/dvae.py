@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.data.transforms import to_uint8
 from megadalle.engine.schedules import cosine
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
@@ -132,8 +132,8 @@ class DVAEStage:
 def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
     """Originals in the top row, reconstructions below (as the paper's Figure 1). (B, 3, H, W) in [0, 1]."""
     rows = [torch.cat(list(originals), dim=2), torch.cat(list(recons), dim=2)]  # each (3, H, B*W)
-    img = torch.cat(rows, dim=1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()  # (2H, B*W, 3)
+    img = to_uint8(torch.cat(rows, dim=1))  # (2H, B*W, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(np.ascontiguousarray(img)).save(tmp)
+    Image.fromarray(img).save(tmp)
     tmp.replace(path)
