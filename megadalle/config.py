@@ -43,7 +43,7 @@ class Job:
 @dataclass
 class Data:
     shards: str = "outputs/shards"
-    """Folder (or s3://bucket/prefix) holding `manifest.json` and the `<split>/*.tar` shards."""
+    """Local folder holding `manifest.json` and the `<split>/*.tar` shards (s3:// URLs come with issue 13)."""
     image_size: int = 256
     """Side of the square images, in pixels: 256 for the paper, 64 or 32 for CPU runs."""
     sources: list[str] = field(default_factory=lambda: ["twemoji", "openmoji"])
@@ -60,7 +60,9 @@ class Data:
     limit_per_source: int = 0
     """Use at most this many images of each source (0: all); for fast tests."""
     num_workers: int = 2
-    """Worker processes for rendering and for the data loader."""
+    """Worker processes for rendering emoji in tools/make_shards.py. The training loaders read in the training
+    process itself (webdataset pipelines, one per rank) until the streaming loader (issue 13) adds DataLoader
+    workers."""
 
 
 @dataclass
@@ -87,8 +89,10 @@ class Model:
     """Transformer prior size from megadalle.models.transformer.FLAVORS."""
     clip_flavor: str = "small"
     """Contrastive reranker size from megadalle.models.clip.FLAVORS: small, debug."""
-    attention: Literal["dense", "flex", "triton"] = "dense"
-    """Attention implementation of the prior: masked SDPA reference, FlexAttention, or Triton block-sparse."""
+    attention: Literal["dense", "flex"] = "dense"
+    """Attention implementation of the prior (models/attention.py's registry): `dense` masked SDPA (the reference)
+    or `flex` FlexAttention over our block layouts (full-length streams; its backward needs a GPU). The Triton
+    block-sparse kernels join the registry with issue 10."""
     dvae_checkpoint: str = ""
     """dVAE weights used to encode images for the prior (empty: read token shards)."""
 
@@ -141,6 +145,18 @@ class Optim:
     """Clip the global gradient norm to this value (0: off; the prior uses 4)."""
     warmup_steps: int = 0
     """Linear warm-up updates before the schedule."""
+    schedule: Literal["constant", "cosine", "plateau"] = "cosine"
+    """Step size after the warm-up (prior and reranker; the dVAE always decays by a cosine over
+    dvae.lr_decay_steps): constant, cosine decay to lr_min over prior.lr_decay_steps (reranker: the rest of the
+    run), or halved on plateaus of the smoothed training loss (the paper's prior)."""
+    plateau_patience: int = 2000
+    """schedule=plateau: updates without a relative improvement of plateau_threshold before the lr is halved."""
+    plateau_threshold: float = 1e-3
+    """schedule=plateau: relative improvement of the smoothed loss that resets the patience."""
+    plateau_smoothing: float = 0.99
+    """schedule=plateau: EMA factor smoothing the training loss."""
+    max_halvings: int = 5
+    """schedule=plateau: halvings at most (the paper's 5)."""
     ema_decay: float = 0.999
     """Decay of the parameter exponential moving average (0: no EMA)."""
     ema_every: int = 1
@@ -155,6 +171,9 @@ class Train:
     """Samples per process per forward pass."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated into one update."""
+    global_batch_size: int = 0
+    """Samples per update over all ranks (the paper's 1,024 for the prior). When set, grad_accum_steps is derived
+    as global_batch_size / (micro_batch_size x world size), which must divide; 0: micro x accum x world."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision; fp16 uses the loss scaler."""
     activation_checkpointing: bool = False
@@ -173,8 +192,14 @@ class Checkpoint:
     """Updates between checkpoints (0: only at the end)."""
     keep: int = 3
     """Checkpoints kept; older ones are removed after a newer one is complete."""
-    resume: str = ""
-    """Checkpoint folder to resume from ("latest": the newest in this run folder)."""
+    resume: str = "auto"
+    """auto | none | latest | PATH. "auto": the newest complete checkpoint of this run folder (incomplete or
+    corrupt newer ones are skipped with a warning), a fresh start when there is none; "latest": same as auto;
+    "none": start over, refused while the run folder holds a complete checkpoint unless `overwrite`; PATH: that
+    checkpoint folder, which must be complete."""
+    overwrite: bool = False
+    """With resume = "none": start over in a run folder that holds checkpoints; they are moved aside to
+    `checkpoints.old-<time>` (with metrics.jsonl), never deleted."""
 
 
 @dataclass
@@ -208,6 +233,20 @@ class JobConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.job.run_root) / self.job.name
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per update on `world_size` ranks: train.grad_accum_steps, or derived from
+        train.global_batch_size when that is set."""
+        t = self.train
+        if not t.global_batch_size:
+            return t.grad_accum_steps
+        per_pass = t.micro_batch_size * world_size
+        if t.global_batch_size % per_pass:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{t.micro_batch_size} x {world_size} ranks"
+            )
+        return t.global_batch_size // per_pass
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -368,6 +407,13 @@ def validate(cfg: JobConfig) -> None:
         (cfg.train.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {cfg.train.micro_batch_size}"),
         (cfg.train.grad_accum_steps > 0, f"train.grad_accum_steps must be positive, got {cfg.train.grad_accum_steps}"),
         (cfg.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}"),
+        (cfg.optim.plateau_patience > 0, f"optim.plateau_patience must be positive, got {cfg.optim.plateau_patience}"),
+        (cfg.optim.max_halvings >= 0, f"optim.max_halvings must be >= 0, got {cfg.optim.max_halvings}"),
+        (
+            0 <= cfg.optim.plateau_smoothing < 1,
+            f"optim.plateau_smoothing must be in [0, 1), got {cfg.optim.plateau_smoothing}",
+        ),
+        (cfg.train.global_batch_size >= 0, f"train.global_batch_size must be >= 0, got {cfg.train.global_batch_size}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
     ]
     for ok, msg in checks:

@@ -4,10 +4,11 @@ the contrastive model and keep the best k (Sec. 2.6).
     python megadalle/sample.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
         --clip outputs/clip_small/checkpoints --captions "red heart in twemoji style" --candidates 16 --keep 4 \
         [--captions-file F] [--temperature 1] [--top-k 0] [--top-p 1] [--seed 0] [--batch 16] \
-        [--image-prompt PNG --prompt-rows R] --out outputs/samples
+        [--image-prompt PNG --prompt-rows R] [--device auto|cpu|cuda] --out outputs/samples
 
 Writes `<out>/samples.png` (one row per caption, kept candidates best first, caption above) and
-`<out>/scores.json` (every candidate's score and which were kept).
+`<out>/scores.json` (every candidate's score and which were kept). The models, the KV cache, the random generator
+and the decoding all run on --device (auto: cuda when a GPU is visible); only the results come back to the CPU.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from megadalle.data.transforms import center_resize, to_tensor, to_uint8
-from megadalle.engine.checkpoint import load_eval_weights
-from megadalle.models.clip import FLAVORS as CLIP_FLAVORS
 from megadalle.models.clip import ContrastiveModel
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.models.tokenizer import BPETokenizer
-from megadalle.models.transformer import FLAVORS as PRIOR_FLAVORS
 from megadalle.models.transformer import DallePrior
 from megadalle.sampling import generate
-from megadalle.stages.dvae import load_trained_dvae
+from megadalle.stages.load import load_trained, resolve_device
 
 
 @dataclass
@@ -45,13 +43,17 @@ class Models:
     tokenizer: BPETokenizer
     clip_tokenizer: BPETokenizer | None
 
+    @property
+    def device(self) -> torch.device:
+        return self.prior.text_head.weight.device
 
-def load_models(prior: str, dvae: str, clip: str | None) -> Models:
-    """Eval-mode models from checkpoints (EMA weights where the run kept them), checked against each other."""
-    p_state, p_cfg = load_eval_weights(prior)
-    p = DallePrior(PRIOR_FLAVORS[p_cfg.model.prior_flavor]).eval()
-    p.load_state_dict(p_state)
-    d = load_trained_dvae(dvae)[0]
+
+def load_models(prior: str, dvae: str, clip: str | None, device: str | torch.device = "cpu") -> Models:
+    """Eval-mode models on `device` from checkpoints (EMA weights where the run kept them), checked against each
+    other."""
+    device = resolve_device(device)
+    p, p_cfg = load_trained(prior, "prior", device)
+    d = load_trained(dvae, "dvae", device)[0]
     if (d.args.grid_size, d.args.vocab_size) != (p.a.grid, p.a.image_vocab):
         raise ValueError(
             f"dVAE {dvae} makes {d.args.grid_size}x{d.args.grid_size} grids of {d.args.vocab_size} codes but prior "
@@ -61,22 +63,20 @@ def load_models(prior: str, dvae: str, clip: str | None) -> Models:
     tok = BPETokenizer(t.model_path, t.max_len, 0.0, t.lowercase).eval()
     c = ctok = None
     if clip:
-        c_state, c_cfg = load_eval_weights(clip)
-        c = ContrastiveModel(CLIP_FLAVORS[c_cfg.model.clip_flavor]).eval()
-        c.load_state_dict(c_state)
+        c, c_cfg = load_trained(clip, "clip", device)
         ct = c_cfg.tokenizer
         ctok = BPETokenizer(ct.model_path, ct.max_len, 0.0, ct.lowercase).eval()
     return Models(p, d, c, tok, ctok)
 
 
 def image_prompt_codes(models: Models, path: str, rows: int) -> torch.Tensor:
-    """The first `rows` rows of the code grid of the image at `path`: (rows * grid,)."""
+    """The first `rows` rows of the code grid of the image at `path`: (rows * grid,) on the models' device."""
     g = models.prior.a.grid
     if not 0 < rows < g:
         raise ValueError(f"--prompt-rows must be in [1, {g - 1}], got {rows}")
     with Image.open(path) as im:
         img = center_resize(np.asarray(im.convert("RGB")), models.dvae.args.image_size)
-    x = to_tensor(img)[None]  # (1, 3, S, S)
+    x = to_tensor(img)[None].to(models.device)  # (1, 3, S, S)
     return models.dvae.encode_codes(map_pixels(x)).reshape(-1)[: rows * g]
 
 
@@ -94,13 +94,16 @@ def sample(
     prefix: torch.Tensor | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Per caption: candidate images (N, 3, S, S), scores (N,) and the kept indices, best first."""
+    """Per caption: candidate images (N, 3, S, S), codes (N, H W), scores (N,) and the kept indices, best first.
+    Sampled on the models' device; the tensors returned are on the CPU."""
     if keep > candidates:
         raise ValueError(f"cannot keep {keep} of {candidates} candidates")
-    gen = torch.Generator().manual_seed(seed)
+    device = models.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prefix = None if prefix is None else prefix.to(device)
     results = []
     for caption in tqdm(captions, desc="sampling", disable=not progress):
-        text = models.tokenizer.encode_batch([caption])[0]  # (1, T)
+        text = models.tokenizer.encode_batch([caption])[0].to(device)  # (1, T)
         images, codes_all = [], []
         for start in range(0, candidates, batch):
             n = min(batch, candidates - start)
@@ -109,22 +112,24 @@ def sample(
             g = models.prior.a.grid
             images.append(reconstruction(models.dvae.decoder.decode_codes(codes.view(n, g, g))))
             codes_all.append(codes)
-        imgs = torch.cat(images)
-        scores = rerank_scores(models, imgs, caption)
+        imgs = torch.cat(images)  # (N, 3, S, S) on the device
+        scores = rerank_scores(models, imgs, caption).cpu()
         kept = rerank(scores, keep)
-        results.append({"caption": caption, "images": imgs, "codes": torch.cat(codes_all), "scores": scores,
-                        "kept": kept})  # fmt: skip
+        results.append({"caption": caption, "images": imgs.cpu(), "codes": torch.cat(codes_all).cpu(),
+                        "scores": scores, "kept": kept})  # fmt: skip
     return results
 
 
 def rerank_scores(models: Models, images: torch.Tensor, caption: str) -> torch.Tensor:
-    """The contrastive score of each candidate with the caption; zeros (sampling order kept) without a reranker."""
+    """The contrastive score of each candidate with the caption, on the reranker's device; zeros (sampling order
+    kept) without a reranker."""
     if models.clip is None:
         return torch.zeros(len(images))
+    images = images.to(models.clip.logit_scale.device)
     size = models.clip.a.image_size
     if images.shape[-1] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
-    text = models.clip_tokenizer.encode_batch([caption] * len(images))[0]
+    text = models.clip_tokenizer.encode_batch([caption] * len(images))[0].to(images.device)
     return models.clip.score(images, text)
 
 
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--image-prompt", default=None, help="image whose first --prompt-rows code rows are kept")
     p.add_argument("--prompt-rows", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     captions = list(args.captions)
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
         if not captions:
             raise ValueError("no captions: give --captions or --captions-file")
-        models = load_models(args.prior, args.dvae, args.clip)
+        models = load_models(args.prior, args.dvae, args.clip, args.device)
         prefix = image_prompt_codes(models, args.image_prompt, args.prompt_rows) if args.image_prompt else None
         t0 = time.time()
         results = sample(models, captions, args.candidates, args.keep, args.temperature, args.top_k, args.top_p,
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "prior": args.prior, "dvae": args.dvae, "clip": args.clip, "candidates": args.candidates, "keep": args.keep,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-        "image_prompt": args.image_prompt, "prompt_rows": args.prompt_rows, "seconds": round(time.time() - t0, 2),
+        "image_prompt": args.image_prompt, "prompt_rows": args.prompt_rows, "device": str(models.device),
+        "seconds": round(time.time() - t0, 2),
         "captions": [{"caption": r["caption"], "scores": [round(float(s), 4) for s in r["scores"]], "kept": r["kept"]}
                      for r in results],
     }  # fmt: skip

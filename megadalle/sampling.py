@@ -2,7 +2,8 @@
 
 generate(model, text (B, T), prefix (B, P) or None) -> codes (B, H W). The prefix (image-to-image: the first
 rows of an image's code grid) is kept exactly; the rest is drawn in raster order at `temperature`, optionally
-restricted to the top-k codes and to the top-p probability mass.
+restricted to the top-k codes and to the top-p probability mass. Everything runs on the model's device: text and
+prefix are moved there, and a generator must live there too (torch.multinomial requires it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, ge
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def _on_model_device(
+    model: DallePrior, text: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    device = model.text_head.weight.device
+    if generator is not None and (
+        generator.device.type != device.type or (generator.device.index or 0) != (device.index or 0)
+    ):
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}; create it there")
+    return text.to(device), None if prefix is None else prefix.to(device)
+
+
 @torch.no_grad()
 def generate(
     model: DallePrior,
@@ -45,6 +57,7 @@ def generate(
 ) -> torch.Tensor:
     """KV-cached sampling: one forward of the prompt, then one position per step."""
     a = model.a
+    text, prefix = _on_model_device(model, text, prefix, generator)
     B, HW = text.shape[0], a.grid * a.grid
     prefix = text.new_zeros(B, 0) if prefix is None else prefix
     P = prefix.shape[1]
@@ -77,6 +90,7 @@ def generate_uncached(
     """The baseline: a full forward of the whole stream for every generated token (future positions hold
     placeholders, which causality keeps from mattering)."""
     a = model.a
+    text, prefix = _on_model_device(model, text, prefix, generator)
     B, HW = text.shape[0], a.grid * a.grid
     out = torch.zeros(B, HW, dtype=torch.long, device=text.device)
     P = 0 if prefix is None else prefix.shape[1]

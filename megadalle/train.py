@@ -13,20 +13,24 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
-from megadalle.engine.checkpoint import gathered_state, load_checkpoint, resolve_resume, save_checkpoint
+from megadalle.engine.checkpoint import gathered_state, load_checkpoint, prepare_resume, save_checkpoint
+from megadalle.engine.distributed import init_distributed, shutdown, sum_over_ranks, world_size
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
+from megadalle.engine.wrap import apply_wrappers
+from megadalle.stages import make_stage
+from megadalle.stages.base import Stage
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -38,51 +42,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def init_distributed() -> tuple[int, int]:
-    import deepspeed
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ:  # a plain `python train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_stage(cfg: JobConfig):
-    if cfg.job.stage == "dvae":
-        from megadalle.stages.dvae import DVAEStage
-
-        return DVAEStage(cfg)
-    if cfg.job.stage == "prior":
-        from megadalle.stages.prior import PriorStage
-
-        return PriorStage(cfg)
-    if cfg.job.stage == "clip":
-        from megadalle.stages.clip import ClipStage
-
-        return ClipStage(cfg)
-    raise ConfigError(f"job.stage={cfg.job.stage!r} is not one of dvae, prior, clip")
-
-
-def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    keys = sorted(values)
-    t = torch.stack([values[k].float().reshape(()) for k in keys])
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, t)}
-
-
 def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -91,32 +50,83 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
+def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+    """The model of `stage` (under zero.Init for ZeRO-3, from the job's seed: identical on every rank and equal to
+    a plain PyTorch build with the same seed), the training wrappers, AdamW over the stage's groups, DeepSpeed."""
     import deepspeed
 
-    run_dir = cfg.run_dir
-    ds = load_ds_config(cfg, world)
-    if rank == 0:
-        write_resolved(cfg, run_dir)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
-    torch.manual_seed(cfg.job.seed)  # identical initial weights on every rank
-    random.seed(cfg.job.seed + rank)
-    np.random.seed(cfg.job.seed + rank)
-
-    stage = make_stage(cfg)
+    torch.manual_seed(cfg.job.seed)
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero3):
         model = stage.build_model()
+    apply_wrappers(model, cfg)
     o = cfg.optim
     optimizer = torch.optim.AdamW(stage.param_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine, optimizer
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested tuple/list) batch moved to `device`; anything else as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: dict[str, float]) -> dict[str, float]:
+    """One optimizer update over this rank's micro-batches; returns the global-batch statistics (summed shares).
+
+    Each micro-batch's loss is its share of the global-batch objective (normalised by totals over every
+    micro-batch and rank, stages/base.py). DeepSpeed averages gradients over the accumulation steps and over
+    the ranks, so the backward pass scales the share by both counts to undo that average."""
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+    local: dict[str, Any] = {}
+    for batch in micro_batches:
+        for k, v in stage.counts(batch).items():
+            local[k] = local.get(k, 0) + v
+    totals = sum_over_ranks(local)
+    scale = len(micro_batches) * world_size()
+    stats: dict[str, torch.Tensor] = {}
+    grad_norm = None
+    for i, batch in enumerate(micro_batches):
+        loss, s = stage.loss(engine, _to(batch, engine.device), sched, totals)
+        engine.backward(loss * scale)
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0) + v
+        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = _local_grad_norm(engine)  # ZeRO-0 computes none unless it clips
+        engine.step()
+    metrics = sum_over_ranks(stats)
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    return metrics
+
+
+def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
+    run_dir = cfg.run_dir
+    ds = load_ds_config(cfg, world)
+    accum = cfg.grad_accum_steps(world)
+    stage = make_stage(cfg)
+    ckpt_root = run_dir / "checkpoints"
+    resume = prepare_resume(ckpt_root, cfg.checkpoint, run_dir / cfg.logging.json_file)
+    if rank == 0:
+        write_resolved(cfg, run_dir)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
+    random.seed(cfg.job.seed + rank)
+    np.random.seed(cfg.job.seed + rank)
+
+    engine, optimizer = build(cfg, stage, ds)
+    o = cfg.optim
     ema = ShardedEMA(engine.module, o.ema_decay) if o.ema_decay > 0 else None
 
-    ckpt_root = run_dir / "checkpoints"
     step = 0
-    resume = resolve_resume(ckpt_root, cfg.checkpoint.resume)
     if resume is not None:
-        step = load_checkpoint(engine, resume, ema)
+        step, client = load_checkpoint(engine, resume, ema)
+        stage.lr_schedule.load_state_dict(client.get("lr_schedule", {}))
         log.info(f"resumed from {resume} at step {step}")
 
     logger = MetricsLogger(
@@ -127,40 +137,26 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     log.info(
         f"stage {cfg.job.stage}: {n_params / 1e6:.2f}M parameters, world {world}, "
         f"ZeRO {engine.zero_optimization_stage()}, precision {t.precision}, "
-        f"micro-batch {t.micro_batch_size} x accum {t.grad_accum_steps}"
+        f"micro-batch {t.micro_batch_size} x accum {accum} x world {world}"
     )
     batches = stage.batches(rank)
     start_step = step
-    images_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    samples_per_step = t.micro_batch_size * accum * world
     last_eval: dict[str, float] = {}
 
-    while step < cfg.train.steps:
+    while step < t.steps:
         t0 = time.time()
         sched = stage.schedules(step)
-        for group in optimizer.param_groups:
-            group["lr"] = sched["lr"]
-        stats: dict[str, torch.Tensor] = {}
-        grad_norm = None
-        for micro in range(cfg.train.grad_accum_steps):
-            x = next(batches)
-            for k, v in stage.micro_step(engine, x, sched).items():
-                stats[k] = stats.get(k, 0) + v / cfg.train.grad_accum_steps
-            if micro == cfg.train.grad_accum_steps - 1 and engine.zero_optimization_stage() == 0:
-                grad_norm = _local_grad_norm(engine)  # ZeRO-0 computes none unless it clips
-            engine.step()
+        metrics = train_update(engine, optimizer, stage, [next(batches) for _ in range(accum)], sched)
+        stage.lr_schedule.observe(metrics["loss"])
         step += 1
         if ema is not None and step % o.ema_every == 0:
             ema.update()
-        metrics = _mean_over_ranks(stats)
         dt = time.time() - t0
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
         metrics.update(sched)
-        if hasattr(stage, "throughput"):
-            metrics.update(stage.throughput(images_per_step / dt))
+        metrics.update(stage.throughput(samples_per_step / dt))
         metrics.update(
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            images_per_s=images_per_step / dt,
+            images_per_s=samples_per_step / dt,
             step_time_s=dt,
             skipped_samples=stage.skips.total,
             skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
@@ -168,20 +164,25 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         )
         if not np.isfinite(metrics["loss"]):
             log.warning(f"step {step}: non-finite loss {metrics['loss']}")
-        logger.log(step, metrics, force=step in (start_step + 1, cfg.train.steps))  # first and last always shown
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        logger.log(step, metrics, force=step in (start_step + 1, t.steps))  # first and last always shown
+        if t.eval_every and step % t.eval_every == 0:
             last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep)
+            save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
 
-    if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep)
-    if cfg.train.eval_every and step % cfg.train.eval_every != 0:  # eval_every = 0: never evaluate
+    if step > start_step and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
+    if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
         last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
     logger.close()
     del engine, optimizer
     gc.collect()
     return last_eval
+
+
+def _client_state(stage: Stage) -> dict[str, Any]:
+    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA."""
+    return {"lr_schedule": stage.lr_schedule.state_dict()}
 
 
 def _evaluate(stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
@@ -213,16 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank, world = init_distributed()
     setup_logging(cfg.logging.level, rank)
-    import torch.distributed as dist
-
     try:
         train(cfg, rank, world)
     except (ConfigError, FileNotFoundError) as e:
         log.error(f"{type(e).__name__}: {e}")
+        import torch.distributed as dist
+
         dist.destroy_process_group()
         return 2
-    dist.barrier()
-    dist.destroy_process_group()  # a clean exit: gloo otherwise may abort at interpreter shutdown
+    shutdown()
     return 0
 
 

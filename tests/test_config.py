@@ -92,3 +92,55 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("toml", sorted((REPO / "megadalle" / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_run_files_load(toml):
     load_config(["--config", str(toml)])
+
+
+def test_dvae_paper_settings_are_the_defaults_and_the_run_file():
+    """App. A.2: beta 6.6 over 5,000 updates, tau 1 -> 1/16 over 150,000, lr 1e-4 -> 1.25e-6 over 1.2M, AdamW
+    weight decay 1e-4, EMA 0.999; batch 512."""
+    from megadalle.engine.ds_config import load_ds_config
+
+    for cfg in (load_config([]), load_config(["--config", str(REPO / "megadalle/configs/dvae_paper.toml")])):
+        d, o = cfg.dvae, cfg.optim
+        assert (d.kl_weight, d.kl_warmup_steps) == (6.6, 5000)
+        assert (d.tau_start, d.tau_end, d.tau_steps) == (1.0, 1 / 16, 150000)
+        assert (o.lr, o.lr_min, d.lr_decay_steps) == (1e-4, 1.25e-6, 1200000)
+        assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.ema_decay) == (0.9, 0.999, 1e-8, 1e-4, 0.999)
+        assert cfg.model.dvae_flavor == "paper" and cfg.data.image_size == 256
+    ds = load_ds_config(cfg, world_size=64)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        512,
+        8,
+        1,
+    )
+
+
+@pytest.mark.parametrize("flavor", ["12b", "1p3b"])
+def test_prior_paper_run_files_resolve(flavor):
+    """App. B.2: AdamW 0.9 / 0.96 / 1e-8, weight decay 4.5e-2, clip 4, warm-up 5,000 to 4.5e-4 then halved on
+    plateaus 5 times, EMA every 25 updates at 0.99, batch 1,024."""
+    from megadalle.engine.ds_config import load_ds_config
+    from megadalle.engine.schedules import lr_schedule
+
+    cfg = load_config(["--config", str(REPO / f"megadalle/configs/prior_{flavor}.toml")])
+    o = cfg.optim
+    assert cfg.job.stage == "prior" and cfg.model.prior_flavor == flavor
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (0.9, 0.96, 1e-8, 0.045, 4.0)
+    assert (o.lr, o.warmup_steps, o.schedule, o.max_halvings) == (4.5e-4, 5000, "plateau", 5)
+    assert (o.ema_decay, o.ema_every) == (0.99, 25)
+    assert (cfg.tokenizer.vocab_size, cfg.tokenizer.max_len, cfg.tokenizer.dropout) == (16384, 256, 0.1)
+    assert cfg.train.activation_checkpointing and cfg.train.global_batch_size == 1024
+    for world in (1024 // cfg.train.micro_batch_size, 64, 8):
+        ds = load_ds_config(cfg, world_size=world)
+        assert ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 3
+        assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == 1024
+        assert ds["gradient_clipping"] == 4.0 and ds["fp16"]["enabled"] is True
+    s = lr_schedule(cfg, cfg.prior.lr_decay_steps)
+    assert s.lr(0) == pytest.approx(4.5e-4 / 5000) and s.lr(4999) == pytest.approx(4.5e-4) and s.lr(10**5) == 4.5e-4
+
+
+def test_global_batch_size_must_divide():
+    from megadalle.engine.ds_config import load_ds_config
+
+    cfg = load_config(["--train.global_batch_size=100", "--train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=100 is not a multiple of .*8 x 2 ranks"):
+        load_ds_config(cfg, world_size=2)

@@ -58,3 +58,34 @@ def test_top_k_and_top_p_filtering():
     kept = torch.isfinite(filter_logits(logits, top_p=float(p[0] + 0.01)))[0]
     assert kept.tolist() == [True, True, False, False]
     assert torch.isfinite(filter_logits(logits, top_p=0.1))[0].tolist() == [True, False, False, False]
+
+
+def test_generate_runs_on_the_models_device_and_checks_the_generator():
+    torch.manual_seed(0)
+    model = DallePrior(A).eval()
+    text, image = inputs()
+    out = generate(model, text, image[:, :4], temperature=0.0)
+    assert out.device == model.text_head.weight.device and torch.equal(out[:, :4], image[:, :4])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="the generator is on cuda"):
+            generate(model, text, generator=torch.Generator(device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", [generate, generate_uncached])
+def test_generate_on_cuda_equals_cpu_greedy(fn):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    model = DallePrior(A).eval()
+    model.image_head.weight.data.mul_(20)  # wide logit gaps: the argmax must not hinge on float rounding
+    text, image = inputs()
+    cpu = fn(model, text, image[:, :5], temperature=0.0)
+    model.cuda()
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+    gpu = fn(model, text, image[:, :5], temperature=0.0)  # CPU inputs are moved to the model's device
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    drawn = fn(model, text, generator=torch.Generator(device="cuda").manual_seed(2))
+    assert drawn.is_cuda and int(drawn.max()) < A.image_vocab
+    with pytest.raises(ValueError, match=r"the generator is on cpu but the model on cuda"):
+        fn(model, text, generator=torch.Generator().manual_seed(2))

@@ -21,11 +21,12 @@ AUTO = "auto"
 def _owned_values(cfg: JobConfig, world_size: int) -> dict[tuple[str, ...], tuple[Any, str]]:
     """Key path in the DeepSpeed JSON -> (value from the JobConfig, the JobConfig field it comes from)."""
     t, o = cfg.train, cfg.optim
+    accum = cfg.grad_accum_steps(world_size)
     return {
         ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "train.micro_batch_size"),
-        ("gradient_accumulation_steps",): (t.grad_accum_steps, "train.grad_accum_steps"),
+        ("gradient_accumulation_steps",): (accum, "train.grad_accum_steps (or train.global_batch_size)"),
         ("train_batch_size",): (
-            t.micro_batch_size * t.grad_accum_steps * world_size,
+            t.micro_batch_size * accum * world_size,
             f"train.micro_batch_size * train.grad_accum_steps * world_size({world_size})",
         ),
         ("gradient_clipping",): (o.grad_clip, "optim.grad_clip"),

@@ -1,12 +1,20 @@
-"""Masked attention: the dense SDPA reference and FlexAttention driven by our block layouts.
+"""Masked attention for the prior: one registry of implementations, each an nn.Module that owns its mask.
 
-q, k, v (B, nh, N, hd); mask (N, N) bool, True = attend. Both return (B, nh, N, hd).
+q, k, v (B, nh, N, hd); the mask (N, N) bool, True = attend, is a registered buffer of the module, so it moves
+with `.to()` and belongs to exactly one layer; nothing is cached globally. Every implementation returns
+(B, nh, N, hd) and is interchangeable with `DenseAttention`, the reference.
+
+    ATTENTION = {"dense": DenseAttention, "flex": FlexAttention}   # the Triton kernels plug in here
+    make_attention(name, mask) -> nn.Module
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from megadalle.models.sparsity import EMPTY, FULL, block_layout
 
@@ -16,9 +24,21 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def block_mask_from_layout(mask: torch.Tensor, block: int = 128):
+class DenseAttention(nn.Module):
+    """Masked SDPA over the whole (N, N) mask: the reference every other implementation is tested against."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[2]
+        return dense_attention(q, k, v, self.mask[:n, :n])
+
+
+def block_mask_from_layout(mask: torch.Tensor, block: int = 128) -> Any:
     """A FlexAttention BlockMask whose block structure is our `block_layout`: FULL blocks skip the mask_mod,
-    PARTIAL blocks evaluate it, EMPTY blocks are never visited."""
+    PARTIAL blocks evaluate it, EMPTY blocks are never visited. Built on the mask's device."""
     from torch.nn.attention.flex_attention import BlockMask
 
     n = mask.shape[0]
@@ -33,7 +53,7 @@ def block_mask_from_layout(mask: torch.Tensor, block: int = 128):
     partial = (layout != EMPTY) & (layout != FULL)
     kv_num, kv_idx = indices(partial)
     full_num, full_idx = indices(layout == FULL)
-    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool, device=mask.device)
     padded[:n, :n] = mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -43,13 +63,44 @@ def block_mask_from_layout(mask: torch.Tensor, block: int = 128):
                                     seq_lengths=(n, n))  # fmt: skip
 
 
-_BLOCK_MASKS: dict[tuple[int, int, str], object] = {}
+class FlexAttention(nn.Module):
+    """FlexAttention driven by a BlockMask built once from this layer's mask (our block layout). The BlockMask
+    is rebuilt from the mask whenever the module moves (`_apply`), so it always lives on the mask's device.
+    Full-length streams only: the BlockMask is stated for N x N."""
+
+    def __init__(self, mask: torch.Tensor, block: int = 128) -> None:
+        super().__init__()
+        self.block = block
+        self.register_buffer("mask", mask, persistent=False)
+        self.block_mask = self._build()
+
+    def _build(self) -> Any:
+        if self.mask.device.type == "meta":
+            return None  # nothing to attend with on the meta device; rebuilt when moved to a real one
+        return block_mask_from_layout(self.mask, self.block)
+
+    def _apply(self, fn, recurse: bool = True):
+        device = self.mask.device
+        super()._apply(fn, recurse)
+        if self.mask.device != device or self.block_mask is None:
+            self.block_mask = self._build()
+        return self
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        n = q.shape[2]
+        if n != self.mask.shape[0]:
+            raise ValueError(f"flex attention is built for {self.mask.shape[0]} positions, got {n}")
+        return flex_attention(q, k, v, block_mask=self.block_mask)
 
 
-def flex_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
+ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseAttention, "flex": FlexAttention}
+"""model.attention -> implementation. The Triton block-sparse kernels (kernels/) register here."""
 
-    key = (mask.data_ptr(), mask.shape[0], str(q.device))
-    if key not in _BLOCK_MASKS:
-        _BLOCK_MASKS[key] = block_mask_from_layout(mask.cpu()).to(q.device)
-    return flex_attention(q, k, v, block_mask=_BLOCK_MASKS[key])
+
+def make_attention(name: str, mask: torch.Tensor) -> nn.Module:
+    """The attention module `name` owning `mask` (N, N) bool."""
+    if name not in ATTENTION:
+        raise ValueError(f"attention {name!r} is not implemented (known: {sorted(ATTENTION)})")
+    return ATTENTION[name](mask)

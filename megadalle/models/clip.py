@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megadalle.models.layers import Embedding
 from megadalle.models.tokenizer import PAD_ID
 
 
@@ -92,13 +94,11 @@ class TextBlock(nn.Module):
 class TextTower(nn.Module):
     def __init__(self, a: ClipArgs) -> None:
         super().__init__()
-        self.tok = nn.Embedding(a.text_vocab, a.width)
-        self.pos = nn.Embedding(a.text_len, a.width)
+        self.tok = Embedding(a.text_vocab, a.width, std=0.02)
+        self.pos = Embedding(a.text_len, a.width, std=0.01)
         self.blocks = nn.ModuleList([TextBlock(a.width, a.heads) for _ in range(a.layers)])
         self.ln = nn.LayerNorm(a.width)
         self.proj = nn.Linear(a.width, a.embed_dim)
-        nn.init.normal_(self.tok.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.01)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         keep = text != PAD_ID  # (B, T)
@@ -111,13 +111,17 @@ class TextTower(nn.Module):
         return self.proj(pooled)
 
 
-@dataclass
-class ClipOutput:
+class ClipOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the tensors of a module's output only in tuples, lists and
+    dicts, and without them skips the hooks that give the root module's own parameters their gradients."""
+
     loss: torch.Tensor
     logits: torch.Tensor
     """(B, B) image-by-text similarities times the learned scale."""
     image_emb: torch.Tensor
     text_emb: torch.Tensor
+    scale: torch.Tensor
+    """The learned temperature's inverse (exp of logit_scale, clamped at 100)."""
 
 
 class ContrastiveModel(nn.Module):
@@ -131,7 +135,8 @@ class ContrastiveModel(nn.Module):
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1:] != (3, self.a.image_size, self.a.image_size):
             raise ValueError(f"images of shape {tuple(images.shape)}, expected (B, 3, {self.a.image_size}, ...)")
-        return F.normalize(self.image(images).float(), dim=-1)
+        dtype = self.image.stem.weight.dtype  # images arrive in fp32; the tower may run in bf16
+        return F.normalize(self.image(images.to(dtype)).float(), dim=-1)
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         if text.dim() != 2 or text.shape[1] != self.a.text_len:
@@ -143,10 +148,11 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> ClipOutput:
         img, txt = self.embed_images(images), self.embed_text(text)
-        logits = self.scale() * img @ txt.T  # (B, B)
+        scale = self.scale()
+        logits = scale * img @ txt.T  # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        return ClipOutput(loss, logits, img, txt)
+        return ClipOutput(loss, logits, img, txt, scale)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

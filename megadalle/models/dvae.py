@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +175,10 @@ def gumbel_softmax(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return F.softmax((logits.float() + g) / tau, dim=1)
 
 
-@dataclass
-class DVAEOutput:
+class DVAEOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the tensors of a module's output only in tuples, lists and
+    dicts, and without them skips the hooks that give the root module's own parameters their gradients."""
+
     loss: torch.Tensor
     """Scalar to minimise: (-recon + beta * KL) / (H W C), averaged over the batch."""
     recon: torch.Tensor
@@ -198,9 +201,11 @@ class DiscreteVAE(nn.Module):
         self.decoder = Decoder(args)
 
     def forward(self, x: torch.Tensor, tau: float, beta: float, hard: bool = False) -> DVAEOutput:
-        """x: mapped pixels (B, C, H, W). Relaxed codes (gumbel-softmax at temperature tau), or with `hard`
-        one-hot codes sampled from q, which makes -loss at beta=1 an estimate of the true ELB."""
-        logits = self.encoder(x)  # (B, K, h, w)
+        """x: mapped pixels (B, C, H, W), fp32. Relaxed codes (gumbel-softmax at temperature tau), or with `hard`
+        one-hot codes sampled from q, which makes -loss at beta=1 an estimate of the true ELB. The encoder gets x
+        in its parameters' dtype; the likelihood's target stays x as given (bf16 would merge 25 of the 256 pixel
+        levels)."""
+        logits = self.encoder(x.to(self.encoder.blocks.input.w.dtype))  # (B, K, h, w)
         if hard:
             probs = F.softmax(logits.float(), dim=1).permute(0, 2, 3, 1)  # (B, h, w, K)
             codes = torch.distributions.Categorical(probs=probs).sample()  # (B, h, w)

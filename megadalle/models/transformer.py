@@ -12,18 +12,26 @@ Column layers transpose the image states (rows <-> columns) before attention and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from megadalle.models.attention import dense_attention, flex_attention_masked
+from megadalle.models.attention import dense_attention, make_attention
+from megadalle.models.layers import Embedding, Linear
 from megadalle.models.sparsity import Kind, attention_mask, image_transpose_perm, layer_kinds
 
 PAD_ID = 0  # the tokenizer's <pad>: "no text here"
+
+BlockRunner = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def call_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plain way to run a resblock; wrappers in engine/wrap.py compose around it."""
+    return block(x)
 
 
 @dataclass(frozen=True)
@@ -72,42 +80,37 @@ class LayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-class FP32Head(nn.Linear):
+class FP32Head(Linear):
     """Unembedding computed in fp32 whatever the parameters' and activations' dtype (logits stay fp32).
     Called as a module so that ZeRO-3 gathers its weight."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out, std=0.02, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight.float())
 
 
-def _init_linear(layer: nn.Linear, std: float) -> None:
-    nn.init.normal_(layer.weight, std=std)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-
-
 class AttentionBlock(nn.Module):
-    """x + attn(LN(x)) with the layer's mask; `attention` selects dense SDPA or FlexAttention."""
+    """x + attn(LN(x)) with the layer's mask. `attention` names the implementation in models/attention.py's
+    registry; the implementation module owns this layer's mask. Column layers transpose the image states."""
 
-    def __init__(self, a: PriorArgs, kind: Kind, attention: Literal["dense", "flex", "triton"]) -> None:
+    def __init__(self, a: PriorArgs, kind: Kind, attention: str) -> None:
         super().__init__()
         if a.d_model % a.n_heads:
             raise ValueError(f"d_model {a.d_model} is not divisible by n_heads {a.n_heads}")
-        self.a, self.kind, self.attention = a, kind, attention
+        self.a, self.kind = a, kind
         self.ln = LayerNorm(a.d_model)
-        self.qkv = nn.Linear(a.d_model, 3 * a.d_model)
-        self.proj = nn.Linear(a.d_model, a.d_model)
-        _init_linear(self.qkv, 0.02)
-        _init_linear(self.proj, 0.02 / math.sqrt(2 * a.n_layers))
-        self.register_buffer("mask", attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel), persistent=False)
+        self.qkv = Linear(a.d_model, 3 * a.d_model, std=0.02)
+        self.proj = Linear(a.d_model, a.d_model, std=0.02 / math.sqrt(2 * a.n_layers))
+        self.attend = make_attention(attention, attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel))
+        # the same relation in raster order, for incremental decoding (attention is permutation-equivariant)
+        raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
+        self.register_buffer("raster_mask", raster, persistent=False)
         if kind == "column":
             perm = image_transpose_perm(a.grid, a.grid)
             self.register_buffer("perm", perm, persistent=False)
             self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
-            raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
-            self.register_buffer("raster_mask", raster, persistent=False)  # for incremental decoding
-        else:
-            self.raster_mask = self.mask
 
     def _transpose(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         t = self.a.text_len
@@ -123,7 +126,7 @@ class AttentionBlock(nn.Module):
         q = q.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
         k = k.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
         v = v.view(B, N, nh, hd).transpose(1, 2)  # (B, nh, N, hd)
-        y = self._attend(q, k, v, N)  # (B, nh, N, hd)
+        y = self.attend(q, k, v)  # (B, nh, N, hd)
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         if self.kind == "column":
             y = self._transpose(y, self.inv_perm)  # back to raster order
@@ -131,8 +134,8 @@ class AttentionBlock(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
         """Incremental attention for stream positions start..start+n-1 in raster order. cache: K, V buffers
-        (B, nh, N, hd) filled up to `start`; attention is permutation-equivariant, so column layers use the
-        raster-order form of their mask instead of transposing the states."""
+        (B, nh, N, hd) filled up to `start`; column layers use the raster-order form of their mask instead of
+        transposing the states."""
         B, n, D = x.shape
         nh, hd = self.a.n_heads, self.a.head_dim
         q, k, v = self.qkv(self.ln(x)).split(D, dim=2)
@@ -144,14 +147,6 @@ class AttentionBlock(nn.Module):
         y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
         return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
-        mask = self.mask[:n, :n]
-        if self.attention == "dense":
-            return dense_attention(q, k, v, mask)
-        if self.attention == "flex":
-            return flex_attention_masked(q, k, v, mask)
-        raise NotImplementedError("attention='triton' needs the block-sparse kernels (kernels/), not built yet")
-
 
 class MLPBlock(nn.Module):
     """x + W2 gelu(W1 LN(x))."""
@@ -159,28 +154,48 @@ class MLPBlock(nn.Module):
     def __init__(self, a: PriorArgs) -> None:
         super().__init__()
         self.ln = LayerNorm(a.d_model)
-        self.fc = nn.Linear(a.d_model, a.mlp_ratio * a.d_model)
-        self.proj = nn.Linear(a.mlp_ratio * a.d_model, a.d_model)
-        _init_linear(self.fc, 0.02)
-        _init_linear(self.proj, 0.02 / math.sqrt(2 * a.n_layers))
+        self.fc = Linear(a.d_model, a.mlp_ratio * a.d_model, std=0.02)
+        self.proj = Linear(a.mlp_ratio * a.d_model, a.d_model, std=0.02 / math.sqrt(2 * a.n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
 
 
 class Layer(nn.Module):
-    def __init__(self, a: PriorArgs, kind: Kind, attention: Literal["dense", "flex", "triton"]) -> None:
+    """One transformer layer: two resblocks, each of the form x + f(x), run in order by `forward`."""
+
+    def __init__(self, a: PriorArgs, kind: Kind, attention: str) -> None:
         super().__init__()
         self.kind = kind
         self.attn = AttentionBlock(a, kind, attention)
         self.mlp = MLPBlock(a)
 
+    def resblocks(self) -> tuple[nn.Module, nn.Module]:
+        return self.attn, self.mlp
 
-@dataclass
-class PriorOutput:
+    def forward(self, x: torch.Tensor, run_block: BlockRunner = call_block) -> torch.Tensor:
+        """`run_block(block, x)` calls each resblock: the seam where engine/wrap.py applies activation
+        checkpointing (and per-resblock gradient scaling) from outside the model."""
+        for block in self.resblocks():
+            x = run_block(block, x)
+        return x
+
+
+class PriorOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the tensors of a module's output only in tuples, lists and
+    dicts, and without them skips the hooks that give the root module's own parameters their gradients."""
+
     loss: torch.Tensor
+    """1/8 text + 7/8 image cross-entropy, each averaged over this batch's own targets."""
     text_loss: torch.Tensor
     image_loss: torch.Tensor
+    text_nll: torch.Tensor
+    """Summed cross-entropy over the text targets (real text tokens after the first), for normalising by the
+    target count of a larger (global) batch; `text_count` targets."""
+    text_count: torch.Tensor
+    image_nll: torch.Tensor
+    """Summed cross-entropy over the image targets; `image_count` targets."""
+    image_count: torch.Tensor
     text_logits: torch.Tensor
     """(B, T, text_vocab) fp32: logits at text positions 0..T-1 (predicting positions 1..T)."""
     image_logits: torch.Tensor
@@ -188,29 +203,25 @@ class PriorOutput:
 
 
 class DallePrior(nn.Module):
-    def __init__(
-        self, a: PriorArgs, attention: Literal["dense", "flex", "triton"] = "dense", kinds: list[Kind] | None = None
-    ) -> None:
-        """`kinds` overrides the paper's layer schedule (tests, ablations)."""
+    def __init__(self, a: PriorArgs, attention: str = "dense", kinds: list[Kind] | None = None) -> None:
+        """`attention`: a name in models/attention.py's ATTENTION; `kinds` overrides the paper's layer schedule
+        (tests, ablations). Every submodule initialises its own parameters (ZeRO-3's zero.Init keeps them)."""
         super().__init__()
         kinds = kinds or layer_kinds(a.n_layers)
         if len(kinds) != a.n_layers:
             raise ValueError(f"{len(kinds)} layer kinds for {a.n_layers} layers")
         self.a = a
-        self.activation_checkpointing = False
-        self.text_emb = nn.Embedding(a.text_vocab + a.text_len, a.d_model)  # + one padding token per position
-        self.text_pos = nn.Embedding(a.text_len, a.d_model)
-        self.image_emb = nn.Embedding(a.image_vocab, a.d_model)
-        self.row_emb = nn.Embedding(a.grid, a.d_model)
-        self.col_emb = nn.Embedding(a.grid, a.d_model)
+        self.run_block: BlockRunner = call_block
+        """How each resblock is called; engine/wrap.py replaces it (activation checkpointing, grad scaling)."""
+        self.text_emb = Embedding(a.text_vocab + a.text_len, a.d_model)  # + one padding token per position
+        self.text_pos = Embedding(a.text_len, a.d_model)
+        self.image_emb = Embedding(a.image_vocab, a.d_model)
+        self.row_emb = Embedding(a.grid, a.d_model)
+        self.col_emb = Embedding(a.grid, a.d_model)
         self.layers = nn.ModuleList([Layer(a, kind, attention) for kind in kinds])
         self.ln_f = LayerNorm(a.d_model)
-        self.text_head = FP32Head(a.d_model, a.text_vocab, bias=False)
-        self.image_head = FP32Head(a.d_model, a.image_vocab, bias=False)
-        for emb in (self.text_emb, self.text_pos, self.image_emb, self.row_emb, self.col_emb):
-            nn.init.normal_(emb.weight, std=0.02)
-        for head in (self.text_head, self.image_head):
-            nn.init.normal_(head.weight, std=0.02)
+        self.text_head = FP32Head(a.d_model, a.text_vocab)
+        self.image_head = FP32Head(a.d_model, a.image_vocab)
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """(B, T) tokenizer ids, PAD_ID where there is no text -> embedding ids with per-position padding."""
@@ -227,26 +238,22 @@ class DallePrior(nn.Module):
         return torch.cat([x_txt, x_img], dim=1)
 
     def check_inputs(self, text: torch.Tensor, image: torch.Tensor) -> None:
+        """Shapes only, so no host synchronisation in training (value ranges: `check_token_ranges`, on the data
+        path)."""
         a = self.a
         if text.dim() != 2 or text.shape[1] != a.text_len:
             raise ValueError(f"text has shape {tuple(text.shape)} but the model takes (B, {a.text_len})")
         if image.dim() != 2 or image.shape[1] != a.grid * a.grid:
             raise ValueError(f"image has shape {tuple(image.shape)} but the model takes (B, {a.grid * a.grid})")
-        if int(text.max()) >= a.text_vocab or int(text.min()) < 0:
-            raise ValueError(f"text ids must be in [0, {a.text_vocab}), got [{int(text.min())}, {int(text.max())}]")
-        if int(image.max()) >= a.image_vocab or int(image.min()) < 0:
-            raise ValueError(
-                f"image codes must be in [0, {a.image_vocab}), got [{int(image.min())}, {int(image.max())}]"
-            )
+
+    def resblocks(self) -> list[nn.Module]:
+        """Every resblock in stream order (attention, MLP, attention, ...): the units of the wrappers."""
+        return [block for layer in self.layers for block in layer.resblocks()]
 
     def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = self.embed(text, image)
         for layer in self.layers:
-            for block in (layer.attn, layer.mlp):
-                if self.activation_checkpointing and self.training:
-                    x = checkpoint(block, x, use_reentrant=False)  # recompute the resblock in backward
-                else:
-                    x = block(x)
+            x = layer(x, self.run_block)
         return self.ln_f(x)
 
     def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,13 +285,26 @@ class DallePrior(nn.Module):
         text_logits = self.text_head(h[:, :T])  # (B, T, text_vocab) fp32
         image_logits = self.image_head(h[:, T - 1 : -1])  # (B, HW, image_vocab) fp32
         text_targets = text[:, 1:].masked_fill(text[:, 1:] == PAD_ID, -100)  # padding is not predicted
-        if bool((text_targets != -100).any()):
-            text_loss = F.cross_entropy(text_logits[:, :-1].reshape(-1, a.text_vocab), text_targets.reshape(-1))
-        else:
-            text_loss = text_logits.sum() * 0.0
-        image_loss = F.cross_entropy(image_logits.reshape(-1, a.image_vocab), image.reshape(-1))
+        text_nll = F.cross_entropy(
+            text_logits[:, :-1].reshape(-1, a.text_vocab), text_targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )  # 0 when no caption has a second token
+        image_nll = F.cross_entropy(image_logits.reshape(-1, a.image_vocab), image.reshape(-1), reduction="sum")
+        text_count = (text_targets != -100).sum()
+        image_count = torch.tensor(image.numel(), device=image.device)
+        text_loss, image_loss = text_nll / text_count.clamp(min=1), image_nll / image_count
         loss = a.text_loss_weight * text_loss + (1 - a.text_loss_weight) * image_loss
-        return PriorOutput(loss, text_loss, image_loss, text_logits, image_logits)
+        return PriorOutput(
+            loss, text_loss, image_loss, text_nll, text_count, image_nll, image_count, text_logits, image_logits
+        )
+
+
+def check_token_ranges(a: PriorArgs, text: torch.Tensor, image: torch.Tensor) -> None:
+    """Token ids within the vocabularies. Reads the values (a host sync on an accelerator): call it where the batch
+    is still on the CPU (the data path), not in the model's forward."""
+    if int(text.max()) >= a.text_vocab or int(text.min()) < 0:
+        raise ValueError(f"text ids must be in [0, {a.text_vocab}), got [{int(text.min())}, {int(text.max())}]")
+    if int(image.max()) >= a.image_vocab or int(image.min()) < 0:
+        raise ValueError(f"image codes must be in [0, {a.image_vocab}), got [{int(image.min())}, {int(image.max())}]")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -9,7 +9,8 @@ import torch
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, train_images
-from megadalle.engine.schedules import cosine, warmup_then
+from megadalle.engine.optim import param_groups
+from megadalle.engine.schedules import lr_schedule
 from megadalle.models.clip import FLAVORS, ClipArgs, ContrastiveModel, recall_at_k
 from megadalle.models.tokenizer import BPETokenizer
 
@@ -32,6 +33,7 @@ class ClipStage:
         self.cfg = cfg
         self.args = clip_args(cfg)
         self.skips = SkipCounter()
+        self.lr_schedule = lr_schedule(cfg, max(1, cfg.train.steps - cfg.optim.warmup_steps))
         t = cfg.tokenizer
         self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
         if self.tokenizer.vocab_size > self.args.text_vocab:
@@ -43,16 +45,11 @@ class ClipStage:
         return ContrastiveModel(self.args)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "tok" not in n and "pos" not in n]
-        ids = {id(p) for p in decay}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        """Weight decay on linear and conv weights; none on norms, biases, embeddings and the temperature."""
+        return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedules(self, step: int) -> dict[str, float]:
-        o = self.cfg.optim
-        if step < o.warmup_steps:
-            return {"lr": warmup_then(step, o.warmup_steps, o.lr)}
-        return {"lr": cosine(step - o.warmup_steps, o.lr, o.lr_min, max(1, self.cfg.train.steps - o.warmup_steps))}
+        return {"lr": self.lr_schedule.lr(step)}
 
     def batches(self, rank: int):
         c = self.cfg
@@ -62,12 +59,22 @@ class ClipStage:
         ):
             yield images, self.tokenizer.encode_batch(captions)[0]
 
-    def micro_step(self, engine, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float]) -> dict:
+    def counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        return {"samples": len(batch[0])}
+
+    def loss(
+        self, model, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float], totals: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """InfoNCE among the micro-batch's pairs (negatives: the other pairs of the same micro-batch), weighted by
+        the micro-batch's share of the global batch."""
         images, text = batch
-        dtype = next(engine.module.parameters()).dtype
-        out = engine(images.to(dtype), text)
-        engine.backward(out.loss)
-        return {"loss": out.loss.detach(), "logit_scale": engine.module.scale().detach()}
+        out = model(images, text)
+        share = len(images) / totals["samples"]
+        loss = out.loss * share
+        return loss, {"loss": loss.detach(), "logit_scale": out.scale.detach() * share}
+
+    def throughput(self, samples_per_s: float) -> dict[str, float]:
+        return {}  # images/s is logged for every stage
 
     @torch.no_grad()
     def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:

@@ -12,23 +12,12 @@ from PIL import Image
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, train_images
 from megadalle.data.transforms import to_uint8
-from megadalle.engine.schedules import cosine
+from megadalle.engine.optim import param_groups
+from megadalle.engine.schedules import LRSchedule, cosine
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 
 READABLE = ["loss", "recon_nats", "kl_nats", "tau", "beta", "lr", "grad_norm", "images_per_s"]
-
-
-def load_trained_dvae(checkpoint: str | Path) -> tuple[DiscreteVAE, JobConfig]:
-    """The dVAE of a checkpoint (EMA weights where the run kept them), in eval mode with gradients off, and the
-    config it was trained with. Used for encoding shards, encoding on the fly for the prior, and sampling."""
-    from megadalle.engine.checkpoint import load_eval_weights
-
-    state, cfg = load_eval_weights(checkpoint)
-    model = DiscreteVAE(dvae_args(cfg)).eval()
-    model.load_state_dict(state)
-    model.requires_grad_(False)
-    return model, cfg
 
 
 def dvae_args(cfg: JobConfig) -> DVAEArgs:
@@ -44,22 +33,23 @@ class DVAEStage:
         self.cfg = cfg
         self.args = dvae_args(cfg)
         self.skips = SkipCounter()
+        o = cfg.optim
+        # the paper's dVAE step size: a cosine from lr to lr_min over dvae.lr_decay_steps, no warm-up
+        self.lr_schedule = LRSchedule("cosine", o.lr, 0, o.lr_min, cfg.dvae.lr_decay_steps)
 
     def build_model(self) -> DiscreteVAE:
         return DiscreteVAE(self.args)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         """Weight decay on conv kernels only, not on biases."""
-        decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-        rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedules(self, step: int) -> dict[str, float]:
-        d, o = self.cfg.dvae, self.cfg.optim
+        d = self.cfg.dvae
         return {
             "tau": cosine(step, d.tau_start, d.tau_end, d.tau_steps),
             "beta": cosine(step, 0.0, d.kl_weight, d.kl_warmup_steps),
-            "lr": cosine(step, o.lr, o.lr_min, d.lr_decay_steps),
+            "lr": self.lr_schedule.lr(step),
         }
 
     def batches(self, rank: int):
@@ -69,12 +59,22 @@ class DVAEStage:
         ):
             yield map_pixels(images)
 
-    def micro_step(self, engine, x: torch.Tensor, sched: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Forward and backward of one micro-batch; returns detached statistics."""
-        dtype = next(engine.module.parameters()).dtype
-        out = engine(x.to(dtype), sched["tau"], sched["beta"])
-        engine.backward(out.loss)
-        return {"loss": out.loss.detach(), "recon_nats": out.recon.detach(), "kl_nats": out.kl.detach()}
+    def counts(self, x: torch.Tensor) -> dict[str, float]:
+        return {"samples": len(x)}
+
+    def loss(
+        self, model, x: torch.Tensor, sched: dict[str, float], totals: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The per-image objective averaged over the global batch. x stays fp32: it is also the likelihood's
+        target, and bf16 would merge pixel levels (the model casts the encoder's input itself)."""
+        out = model(x, sched["tau"], sched["beta"])
+        share = len(x) / totals["samples"]
+        loss = out.loss * share
+        stats = {"loss": loss.detach(), "recon_nats": out.recon.detach() * share, "kl_nats": out.kl.detach() * share}
+        return loss, stats
+
+    def throughput(self, samples_per_s: float) -> dict[str, float]:
+        return {}  # images/s is logged for every stage
 
     @torch.no_grad()
     def evaluate(self, ema_state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:

@@ -10,12 +10,14 @@ import torch
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
 from megadalle.data.shards import read_manifest
-from megadalle.engine.schedules import cosine, warmup_then
+from megadalle.data.transforms import prior_augment
+from megadalle.engine.optim import param_groups
+from megadalle.engine.schedules import lr_schedule
 from megadalle.models.dvae_loss import map_pixels
 from megadalle.models.sparsity import attended_pairs, layer_kinds
-from megadalle.models.tokenizer import BPETokenizer
-from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, flops_per_sample
-from megadalle.stages.dvae import load_trained_dvae
+from megadalle.models.tokenizer import PAD_ID, BPETokenizer
+from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, check_token_ranges, flops_per_sample
+from megadalle.stages.load import load_trained
 
 READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
 
@@ -55,7 +57,7 @@ class PriorStage:
         self.tokenizer = BPETokenizer(t.model_path, t.max_len, t.dropout, t.lowercase)
         self.dvae = None
         if cfg.model.dvae_checkpoint:  # encode images on the fly with a frozen dVAE instead of token shards
-            self.dvae = load_trained_dvae(cfg.model.dvae_checkpoint)[0]
+            self.dvae = load_trained(cfg.model.dvae_checkpoint, "dvae")[0]
             d = self.dvae.args
             manifest = {"content": "tokens", "grid": [d.grid_size] * 2, "vocab_size": d.vocab_size}
             check_data(self.args, manifest, f"{cfg.model.dvae_checkpoint} (frozen dVAE)", self.tokenizer, cfg)
@@ -65,26 +67,17 @@ class PriorStage:
         self.flops = flops_per_sample(
             a, attended_pairs(layer_kinds(a.n_layers), a.text_len, a.grid, a.grid, a.conv_kernel)
         )
+        self.lr_schedule = lr_schedule(cfg, cfg.prior.lr_decay_steps)
 
     def build_model(self) -> DallePrior:
-        model = DallePrior(self.args, self.cfg.model.attention)
-        model.activation_checkpointing = self.cfg.train.activation_checkpointing
-        return model
+        return DallePrior(self.args, self.cfg.model.attention)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
-        """Weight decay on matmul weights; none on gains, biases and embeddings."""
-        decay, rest = [], []
-        for name, p in model.named_parameters():
-            (decay if p.dim() == 2 and "emb" not in name else rest).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        """Weight decay on the matmul weights; none on gains, biases, embeddings and unembeddings."""
+        return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedules(self, step: int) -> dict[str, float]:
-        o, p = self.cfg.optim, self.cfg.prior
-        if step < o.warmup_steps:
-            lr = warmup_then(step, o.warmup_steps, o.lr)
-        else:
-            lr = cosine(step - o.warmup_steps, o.lr, o.lr_min, p.lr_decay_steps) if p.lr_decay_steps else o.lr
-        return {"lr": lr}
+        return {"lr": self.lr_schedule.lr(step)}
 
     def batches(self, rank: int):
         c = self.cfg
@@ -95,6 +88,7 @@ class PriorStage:
             stream = self._encoded(rank)
         for codes, captions in stream:
             text, _ = self.tokenizer.encode_batch(captions)
+            check_token_ranges(self.args, text, codes)  # on the CPU, before the batch reaches a device
             yield text, codes
 
     def _encoded(self, rank: int):
@@ -102,16 +96,27 @@ class PriorStage:
         c, d = self.cfg, self.dvae
         size = d.args.image_size
         for images, captions in train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed,
-                                             self.skips):  # fmt: skip
+                                             self.skips, augment=prior_augment):  # fmt: skip
             with torch.no_grad():
                 codes = d.encode_codes(map_pixels(images)).flatten(1)  # (B, h*w)
             yield codes, captions
 
-    def micro_step(self, engine, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float]) -> dict:
+    def counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """Text targets are the real text tokens after the first; every image token is a target."""
         text, codes = batch
-        out = engine(text, codes)
-        engine.backward(out.loss)
-        return {"loss": out.loss.detach(), "text_loss": out.text_loss.detach(), "image_loss": out.image_loss.detach()}
+        return {"samples": len(text), "text_targets": (text[:, 1:] != PAD_ID).sum(), "image_targets": codes.numel()}
+
+    def loss(
+        self, model, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float], totals: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """1/8 text + 7/8 image cross-entropy, each normalised by its target count in the global batch."""
+        text, codes = batch
+        out = model(text, codes)
+        text_loss = out.text_nll / max(totals["text_targets"], 1.0)
+        image_loss = out.image_nll / totals["image_targets"]
+        w = self.args.text_loss_weight
+        loss = w * text_loss + (1 - w) * image_loss
+        return loss, {"loss": loss.detach(), "text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
     def throughput(self, samples_per_s: float) -> dict[str, float]:
         return {

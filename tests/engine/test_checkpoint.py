@@ -1,19 +1,130 @@
+import json
+import logging
+
 import pytest
 import torch
 
-from megadalle.engine.checkpoint import EXTRA, load_eval_weights, resolve_resume, save_atomic
+from megadalle.config import Checkpoint, ConfigError
+from megadalle.engine.checkpoint import (
+    EXTRA,
+    MARKER,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    load_eval_weights,
+    prepare_resume,
+    save_atomic,
+    write_marker,
+)
 from megadalle.engine.ema import ShardedEMA
 
+STATES = "mp_rank_00_model_states.pt"
 
-def test_resolve_resume(tmp_path):
-    assert resolve_resume(tmp_path, "") is None
-    assert resolve_resume(tmp_path, "latest") is None  # nothing saved yet: a fresh start
-    (tmp_path / "step_00000002").mkdir()
-    (tmp_path / "step_00000002" / EXTRA).write_bytes(b"")
-    (tmp_path / "latest").write_text("step_00000002")
-    assert resolve_resume(tmp_path, "latest") == tmp_path / "step_00000002"
-    with pytest.raises(FileNotFoundError, match="not a megadalle checkpoint"):
-        resolve_resume(tmp_path, str(tmp_path / "elsewhere"))
+
+def fake_checkpoint(root, step, complete=True):
+    """A step folder as save_checkpoint leaves it: extra.pt, a DeepSpeed-like states file, the marker last."""
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    weights = {"w": torch.full((3,), float(step))}
+    save_atomic({"step": step, "weights": weights, "weights_kind": "live", "config": "[job]\n"}, folder / EXTRA)
+    (folder / STATES).write_bytes(b"0123456789")
+    if complete:
+        write_marker(folder, step, world_size=1)
+    return folder
+
+
+def test_find_resume_auto_skips_incomplete_and_corrupt_with_warnings(tmp_path, caplog):
+    assert find_resume(tmp_path / "nothing", "auto") is None  # a fresh run
+    fake_checkpoint(tmp_path, 2)
+    four = fake_checkpoint(tmp_path, 4)
+    six = fake_checkpoint(tmp_path, 6)
+    (six / STATES).write_bytes(b"012")  # truncated after the marker was written
+    eight = fake_checkpoint(tmp_path, 8, complete=False)  # a crashed save
+    ten = fake_checkpoint(tmp_path, 10)
+    (ten / EXTRA).unlink()
+    twelve = fake_checkpoint(tmp_path, 12)
+    (twelve / MARKER).write_text("{not json")
+    marker = json.loads((four / MARKER).read_text())
+    assert marker["step"] == 4 and marker["world_size"] == 1
+    assert marker["files"] == {EXTRA: (four / EXTRA).stat().st_size, STATES: 10}
+    (tmp_path / "latest").write_text("step_00000012")  # DeepSpeed's pointer is only a hint
+    with caplog.at_level(logging.WARNING, logger="megadalle"):
+        assert find_resume(tmp_path, "auto") == four
+    text = caplog.text
+    assert f"{six}: {STATES} has 3 bytes, marker says 10" in text
+    assert f"{eight}: missing COMPLETE marker" in text
+    assert f"{ten}: {EXTRA} is missing" in text
+    assert f"{twelve}: unreadable COMPLETE marker" in text
+    assert "step_00000002" not in text  # older ones are not even looked at
+    assert find_resume(tmp_path, "latest") == four  # the alias
+
+
+def test_find_resume_none_and_explicit_folder(tmp_path):
+    fake_checkpoint(tmp_path, 2, complete=False)
+    assert find_resume(tmp_path, "none") is None  # only an incomplete leftover: starting over is allowed
+    two = tmp_path / "step_00000002"
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint: missing COMPLETE marker"):
+        find_resume(tmp_path, str(two))
+    four = fake_checkpoint(tmp_path, 4)
+    with pytest.raises(CheckpointError, match="holds checkpoints up to step 4.*--checkpoint.overwrite=true") as e:
+        find_resume(tmp_path, "none")
+    assert isinstance(e.value, ConfigError)  # train.py exits with 2
+    assert find_resume(tmp_path, "none", overwrite=True) is None
+    assert find_resume(tmp_path, str(four)) == four
+    with pytest.raises(CheckpointError, match="no such folder"):
+        find_resume(tmp_path, str(tmp_path / "elsewhere"))
+    with pytest.raises(CheckpointError, match="expected auto, none, latest or a checkpoint folder"):
+        find_resume(tmp_path, "")
+
+
+def test_prepare_resume_moves_earlier_output_aside_never_deletes(tmp_path):
+    root, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    fake_checkpoint(root, 2)
+    fake_checkpoint(root, 4)
+    metrics.write_text('{"step": 1}\n')
+    assert prepare_resume(root, Checkpoint(), metrics) == root / "step_00000004"
+    assert metrics.is_file()  # a resumed run appends to it
+    with pytest.raises(CheckpointError, match="up to step 4"):
+        prepare_resume(root, Checkpoint(resume="none"), metrics)
+    assert prepare_resume(root, Checkpoint(resume="none", overwrite=True), metrics) is None
+    assert not root.exists() and not metrics.exists()
+    (old,) = tmp_path.glob("checkpoints.old-*")
+    assert sorted(p.name for p in old.iterdir()) == ["step_00000002", "step_00000004"]
+    (old_metrics,) = tmp_path.glob("metrics.old-*.jsonl")
+    assert old_metrics.read_text() == '{"step": 1}\n'
+
+    # a rollback to an explicit older folder moves the newer complete ones aside; a later auto resumes it
+    two = fake_checkpoint(root, 2)
+    fake_checkpoint(root, 4)
+    fake_checkpoint(root, 6, complete=False)  # replaced when this history saves step 6
+    assert prepare_resume(root, Checkpoint(resume=str(two)), metrics) == two
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000006"]
+    assert prepare_resume(root, Checkpoint(), metrics) == two
+    assert len(list(tmp_path.glob("checkpoints.old-*"))) == 2
+
+
+class BrokenEngine:
+    def load_checkpoint(self, load_dir, tag):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+
+def test_load_checkpoint_names_the_folder_not_deepspeed_internals(tmp_path):
+    four = fake_checkpoint(tmp_path, 4)
+    with pytest.raises(CheckpointError, match=f"cannot load the engine state in {four}: RuntimeError: Pytorch"):
+        load_checkpoint(BrokenEngine(), four, None)
+    (four / EXTRA).write_bytes((four / EXTRA).read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=f"cannot read {four / EXTRA}"):
+        load_checkpoint(BrokenEngine(), four, None)
+
+
+def test_load_eval_weights_takes_the_newest_complete(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4, complete=False)
+    weights, _ = load_eval_weights(tmp_path)
+    assert weights["w"][0] == 2.0
+    (tmp_path / "step_00000002" / MARKER).unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_eval_weights(tmp_path)
 
 
 def test_atomic_save_and_ema_errors(tmp_path):

@@ -14,6 +14,7 @@ WORKER = """
 import os, sys, torch, deepspeed, torch.distributed as dist
 from megadalle.config import load_config
 from megadalle.engine.ds_config import load_ds_config
+from megadalle.engine.wrap import apply_activation_checkpointing
 from megadalle.models.transformer import FLAVORS, DallePrior
 
 if "RANK" not in os.environ:
@@ -27,7 +28,7 @@ a = FLAVORS["debug"]
 torch.manual_seed(0)
 with deepspeed.zero.Init(config_dict_or_path=ds):
     model = DallePrior(a)
-    model.activation_checkpointing = True
+apply_activation_checkpointing(model)
 # SGD: parameters move by lr x gradient, so they compare the gradients themselves; Adam's first step,
 # lr x g / (|g| + eps), would magnify rounding differences of near-zero gradients into lr-sized ones
 opt = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -131,3 +131,50 @@ def test_tiny_dvae_overfits_16_emoji(emoji_shards):
         opt.step()
     after = psnr()
     assert after > before + 6, f"PSNR {before:.2f} -> {after:.2f} dB"
+
+
+def test_loss_matches_a_hand_computation_of_the_formula():
+    # SPEC: ln f(x | mu, b) = -ln(2 b x (1 - x)) - |logit(x) - mu| / b; KL(q || uniform) = sum q (ln q + ln K);
+    # loss = mean over the batch of (-recon + beta * KL) / (H W C). Written out here in float64.
+    torch.manual_seed(0)
+    model = DiscreteVAE(FLAVORS["debug"])
+    x = map_pixels(torch.rand(2, 3, 32, 32))
+    dims, K = 3 * 32 * 32, FLAVORS["debug"].vocab_size
+    losses = []
+    for beta in (0.0, 2.5):
+        torch.manual_seed(1)  # the same gumbel noise for both betas
+        out = model(x, tau=0.7, beta=beta)
+        xd, mu, log_b = x.double(), out.decoded[:, :3].double(), out.decoded[:, 3:].double()
+        b = log_b.exp()
+        log_f = -torch.log(2 * b * xd * (1 - xd)) - (torch.log(xd / (1 - xd)) - mu).abs() / b  # (B, 3, H, W)
+        recon = log_f.sum(dim=(1, 2, 3))  # (B,)
+        logits = out.logits.double()
+        log_q = logits - logits.logsumexp(dim=1, keepdim=True)  # (B, K, h, w)
+        kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=(1, 2, 3))  # (B,)
+        loss = ((-recon + beta * kl) / dims).mean()
+        assert out.loss.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+        assert out.recon.item() == pytest.approx(recon.mean().item(), rel=1e-5)
+        assert out.kl.item() == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-6)
+        assert kl.mean() > 1e-3, "the KL term is not trivially zero, so beta matters"
+        losses.append(out.loss.item())
+    assert losses[1] - losses[0] == pytest.approx(2.5 * kl.mean().item() / dims, rel=1e-4)
+
+
+def test_bf16_model_keeps_the_fp32_likelihood_target():
+    torch.manual_seed(0)
+    model = DiscreteVAE(FLAVORS["debug"]).to(torch.bfloat16)
+    levels = torch.arange(256, dtype=torch.float32) / 255
+    images = levels[torch.randperm(2 * 3 * 32 * 32) % 256].view(2, 3, 32, 32)  # every pixel level, 24 times
+    x = map_pixels(images)
+    assert x.unique().numel() == 256 and x.bfloat16().unique().numel() == 231, "bf16 merges 25 pixel levels"
+    torch.manual_seed(1)
+    out = model(x, tau=1.0, beta=1.0)
+    assert out.logits.dtype == torch.bfloat16 and out.decoded.dtype == torch.bfloat16, "the model runs in bf16"
+    torch.testing.assert_close(out.logits, model.encoder(x.bfloat16()), rtol=0, atol=0)
+    mu, log_b = out.decoded[:, :3], out.decoded[:, 3:]
+    want = logit_laplace_log_prob(x, mu, log_b).sum(dim=(1, 2, 3)).mean()  # (the fp32 target)
+    rounded = logit_laplace_log_prob(x.bfloat16().float(), mu, log_b).sum(dim=(1, 2, 3)).mean()
+    assert out.recon.dtype == torch.float32
+    torch.testing.assert_close(out.recon, want, rtol=1e-6, atol=1e-4)
+    gap = (rounded - want).abs().item()
+    assert gap > 1e-2 and gap > 100 * (out.recon - want).abs().item(), f"a bf16 target would shift recon by {gap}"

@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megadalle.models.transformer import FLAVORS, PAD_ID, DallePrior, PriorArgs, count_parameters
+from megadalle.engine.wrap import apply_activation_checkpointing
+from megadalle.models.transformer import (
+    FLAVORS,
+    PAD_ID,
+    DallePrior,
+    PriorArgs,
+    check_token_ranges,
+    count_parameters,
+)
 
 A = PriorArgs(n_layers=3, d_model=32, n_heads=4, text_len=6, text_vocab=50, grid=4, image_vocab=20, conv_kernel=3)
 
@@ -83,7 +91,7 @@ def test_logits_fp32_under_bf16_and_checkpointing_matches():
     ref.loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(model)
     out = model(text, image)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
@@ -99,7 +107,68 @@ def test_input_errors():
     with pytest.raises(ValueError, match=r"text has shape \(2, 5\) but the model takes \(B, 6\)"):
         model(text[:, :5], image)
     with pytest.raises(ValueError, match=r"image codes must be in \[0, 20\)"):
-        model(text, image + 100)
+        check_token_ranges(A, text, image + 100)
+    with pytest.raises(ValueError, match=r"text ids must be in \[0, 50\)"):
+        check_token_ranges(A, text + 100, image)
+    check_token_ranges(A, text, image)  # in range: no error
+
+
+def test_sums_and_counts_give_the_means():
+    torch.manual_seed(0)
+    out = DallePrior(A)(*batch())
+    assert int(out.text_count) == 3 + 5 and int(out.image_count) == 2 * A.grid**2
+    torch.testing.assert_close(out.text_loss, out.text_nll / out.text_count)
+    torch.testing.assert_close(out.image_loss, out.image_nll / out.image_count)
+    with torch.no_grad():
+        empty = DallePrior(A)(*batch(text_lengths=(1, 1)))  # no caption has a second token: no text target
+    assert float(empty.text_nll) == 0.0 and int(empty.text_count) == 0 and float(empty.text_loss) == 0.0
+
+
+def test_initialisation_is_each_modules_own():
+    """Every parameter gets the model's initialisation (not PyTorch's defaults), also when a module is rebuilt
+    on its own: zero.Init partitions each submodule when its constructor returns."""
+    torch.manual_seed(0)
+    a = PriorArgs(n_layers=4, d_model=256, n_heads=4, text_len=6, text_vocab=500, grid=4, image_vocab=300)
+    model = DallePrior(a)
+    for name, p in model.named_parameters():
+        if name.endswith(("ln.weight", "ln_f.weight")):
+            assert torch.all(p == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif name.endswith("proj.weight"):  # residual projections: 0.02 / sqrt(2 n_layers)
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * a.n_layers), rel=0.1), name
+        else:  # qkv, fc, embeddings, heads
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+
+
+def test_every_mask_moves_with_the_module():
+    model = DallePrior(A, kinds=["row", "column", "conv"])
+    masks = {n: b for n, b in model.named_buffers()}
+    assert {n.rsplit(".", 1)[-1] for n in masks} == {"mask", "raster_mask", "perm", "inv_perm"}
+    assert sum(n.endswith("raster_mask") for n in masks) == 3 and sum(n.endswith(".mask") for n in masks) == 3
+    model.to("meta")
+    assert all(b.device.type == "meta" for b in model.buffers())
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_flex_block_mask_is_owned_and_moves(kind):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = DallePrior(A, "flex", kinds=[kind] * A.n_layers)
+    plans = [layer.attn.attend for layer in model.layers]
+    assert len({id(p.block_mask) for p in plans}) == A.n_layers  # one BlockMask per layer, not a shared cache
+    assert all(p.block_mask.kv_num_blocks.device.type == "cpu" for p in plans)
+    model.to("meta")  # the BlockMask follows its mask: none on the meta device (a stale one would be wrong)
+    assert all(p.mask.device.type == "meta" and p.block_mask is None for p in plans)
+
+
+@pytest.mark.gpu
+def test_masks_and_block_masks_move_to_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = DallePrior(A, "flex", kinds=["row", "column", "conv"]).cuda()
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    assert all(layer.attn.attend.block_mask.kv_num_blocks.device.type == "cuda" for layer in model.layers)
 
 
 def test_flavor_sizes_on_meta_device():
@@ -115,16 +184,21 @@ def test_flavor_sizes_on_meta_device():
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
 def test_dense_and_flex_agree(kind):
+    """20 constructions in a row (models freed and rebuilt, so memory is reused): each flex layer must use its
+    own mask. A cache keyed on mask addresses handed stale BlockMasks here."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    torch.manual_seed(0)
-    dense = DallePrior(A, "dense", kinds=[kind] * A.n_layers).eval()
-    flex = DallePrior(A, "flex", kinds=[kind] * A.n_layers).eval()
-    flex.load_state_dict(dense.state_dict())
     text, image = batch()
-    with torch.no_grad():  # FlexAttention has no backward on CPU; the gradient check is marked gpu
-        a, b = dense(text, image), flex(text, image)
-    torch.testing.assert_close(b.image_logits, a.image_logits, rtol=1e-4, atol=1e-4)
-    assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=1e-5)
+    for i in range(20):
+        torch.manual_seed(i)
+        kinds = [kind] * A.n_layers if i % 2 == 0 else ["row", "column", "conv"]
+        dense = DallePrior(A, "dense", kinds=kinds).eval()
+        flex = DallePrior(A, "flex", kinds=kinds).eval()
+        flex.load_state_dict(dense.state_dict())
+        with torch.no_grad():  # FlexAttention has no backward on CPU; the gradient check is marked gpu
+            a, b = dense(text, image), flex(text, image)
+        torch.testing.assert_close(b.image_logits, a.image_logits, rtol=1e-4, atol=1e-4)
+        assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=1e-5)
+        del dense, flex
 
 
 @pytest.mark.gpu

@@ -1,0 +1,62 @@
+"""Process-group helpers: initialisation for every launcher (deepspeed, torchrun, plain python), the rank
+queries, and the reductions the training loop needs. The model code never imports this."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). A plain `python train.py` becomes a world of one on a free local port."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sum_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """One all-reduce of a dict of scalars: the sum over ranks of each value, as floats."""
+    keys = sorted(values)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().cpu().reshape(()) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            t = t.cuda()
+        dist.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def shutdown() -> None:
+    """A clean exit: a barrier, then the process group destroyed (gloo otherwise may abort at interpreter exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Optimizer parameter groups, chosen by module type (never by `p.dim()`, which ZeRO-3's placeholders flatten to
+1-D, nor by name substrings): the weights of matmuls and convolutions decay; gains, biases, embeddings and
+unembeddings do not (App. B.2's weight decay is a regulariser of the matmul weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from megadalle.models.dvae import Conv2d as DVAEConv2d
+from megadalle.models.transformer import FP32Head
+
+DECAYED_WEIGHT: dict[type[nn.Module], str] = {nn.Linear: "weight", nn.Conv2d: "weight", DVAEConv2d: "w"}
+"""Module type -> the name of its parameter that decays."""
+NEVER_DECAYED: tuple[type[nn.Module], ...] = (FP32Head,)
+"""Linear subclasses that are unembeddings."""
+
+
+def decays(module: nn.Module, param_name: str) -> bool:
+    if isinstance(module, NEVER_DECAYED):
+        return False
+    return any(isinstance(module, t) and param_name == name for t, name in DECAYED_WEIGHT.items())
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """[decayed, not decayed] groups covering every trainable parameter exactly once, in model order. Each group
+    carries a `name`, so tests and logs can tell them apart."""
+    decay: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (decay if decays(module, name) else rest).append(p)
+    if not decay:
+        raise ValueError(f"{type(model).__name__}: no parameter to decay (no Linear or conv weight found)")
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": rest, "weight_decay": 0.0},
+    ]
+
+
+def group_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """group name -> parameter names (for tests and the startup log)."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    return {g["name"]: [name_of[p] for p in g["params"]] for g in groups}

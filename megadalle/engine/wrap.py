@@ -1,0 +1,42 @@
+"""Training techniques applied to a model from outside, in one place (torchtitan's `apply_ac`): the model keeps
+only its math and exposes a seam, `model.run_block(block, x)`, through which every resblock is called. Each
+technique composes a wrapper around it. The per-resblock gradient scaler (fp16) will be one more wrapper here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megadalle.config import ConfigError, JobConfig
+from megadalle.models.transformer import BlockRunner
+
+
+def checkpointed(inner: BlockRunner) -> BlockRunner:
+    """Recompute the resblock's activations in backward instead of storing them (training mode only). The block
+    is called through its `__call__`, so ZeRO-3 gathers its parameters again for the recomputation."""
+
+    def run(block: nn.Module, x):
+        if not block.training:
+            return inner(block, x)
+        return checkpoint(inner, block, x, use_reentrant=False)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Checkpoint every resblock of a model that has the `run_block` seam (the prior)."""
+    model.run_block = checkpointed(model.run_block)
+    return model
+
+
+def apply_wrappers(model: nn.Module, cfg: JobConfig) -> nn.Module:
+    """Every training wrapper the job asks for, in one place (train.py calls this once, before DeepSpeed)."""
+    if cfg.train.activation_checkpointing:
+        if not hasattr(model, "run_block"):
+            raise ConfigError(
+                f"train.activation_checkpointing: {type(model).__name__} (job.stage={cfg.job.stage}) has no "
+                "resblock seam; activation checkpointing covers the prior"
+            )
+        apply_activation_checkpointing(model)
+    return model
