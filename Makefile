@@ -36,7 +36,7 @@ demo: setup
 	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
 	$(PY) tools/train_tokenizer.py --config $(DEMO_CONFIG)
 	$(PY) megadalle/train.py --config $(DVAE_CONFIG)
-	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens
+	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens --augmentations 4
 	$(PY) megadalle/train.py --config $(PRIOR_CONFIG)
 	$(PY) megadalle/train.py --config $(CLIP_CONFIG)
 	$(PY) megadalle/sample.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \

@@ -23,8 +23,15 @@ import numpy as np
 import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
-from megadalle.engine.checkpoint import gathered_state, load_checkpoint, prepare_resume, save_checkpoint
-from megadalle.engine.distributed import init_distributed, shutdown, sum_over_ranks, world_size
+from megadalle.engine.checkpoint import (
+    CheckpointError,
+    gathered_state,
+    load_checkpoint,
+    older_complete,
+    prepare_resume,
+    save_checkpoint,
+)
+from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown, sum_over_ranks, world_size
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
@@ -51,8 +58,9 @@ def _memory_mb() -> float:
 
 
 def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
-    """The model of `stage` (under zero.Init for ZeRO-3, from the job's seed: identical on every rank and equal to
-    a plain PyTorch build with the same seed), the training wrappers, AdamW over the stage's groups, DeepSpeed."""
+    """The model of `stage` (under zero.Init for ZeRO-3, from the job's seed: identical on every rank and, on CPU,
+    equal to a plain PyTorch build with the same seed; zero.Init on a GPU draws from the GPU's generator), the
+    training wrappers, AdamW over the stage's groups, DeepSpeed."""
     import deepspeed
 
     torch.manual_seed(cfg.job.seed)
@@ -112,7 +120,8 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     accum = cfg.grad_accum_steps(world)
     stage = make_stage(cfg)
     ckpt_root = run_dir / "checkpoints"
-    resume = prepare_resume(ckpt_root, cfg.checkpoint, run_dir / cfg.logging.json_file)
+    outputs = [run_dir / name for name in (cfg.logging.json_file, "config.toml", "ds_config.json", "images")]
+    resume = prepare_resume(ckpt_root, cfg.checkpoint, outputs)
     if rank == 0:
         write_resolved(cfg, run_dir)
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1) + "\n")
@@ -124,10 +133,19 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     ema = ShardedEMA(engine.module, o.ema_decay) if o.ema_decay > 0 else None
 
     step = 0
-    if resume is not None:
-        step, client = load_checkpoint(engine, resume, ema)
-        stage.lr_schedule.load_state_dict(client.get("lr_schedule", {}))
+    while resume is not None:
+        try:
+            step, loop = load_checkpoint(engine, resume, ema)
+        except CheckpointError as e:
+            fallback = older_complete(ckpt_root, resume) if cfg.checkpoint.resume in ("auto", "latest") else None
+            if fallback is None:
+                raise
+            log.warning(f"{e}; falling back to the previous complete checkpoint {fallback}")
+            resume = fallback
+            continue
+        stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
         log.info(f"resumed from {resume} at step {step}")
+        break
 
     logger = MetricsLogger(
         run_dir / cfg.logging.json_file if rank == 0 else None, cfg.train.log_every, stage.readable, append=step > 0
@@ -148,7 +166,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         t0 = time.time()
         sched = stage.schedules(step)
         metrics = train_update(engine, optimizer, stage, [next(batches) for _ in range(accum)], sched)
-        stage.lr_schedule.observe(metrics["loss"])
+        stage.lr_schedule.observe(step, metrics["loss"])
         step += 1
         if ema is not None and step % o.ema_every == 0:
             ema.update()
@@ -185,14 +203,12 @@ def _client_state(stage: Stage) -> dict[str, Any]:
     return {"lr_schedule": stage.lr_schedule.state_dict()}
 
 
-def _evaluate(stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
+def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
     """Collective: EMA weights (or the live ones) gathered on every rank, evaluated on rank 0."""
-    import torch.distributed as dist
-
     state = ema.full_state_dict() if ema is not None else gathered_state(engine)
-    metrics = stage.evaluate(state, step, run_dir / "images") if dist.get_rank() == 0 else {}
-    dist.barrier()
-    if dist.get_rank() == 0:
+    metrics = stage.evaluate(state, step, run_dir / "images") if is_main() else {}
+    barrier()
+    if is_main():
         logger.log(step, metrics, kind="eval")
     return metrics
 
@@ -218,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, rank, world)
     except (ConfigError, FileNotFoundError) as e:
         log.error(f"{type(e).__name__}: {e}")
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        shutdown(barrier=False)  # the other ranks may be gone already
         return 2
     shutdown()
     return 0

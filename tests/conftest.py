@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from megadalle.engine.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
 sys.path.insert(0, str(REPO / "tools"))  # the tools' helpers (train_tokenizer.captions, ...) are tested too
@@ -53,14 +55,6 @@ def tokenizer_model(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory
 
     out = tmp_path_factory.mktemp("tok")
     return Path(train_bpe(captions(str(emoji_shards)), out / "bpe", vocab_size=300))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str | Path, nproc: int = 2, args: list[str] | None = None, timeout: float = 300):

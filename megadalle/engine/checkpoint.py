@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megadalle.config import Checkpoint, ConfigError, JobConfig, apply_toml_text, dump_toml
+from megadalle.engine.distributed import barrier, is_main, sum_over_ranks, world_size
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import log
 
@@ -101,6 +102,11 @@ def find_resume(root: Path, resume: str, overwrite: bool = False) -> Path | None
             reason = incomplete_reason(folder)
             if reason is None:
                 return folder
+            if _legacy_complete(root, folder):
+                log.warning(
+                    f"resuming from {folder}, written before completeness markers: DeepSpeed's `latest` names it"
+                )
+                return folder
             log.warning(f"skipping checkpoint {folder}: {reason}")
         return None
     if resume == "none":
@@ -123,6 +129,24 @@ def find_resume(root: Path, resume: str, overwrite: bool = False) -> Path | None
     return folder
 
 
+def _legacy_complete(root: Path, folder: Path) -> bool:
+    """A checkpoint written before the COMPLETE markers existed: the old save wrote extra.pt first and DeepSpeed's
+    `latest` pointer last, so a folder that `latest` names and that holds extra.pt was complete."""
+    latest = root / "latest"
+    return (
+        not (folder / MARKER).exists()
+        and (folder / EXTRA).is_file()
+        and latest.is_file()
+        and latest.read_text().strip() == folder.name
+    )
+
+
+def older_complete(root: Path, folder: Path) -> Path | None:
+    """The newest complete checkpoint of `root` older than `folder` (the fallback when `folder` cannot be loaded)."""
+    older = [f for f in complete_folders(root) if f.name < folder.name]
+    return older[-1] if older else None
+
+
 def _aside(path: Path, suffix: str = "") -> Path:
     """A free name next to `path` for moving it aside: `<stem>.old-<time>[-n]<suffix>`."""
     stem = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
@@ -134,19 +158,20 @@ def _aside(path: Path, suffix: str = "") -> Path:
     return dest
 
 
-def prepare_resume(root: Path, ckpt: Checkpoint, metrics: Path) -> Path | None:
+def prepare_resume(root: Path, ckpt: Checkpoint, outputs: list[Path]) -> Path | None:
     """Collective (every rank calls it; works without torch.distributed too): rank 0 decides with
     `find_resume(root, ckpt.resume, ckpt.overwrite)` and prepares the run folder; every rank gets the same
     folder or the same CheckpointError.
 
-    A fresh start moves earlier output aside, never deletes it: `root` to `<root>.old-<time>` and a non-empty
-    `metrics` (the run's metrics.jsonl) to `<stem>.old-<time>.jsonl`. Resuming from a folder of `root` older
+    A fresh start moves earlier output aside, never deletes it: `root` to `<root>.old-<time>` and each existing
+    file or folder of `outputs` (the run's metrics.jsonl, config.toml, ds_config.json, images/) to
+    `<stem>.old-<time><suffix>`. Resuming from a folder of `root` older
     than its newest checkpoints (a rollback) moves the newer ones into `<root>.old-<time>/`, so that a later
     `auto` resumes this history, not the abandoned one."""
     distributed = dist.is_available() and dist.is_initialized()
     outcome: list[Any] = [None]
     failure: Exception | None = None
-    if not distributed or dist.get_rank() == 0:
+    if is_main():
         try:
             folder = find_resume(root, ckpt.resume, ckpt.overwrite)
             if folder is None:
@@ -154,10 +179,11 @@ def prepare_resume(root: Path, ckpt: Checkpoint, metrics: Path) -> Path | None:
                     dest = _aside(root)
                     os.replace(root, dest)
                     log.warning(f"fresh start: moved the earlier checkpoints {root} aside to {dest}")
-                if metrics.is_file() and metrics.stat().st_size > 0:
-                    dest = _aside(metrics, metrics.suffix)
-                    os.replace(metrics, dest)
-                    log.warning(f"fresh start: moved the earlier {metrics} aside to {dest}")
+                for out in outputs:
+                    if out.is_dir() or (out.is_file() and out.stat().st_size > 0):
+                        dest = _aside(out, out.suffix)
+                        os.replace(out, dest)
+                        log.warning(f"fresh start: moved the earlier {out} aside to {dest}")
             elif folder.resolve().parent == root.resolve():
                 # incomplete newer ones stay: the save of their step replaces them
                 newer = [f for f in complete_folders(root) if f.name > folder.name]
@@ -192,7 +218,7 @@ def save_checkpoint(
     # the weights for evaluation, encoding and sampling: the EMA, or the live weights when there is none
     weights = ema.full_state_dict() if ema is not None else gathered_state(engine)
     kind = "ema" if ema is not None else "live"
-    if dist.get_rank() == 0:
+    if is_main():
         if folder.exists():  # a crashed save of this step, or a rollback saving it again: replace it
             reason = incomplete_reason(folder)
             (folder / MARKER).unlink(missing_ok=True)  # first, so that it never vouches for half-written files
@@ -201,15 +227,15 @@ def save_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         extra = {"step": step, "weights": weights, "weights_kind": kind, "config": dump_toml(cfg), "loop": loop or {}}
         save_atomic(extra, folder / EXTRA)
-    dist.barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
-    dist.barrier()  # every rank's files are written
-    if dist.get_rank() == 0:
-        write_marker(folder, step, dist.get_world_size())
+    barrier()  # every rank's files are written
+    if is_main():
+        write_marker(folder, step, world_size())
         if keep > 0:
             for old in complete_folders(root)[:-keep]:
                 shutil.rmtree(old)
-    dist.barrier()
+    barrier()
     return folder
 
 
@@ -239,9 +265,8 @@ def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> tuple[int, 
 def _agree(error: str | None, folder: Path) -> None:
     """Raise on every rank when any rank failed: the others must not wait in a collective for it."""
     if dist.is_available() and dist.is_initialized():
-        failed = torch.tensor([float(error is not None)])
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
+        failed = sum_over_ranks({"failed": float(error is not None)})["failed"]
+        if failed and error is None:
             error = f"another rank could not load the checkpoint {folder}"
     if error is not None:
         raise CheckpointError(error)

@@ -23,6 +23,8 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():  # before any collective: NCCL uses the current device of each rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -55,8 +57,9 @@ def sum_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t)}
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
     """A clean exit: a barrier, then the process group destroyed (gloo otherwise may abort at interpreter exit)."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

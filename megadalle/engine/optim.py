@@ -19,6 +19,7 @@ NEVER_DECAYED: tuple[type[nn.Module], ...] = (FP32Head,)
 
 
 def decays(module: nn.Module, param_name: str) -> bool:
+    """Whether `module`'s own parameter `param_name` belongs to the weight-decay group."""
     if isinstance(module, NEVER_DECAYED):
         return False
     return any(isinstance(module, t) and param_name == name for t, name in DECAYED_WEIGHT.items())

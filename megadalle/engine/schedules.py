@@ -33,6 +33,7 @@ class PlateauState:
     since_best: int = 0
     """Updates since `best` last improved."""
     halvings: int = 0
+    """Halvings applied so far: the lr is peak / 2^halvings."""
 
 
 class LRSchedule:
@@ -43,7 +44,7 @@ class LRSchedule:
       loss (an EMA with factor `smoothing`, observed after warm-up) has not improved on its best by a relative
       `threshold` for `patience` updates. The rule depends only on the loss sequence, which every rank sees
       identically (the loss is reduced over ranks), so all ranks halve at the same update.
-    `observe(loss)` feeds the loss of each finished update; `state_dict()` goes into checkpoints."""
+    `observe(step, loss)` feeds the loss of each finished update; `state_dict()` goes into checkpoints."""
 
     def __init__(
         self,
@@ -62,10 +63,8 @@ class LRSchedule:
         self.kind, self.peak, self.warmup, self.floor, self.decay_steps = kind, peak, warmup, floor, decay_steps
         self.patience, self.threshold, self.smoothing, self.max_halvings = patience, threshold, smoothing, max_halvings
         self.state = PlateauState()
-        self._step = 0
 
     def lr(self, step: int) -> float:
-        self._step = step
         if step < self.warmup:
             return warmup_then(step, self.warmup, self.peak)
         if self.kind == "cosine":
@@ -76,9 +75,9 @@ class LRSchedule:
             return self.peak / 2**self.state.halvings
         return self.peak
 
-    def observe(self, loss: float) -> None:
-        """The training loss of the update whose lr was last asked for."""
-        if self.kind != "plateau" or self._step < self.warmup or not math.isfinite(loss):
+    def observe(self, step: int, loss: float) -> None:
+        """The training loss of update `step` (0-based); losses of the warm-up and non-finite ones are ignored."""
+        if self.kind != "plateau" or step < self.warmup or not math.isfinite(loss):
             return
         s = self.state
         s.smoothed = loss if s.smoothed is None else self.smoothing * s.smoothed + (1 - self.smoothing) * loss

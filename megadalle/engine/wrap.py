@@ -5,18 +5,19 @@ technique composes a wrapper around it. The per-resblock gradient scaler (fp16) 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.models.transformer import BlockRunner
+from megadalle.models.transformer import BlockRunner, DallePrior
 
 
 def checkpointed(inner: BlockRunner) -> BlockRunner:
     """Recompute the resblock's activations in backward instead of storing them (training mode only). The block
     is called through its `__call__`, so ZeRO-3 gathers its parameters again for the recomputation."""
 
-    def run(block: nn.Module, x):
+    def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not block.training:
             return inner(block, x)
         return checkpoint(inner, block, x, use_reentrant=False)
@@ -24,7 +25,7 @@ def checkpointed(inner: BlockRunner) -> BlockRunner:
     return run
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+def apply_activation_checkpointing(model: DallePrior) -> DallePrior:
     """Checkpoint every resblock of a model that has the `run_block` seam (the prior)."""
     model.run_block = checkpointed(model.run_block)
     return model
@@ -33,7 +34,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 def apply_wrappers(model: nn.Module, cfg: JobConfig) -> nn.Module:
     """Every training wrapper the job asks for, in one place (train.py calls this once, before DeepSpeed)."""
     if cfg.train.activation_checkpointing:
-        if not hasattr(model, "run_block"):
+        if not isinstance(model, DallePrior):
             raise ConfigError(
                 f"train.activation_checkpointing: {type(model).__name__} (job.stage={cfg.job.stage}) has no "
                 "resblock seam; activation checkpointing covers the prior"

@@ -104,13 +104,14 @@ class AttentionBlock(nn.Module):
         self.qkv = Linear(a.d_model, 3 * a.d_model, std=0.02)
         self.proj = Linear(a.d_model, a.d_model, std=0.02 / math.sqrt(2 * a.n_layers))
         self.attend = make_attention(attention, attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel))
-        # the same relation in raster order, for incremental decoding (attention is permutation-equivariant)
-        raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
-        self.register_buffer("raster_mask", raster, persistent=False)
         if kind == "column":
             perm = image_transpose_perm(a.grid, a.grid)
             self.register_buffer("perm", perm, persistent=False)
             self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+            # the column relation in raster order, for incremental decoding (attention is permutation-equivariant);
+            # the other kinds are stated in raster order already and decode with the attention's own mask
+            raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
+            self.register_buffer("raster_mask", raster, persistent=False)
 
     def _transpose(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         t = self.a.text_len
@@ -143,7 +144,8 @@ class AttentionBlock(nn.Module):
         cache[0][:, :, start : start + n] = k.view(B, n, nh, hd).transpose(1, 2)
         cache[1][:, :, start : start + n] = v.view(B, n, nh, hd).transpose(1, 2)
         keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
-        mask = self.raster_mask[start : start + n, : start + n]
+        raster = self.raster_mask if self.kind == "column" else self.attend.mask  # (N, N) in raster order
+        mask = raster[start : start + n, : start + n]
         y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
         return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.data.transforms import prior_augment
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
 from megadalle.models.clip import FLAVORS, ClipArgs, ContrastiveModel, recall_at_k
@@ -51,11 +54,18 @@ class ClipStage:
     def schedules(self, step: int) -> dict[str, float]:
         return {"lr": self.lr_schedule.lr(step)}
 
-    def batches(self, rank: int):
+    def batches(self, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images (B, 3, S, S) in [0, 1], BPE ids (B, T)) micro-batches with BPE-dropout."""
         c = self.cfg
         self.tokenizer.train()
-        for images, captions in train_images(
-            c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips
+        for images, captions in train_images(  # Listing 2's crops: no flip for a model that reads captions
+            c.data.shards,
+            self.args.image_size,
+            c.train.micro_batch_size,
+            rank,
+            c.job.seed,
+            self.skips,
+            augment=prior_augment,
         ):
             yield images, self.tokenizer.encode_batch(captions)[0]
 
@@ -63,7 +73,11 @@ class ClipStage:
         return {"samples": len(batch[0])}
 
     def loss(
-        self, model, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float], totals: dict[str, float]
+        self,
+        model: nn.Module,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        sched: dict[str, float],
+        totals: dict[str, float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """InfoNCE among the micro-batch's pairs (negatives: the other pairs of the same micro-batch), weighted by
         the micro-batch's share of the global batch."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, train_images
@@ -52,7 +54,8 @@ class DVAEStage:
             "lr": self.lr_schedule.lr(step),
         }
 
-    def batches(self, rank: int):
+    def batches(self, rank: int) -> Iterator[torch.Tensor]:
+        """Mapped pixels (B, 3, S, S) augmented by Listing 1."""
         c = self.cfg
         for images, _captions in train_images(
             c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips
@@ -63,7 +66,7 @@ class DVAEStage:
         return {"samples": len(x)}
 
     def loss(
-        self, model, x: torch.Tensor, sched: dict[str, float], totals: dict[str, float]
+        self, model: nn.Module, x: torch.Tensor, sched: dict[str, float], totals: dict[str, float]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The per-image objective averaged over the global batch. x stays fp32: it is also the likelihood's
         target, and bf16 would merge pixel levels (the model casts the encoder's input itself)."""

@@ -97,4 +97,4 @@ def load_trained(
         )
     model.load_state_dict(state)
     model.eval().requires_grad_(False)
-    return model.to(device), cfg
+    return model.to(resolve_device(device)), cfg

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
@@ -79,7 +81,8 @@ class PriorStage:
     def schedules(self, step: int) -> dict[str, float]:
         return {"lr": self.lr_schedule.lr(step)}
 
-    def batches(self, rank: int):
+    def batches(self, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(BPE ids (B, T) with BPE-dropout, image codes (B, H W)) micro-batches."""
         c = self.cfg
         self.tokenizer.train()  # BPE-dropout on training captions
         if self.dvae is None:
@@ -91,7 +94,7 @@ class PriorStage:
             check_token_ranges(self.args, text, codes)  # on the CPU, before the batch reaches a device
             yield text, codes
 
-    def _encoded(self, rank: int):
+    def _encoded(self, rank: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """(codes (B, h*w), captions) from image shards through the frozen dVAE (argmax, no gumbel noise)."""
         c, d = self.cfg, self.dvae
         size = d.args.image_size
@@ -107,7 +110,11 @@ class PriorStage:
         return {"samples": len(text), "text_targets": (text[:, 1:] != PAD_ID).sum(), "image_targets": codes.numel()}
 
     def loss(
-        self, model, batch: tuple[torch.Tensor, torch.Tensor], sched: dict[str, float], totals: dict[str, float]
+        self,
+        model: nn.Module,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        sched: dict[str, float],
+        totals: dict[str, float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """1/8 text + 7/8 image cross-entropy, each normalised by its target count in the global batch."""
         text, codes = batch
@@ -126,7 +133,7 @@ class PriorStage:
             "truncated_captions": self.tokenizer.stats.truncated,
         }
 
-    def _eval_batches(self, split: str, limit: int):
+    def _eval_batches(self, split: str, limit: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
         c = self.cfg
         if self.dvae is None:
             for codes, captions, _ in eval_tokens(c.prior.tokens, split, c.train.micro_batch_size, limit):
@@ -144,14 +151,16 @@ class PriorStage:
         model.load_state_dict(state)
         tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
         metrics: dict[str, float] = {}
+        w = self.args.text_loss_weight
         for split in ("val", "zeroshot"):
-            sums, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+            sums = dict.fromkeys(("text_nll", "text_count", "image_nll", "image_count"), 0.0)
             limit = c.prior.eval_batches * c.train.micro_batch_size
             for codes, captions in self._eval_batches(split, limit):
                 out = model(tok.encode_batch(captions)[0], codes)
                 for k in sums:
-                    sums[k] += float(getattr(out, k)) * len(captions)
-                n += len(captions)
-            if n:
-                metrics.update({f"{split}_{k}": v / n for k, v in sums.items()})
+                    sums[k] += float(getattr(out, k))
+            if sums["image_count"]:  # normalised over the split's targets, as training is over the global batch
+                text, image = sums["text_nll"] / max(sums["text_count"], 1), sums["image_nll"] / sums["image_count"]
+                metrics.update({f"{split}_loss": w * text + (1 - w) * image, f"{split}_text_loss": text,
+                                f"{split}_image_loss": image})  # fmt: skip
         return metrics

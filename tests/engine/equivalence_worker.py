@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/engine/equivalence_worker.py BATCHES.pt OUT.pt -- --config ... [--k=v ...]
 
-BATCHES.pt: {"steps": [[micro-batch of rank 0, micro-batch of rank 1], ...]}. Rank 0 writes OUT.pt with the
+BATCHES.pt: {"steps": [[micro-batches of rank 0, micro-batches of rank 1], ...]}. Rank 0 writes OUT.pt with the
 gathered initial parameters, the optimizer groups (parameter names per group, and DeepSpeed's lr and weight
 decay per group), the parameters after one update with zero gradients (weight decay alone), the global loss of
 each update and the final parameters. Nothing is printed: results travel through the file only.
@@ -47,10 +47,10 @@ def main() -> None:
     sched = stage.schedules(0)
     for group in optimizer.param_groups:
         group["lr"] = sched["lr"]
-    batch = steps[0][rank]
-    loss, _ = stage.loss(engine, batch, sched, {k: float(v) * world for k, v in stage.counts(batch).items()})
-    engine.backward(loss * 0)
-    engine.step()
+    for batch in steps[0][rank]:  # every micro-batch of the update: DeepSpeed steps at the accumulation boundary
+        loss, _ = stage.loss(engine, batch, sched, {k: float(v) * world for k, v in stage.counts(batch).items()})
+        engine.backward(loss * 0)
+        engine.step()
     out["after_zero_grad_step"] = gathered(engine)
     out["zero_step_lr"] = sched["lr"]
     del engine, optimizer
@@ -60,7 +60,7 @@ def main() -> None:
     losses = []
     for step, per_rank in enumerate(steps):
         torch.manual_seed(1000 + step)  # the same random draws (dVAE gumbel noise) as the reference
-        metrics = train_update(engine, optimizer, stage, [per_rank[rank]], stage.schedules(step))
+        metrics = train_update(engine, optimizer, stage, per_rank[rank], stage.schedules(step))
         losses.append(metrics["loss"])
     out["losses"] = losses
     out["final"] = gathered(engine)

@@ -82,11 +82,11 @@ def test_prepare_resume_moves_earlier_output_aside_never_deletes(tmp_path):
     fake_checkpoint(root, 2)
     fake_checkpoint(root, 4)
     metrics.write_text('{"step": 1}\n')
-    assert prepare_resume(root, Checkpoint(), metrics) == root / "step_00000004"
+    assert prepare_resume(root, Checkpoint(), [metrics]) == root / "step_00000004"
     assert metrics.is_file()  # a resumed run appends to it
     with pytest.raises(CheckpointError, match="up to step 4"):
-        prepare_resume(root, Checkpoint(resume="none"), metrics)
-    assert prepare_resume(root, Checkpoint(resume="none", overwrite=True), metrics) is None
+        prepare_resume(root, Checkpoint(resume="none"), [metrics])
+    assert prepare_resume(root, Checkpoint(resume="none", overwrite=True), [metrics]) is None
     assert not root.exists() and not metrics.exists()
     (old,) = tmp_path.glob("checkpoints.old-*")
     assert sorted(p.name for p in old.iterdir()) == ["step_00000002", "step_00000004"]
@@ -97,9 +97,9 @@ def test_prepare_resume_moves_earlier_output_aside_never_deletes(tmp_path):
     two = fake_checkpoint(root, 2)
     fake_checkpoint(root, 4)
     fake_checkpoint(root, 6, complete=False)  # replaced when this history saves step 6
-    assert prepare_resume(root, Checkpoint(resume=str(two)), metrics) == two
+    assert prepare_resume(root, Checkpoint(resume=str(two)), [metrics]) == two
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000006"]
-    assert prepare_resume(root, Checkpoint(), metrics) == two
+    assert prepare_resume(root, Checkpoint(), [metrics]) == two
     assert len(list(tmp_path.glob("checkpoints.old-*"))) == 2
 
 

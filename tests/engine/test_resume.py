@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, python
 
@@ -56,19 +57,31 @@ def test_rerun_continues_skips_a_truncated_checkpoint_and_refuses_to_clobber(tmp
     assert ckpts(run) == ["step_00000004", "step_00000006", "step_00000008"], "keep=3 counts complete ones"
     assert states.stat().st_size == size, "the truncated step 6 was replaced by a complete one"
 
+    # the newest checkpoint complete by its sizes but unreadable: reported by name, the previous one used
+    states8 = run / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    states8.write_bytes(bytes(states8.stat().st_size))
+    proc = train(tmp_path, emoji_shards, "--train.steps=10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step_00000008" in proc.stdout and "falling back to the previous complete checkpoint" in proc.stdout
+    assert "step_00000006 at step 6" in proc.stdout
+    assert train_steps(run)[-4:] == [7, 8, 9, 10]
+    extra = torch.load(run / "checkpoints" / "step_00000010" / "extra.pt", weights_only=True)
+    assert set(extra["loop"]["lr_schedule"]) == {"smoothed", "best", "since_best", "halvings"}
+
     # starting over in a used run folder: refused unless asked for, and then nothing is deleted
     proc = train(tmp_path, emoji_shards, "--train.steps=2", "--checkpoint.resume=none")
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "holds checkpoints up to step 8" in proc.stdout + proc.stderr
+    assert "holds checkpoints up to step 10" in proc.stdout + proc.stderr
     assert "--checkpoint.overwrite=true" in proc.stdout + proc.stderr
     proc = train(tmp_path, emoji_shards, "--train.steps=2", "--checkpoint.resume=none", "--checkpoint.overwrite=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert train_steps(run) == [1, 2] and ckpts(run) == ["step_00000002"]
     (old,) = run.glob("checkpoints.old-*")
     assert sorted(p.name for p in old.iterdir() if p.name.startswith("step_")) == [
-        "step_00000004",
         "step_00000006",
         "step_00000008",
+        "step_00000010",
     ]
     (old_metrics,) = run.glob("metrics.old-*.jsonl")
-    assert len(old_metrics.read_text().splitlines()) == 10
+    assert len(old_metrics.read_text().splitlines()) == 14
+    assert len(list(run.glob("config.old-*.toml"))) == 1 and len(list(run.glob("ds_config.old-*.json"))) == 1
