@@ -150,7 +150,13 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     logger = MetricsLogger(
         run_dir / cfg.logging.json_file if rank == 0 else None, cfg.train.log_every, stage.readable, append=step > 0
     )
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    numel = {p: getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()}
+    n_params = sum(numel.values())
+    for g in stage.param_groups(engine.module):
+        log.info(
+            f"optimizer group {g['name']}: {len(g['params'])} tensors, "
+            f"{sum(numel[p] for p in g['params']) / 1e6:.2f}M parameters, weight decay {g['weight_decay']}"
+        )
     t = cfg.train
     log.info(
         f"stage {cfg.job.stage}: {n_params / 1e6:.2f}M parameters, world {world}, "

@@ -10,6 +10,9 @@ with `.to()` and belongs to exactly one layer; nothing is cached globally. Every
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,12 +90,30 @@ class FlexAttention(nn.Module):
         return self
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from torch.nn.attention.flex_attention import flex_attention
-
         n = q.shape[2]
         if n != self.mask.shape[0]:
             raise ValueError(f"flex attention is built for {self.mask.shape[0]} positions, got {n}")
-        return flex_attention(q, k, v, block_mask=self.block_mask)
+        return _flex_attention(q.is_cuda)(q, k, v, block_mask=self.block_mask)
+
+
+@functools.cache
+def _flex_attention(compiled: bool) -> Callable[..., torch.Tensor]:
+    """FlexAttention, compiled into a fused kernel on a GPU. On the CPU it runs eagerly (the CPU has no backward
+    for it, and compiling needs a C++ toolchain per shape), which PyTorch warns about on every call: that one
+    warning is silenced here, by its exact message."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        return torch.compile(flex_attention)
+
+    def eager(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="flex_attention called without torch.compile", category=UserWarning
+            )
+            return flex_attention(*args, **kwargs)
+
+    return eager
 
 
 ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseAttention, "flex": FlexAttention}
