@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,15 @@ def free_port() -> int:
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). A plain `python train.py` becomes a world of one on a free local port."""
     import deepspeed
+
+    # DeepSpeed 0.19.8's ZeRO-3 calls these two collectives, which torch 2.13 deprecates: one FutureWarning per
+    # call (120 lines for the demo prior) about code that is not ours. Silenced by exact message and module.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        category=FutureWarning,
+        module=r"torch\.distributed\.c10d_logger",
+    )
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
