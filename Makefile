@@ -42,7 +42,9 @@ demo: setup
 	$(PY) megadalle/sample.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
 		--clip outputs/clip_small/checkpoints --captions-file megadalle/configs/demo_captions.txt \
 		--candidates 8 --keep 4 --out outputs/demo/samples
-	@echo "demo: done. shards, tokenizer, tokens and samples (samples.png, scores.json) under outputs/demo/;"
+	$(PY) tools/demo_report.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
+		--clip outputs/clip_small/checkpoints --shards outputs/demo/shards --out outputs/demo/report.json
+	@echo "demo: done. shards, tokenizer, tokens, samples (samples.png, scores.json) and report.json under outputs/demo/;"
 	@echo "      runs (config.toml, metrics.jsonl, images/, checkpoints/) under outputs/{dvae,prior,clip}_small/"
 
 bench-sampling: setup

@@ -139,3 +139,28 @@ def test_sample_on_cuda_equals_cpu_greedy(tiny):
     drawn = sample(on["cuda"], captions, 4, 2, temperature=1.0, top_k=20, seed=3, progress=False)  # cuda generator
     again = sample(on["cuda"], captions, 4, 2, temperature=1.0, top_k=20, seed=3, progress=False)
     assert all(torch.equal(x["codes"], y["codes"]) for x, y in zip(drawn, again))
+
+
+@pytest.mark.slow
+def test_demo_report_computes_every_figure(checkpoints, tmp_path, emoji_shards):
+    """tools/demo_report.py on train.py checkpoints: every figure the demo's targets name is computed and finite
+    (the targets themselves are the demo's, not asserted here)."""
+    import math
+
+    out = tmp_path / "report.json"
+    proc = _run([python(), "tools/demo_report.py", "--prior", str(checkpoints["prior"]), "--dvae",
+                 str(checkpoints["dvae"]), "--clip", str(checkpoints["clip"]), "--shards", str(emoji_shards),
+                 "--captions", "4", "--per-caption", "2", "--images", "16", "--out", str(out)])  # fmt: skip
+    assert "caption following" in proc.stdout
+    rep = json.loads(out.read_text())
+    keys = {
+        "dvae": ["psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae"],
+        "prior": ["caption_following_x_chance", "fid_samples", "fid_floor", "fid_ceiling", "fid_fraction"],
+    }
+    for section, names in keys.items():
+        for name in names:
+            assert math.isfinite(rep[section][name]), f"{section}.{name} = {rep[section][name]}"
+    d, p = rep["dvae"], rep["prior"]
+    assert 0 < d["codes_used_fraction"] <= 1 and d["content_perplexity"] >= 1 and 0 <= d["mean_rgb_mae"] <= 1
+    assert 0 <= p["caption_following_x_chance"] <= p["captions"] == 4 and p["per_caption"] == 2
+    assert rep["val_images"] == 16 and p["fid_floor"] >= 0 and p["fid_ceiling"] >= 0

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""The demo's quality targets (issue 9), measured from its checkpoints on the val split, into one JSON report.
+
+    python tools/demo_report.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
+        --clip outputs/clip_small/checkpoints --shards outputs/demo/shards [--captions 64 --per-caption 4] \
+        [--images 512] --out outputs/demo/report.json
+
+dvae (EMA weights, argmax codes, val images at the dVAE's size):
+  psnr_db / content_psnr_db   reconstruction PSNR over all pixels / over content pixels (not pure white);
+  content_perplexity          perplexity of the codes at content cells (code cells whose patch is not all white);
+  codes_used_fraction         share of the codebook used anywhere on val;
+  mean_rgb_mae                mean absolute error of each image's mean RGB (colours kept or lost).
+prior (temperature 1, no reranking):
+  caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
+                              image against all those captions; how often its own caption ranks first, / chance;
+  fid_samples                 FID of those images against the val images;
+  fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
+                              from codes drawn independently from the val codes' unigram distribution (the ceiling);
+  fid_fraction                (fid_samples - floor) / (ceiling - floor): 0 at the floor, 1 at the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megadalle.data.loader import eval_images
+from megadalle.evaluation import fid_from_features, inception_features
+from megadalle.models.dvae import DiscreteVAE
+from megadalle.models.dvae_loss import map_pixels, reconstruction
+from megadalle.sample import Models, load_models, sample
+
+WHITE = 1 - 1.5 / 255
+"""A pixel is background when every channel is above this (pure white after 8-bit rounding)."""
+
+
+def psnr(se: float, n: int) -> float:
+    """PSNR in dB of images in [0, 1] from a summed squared error over n values (nan when there are none)."""
+    return 10 * math.log10(n / max(se, 1e-12)) if n else float("nan")
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of the distribution proportional to `counts` (K,): K when uniform, 1 for a single code."""
+    p = counts[counts > 0].double() / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def dvae_report(dvae: DiscreteVAE, images: torch.Tensor, batch: int = 64) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Reconstruction and codebook figures for images (N, 3, S, S) in [0, 1]; also the reconstructions and codes."""
+    a = dvae.args
+    f = a.downsample
+    recons, codes = [], []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch]
+        c = dvae.encode_codes(map_pixels(x))  # (b, h, w)
+        recons.append(reconstruction(dvae.decoder.decode_codes(c)).clamp(0, 1))
+        codes.append(c)
+    recon, code = torch.cat(recons), torch.cat(codes)  # (N, 3, S, S), (N, h, w)
+    content_px = (images < WHITE).any(dim=1, keepdim=True).expand_as(images)  # (N, 3, S, S)
+    se = (recon - images).square()
+    patches = content_px[:, 0].unfold(1, f, f).unfold(2, f, f)  # (N, h, w, f, f)
+    content_cells = patches.any(-1).any(-1)  # (N, h, w)
+    report = {
+        "psnr_db": psnr(float(se.sum()), se.numel()),
+        "content_psnr_db": psnr(float(se[content_px].sum()), int(content_px.sum())),
+        "content_perplexity": perplexity(torch.bincount(code[content_cells], minlength=a.vocab_size)),
+        "codes_used_fraction": float((torch.bincount(code.flatten(), minlength=a.vocab_size) > 0).float().mean()),
+        "perplexity": perplexity(torch.bincount(code.flatten(), minlength=a.vocab_size)),
+        "content_cell_fraction": float(content_cells.float().mean()),
+        "mean_rgb_mae": float((recon.mean(dim=(2, 3)) - images.mean(dim=(2, 3))).abs().mean()),
+        "images": len(images),
+    }
+    return report, recon, code
+
+
+@torch.no_grad()
+def caption_following(models: Models, captions: list[str], images: torch.Tensor, owner: torch.Tensor) -> float:
+    """images (M, 3, S, S) generated for captions[owner[m]]: the share whose own caption the reranker ranks first
+    among all `captions`, divided by chance (1 / len(captions))."""
+    clip, tok = models.clip, models.clip_tokenizer
+    device = clip.logit_scale.device
+    size = clip.a.image_size
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+    img = clip.embed_images(images.to(device))  # (M, E)
+    txt = clip.embed_text(tok.encode_batch(captions)[0].to(device))  # (C, E)
+    top = (img @ txt.T).argmax(dim=1).cpu()  # (M,)
+    return float((top == owner).float().mean()) * len(captions)
+
+
+@torch.no_grad()
+def unigram_images(dvae: DiscreteVAE, codes: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n images decoded from grids whose codes are drawn independently from the unigram distribution of `codes`."""
+    counts = torch.bincount(codes.flatten(), minlength=dvae.args.vocab_size).double()
+    g = torch.Generator().manual_seed(seed)
+    h, w = codes.shape[1:]
+    drawn = torch.multinomial(counts / counts.sum(), n * h * w, replacement=True, generator=g).view(n, h, w)
+    return torch.cat([reconstruction(dvae.decoder.decode_codes(drawn[i : i + 64])) for i in range(0, n, 64)])
+
+
+def report(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    models = load_models(args.prior, args.dvae, args.clip, args.device)
+    dvae = models.dvae
+    size = dvae.args.image_size
+    real, captions, _ = next(eval_images(args.shards, "val", size, args.images, args.images))
+    if len(real) < 2:
+        raise ValueError(f"the val split of {args.shards} has {len(real)} images; FID needs at least 2")
+    d, recon, codes = dvae_report(dvae, real.to(models.device))
+    recon, codes, real = recon.cpu(), codes.cpu(), real.cpu()
+
+    # captions in val order, each once (a concept has several images), the first --captions of them
+    chosen = list(dict.fromkeys(captions))[: args.captions]
+    results = sample(models, chosen, args.per_caption, 1, seed=args.seed, batch=args.batch, progress=False)
+    generated = torch.cat([r["images"].cpu() for r in results])  # (C * per_caption, 3, S, S)
+    owner = torch.arange(len(chosen)).repeat_interleave(args.per_caption)
+    feats_real = inception_features(real)
+    fid = {
+        "fid_samples": fid_from_features(feats_real, inception_features(generated)),
+        "fid_floor": fid_from_features(feats_real, inception_features(recon)),
+        "fid_ceiling": fid_from_features(
+            feats_real, inception_features(unigram_images(dvae.cpu(), codes, len(generated), args.seed))
+        ),
+    }
+    fid["fid_fraction"] = (fid["fid_samples"] - fid["fid_floor"]) / max(fid["fid_ceiling"] - fid["fid_floor"], 1e-9)
+    prior = {
+        "caption_following_x_chance": caption_following(models, chosen, generated, owner),
+        "captions": len(chosen),
+        "per_caption": args.per_caption,
+        **fid,
+    }
+    return {"dvae": d, "prior": prior, "val_images": len(real), "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="prior checkpoint (folder, checkpoints/ folder or extra.pt)")
+    p.add_argument("--dvae", required=True, help="dVAE checkpoint")
+    p.add_argument("--clip", required=True, help="reranker checkpoint (scores caption following)")
+    p.add_argument("--shards", required=True, help="image shard set with a val split")
+    p.add_argument("--captions", type=int, default=64, help="distinct val captions to generate for")
+    p.add_argument("--per-caption", type=int, default=4, help="images generated per caption")
+    p.add_argument("--images", type=int, default=512, help="val images for the dVAE figures and as FID's real set")
+    p.add_argument("--batch", type=int, default=16, help="sampling batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    p.add_argument("--out", default="outputs/demo/report.json")
+    args = p.parse_args(argv)
+    try:
+        rep = report(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"demo_report: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rep, indent=1) + "\n")
+    tmp.replace(out)
+    d, r = rep["dvae"], rep["prior"]
+    print(f"dVAE: PSNR {d['psnr_db']:.1f} dB (content {d['content_psnr_db']:.1f}), content perplexity "
+          f"{d['content_perplexity']:.1f}, codes used {100 * d['codes_used_fraction']:.1f}%, mean-RGB MAE "
+          f"{d['mean_rgb_mae']:.3f}")  # fmt: skip
+    print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance over {r['captions']} captions; "
+          f"FID samples {r['fid_samples']:.1f}, floor {r['fid_floor']:.1f}, ceiling {r['fid_ceiling']:.1f} "
+          f"(fraction {r['fid_fraction']:.2f}) -> {out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
