@@ -112,8 +112,9 @@ def find_resume(root: Path, resume: str, overwrite: bool = False) -> Path | None
     if resume == "none":
         done = complete_folders(root)
         if done and not overwrite:
+            last = int(TAG.fullmatch(done[-1].name).group(1))
             raise CheckpointError(
-                f"checkpoint.resume=none, but {root} already holds checkpoints up to step {int(done[-1].name[5:])}: "
+                f"checkpoint.resume=none, but {root} already holds checkpoints up to step {last}: "
                 "resume them (checkpoint.resume=auto, the default), pass another job.name, or pass "
                 "--checkpoint.overwrite=true to move them aside and start over"
             )

@@ -248,10 +248,6 @@ class DallePrior(nn.Module):
         if image.dim() != 2 or image.shape[1] != a.grid * a.grid:
             raise ValueError(f"image has shape {tuple(image.shape)} but the model takes (B, {a.grid * a.grid})")
 
-    def resblocks(self) -> list[nn.Module]:
-        """Every resblock in stream order (attention, MLP, attention, ...): the units of the wrappers."""
-        return [block for layer in self.layers for block in layer.resblocks()]
-
     def hidden(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = self.embed(text, image)
         for layer in self.layers:
