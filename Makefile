@@ -32,20 +32,12 @@ DVAE_CONFIG ?= megadalle/configs/dvae_small.toml
 PRIOR_CONFIG ?= megadalle/configs/prior_small.toml
 CLIP_CONFIG ?= megadalle/configs/clip_small.toml
 
+# QUICK=1: a smoke run of every stage in a few minutes, under outputs/demo_quick/ and runs named *_quick.
+# FORCE=1: rerun every stage (otherwise stages whose outputs are complete and up to date are skipped).
 demo: setup
-	$(PY) tools/make_shards.py --config $(DEMO_CONFIG)
-	$(PY) tools/train_tokenizer.py --config $(DEMO_CONFIG)
-	$(PY) megadalle/train.py --config $(DVAE_CONFIG)
-	$(PY) tools/encode_shards.py --checkpoint outputs/dvae_small/checkpoints --out outputs/demo/tokens --augmentations 4
-	$(PY) megadalle/train.py --config $(PRIOR_CONFIG)
-	$(PY) megadalle/train.py --config $(CLIP_CONFIG)
-	$(PY) megadalle/sample.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
-		--clip outputs/clip_small/checkpoints --captions-file megadalle/configs/demo_captions.txt \
-		--candidates 8 --keep 4 --out outputs/demo/samples
-	$(PY) tools/demo_report.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
-		--clip outputs/clip_small/checkpoints --shards outputs/demo/shards --out outputs/demo/report.json
-	@echo "demo: done. shards, tokenizer, tokens, samples (samples.png, scores.json) and report.json under outputs/demo/;"
-	@echo "      runs (config.toml, metrics.jsonl, images/, checkpoints/) under outputs/{dvae,prior,clip}_small/"
+	$(PY) tools/demo.py $(if $(filter-out 0,$(QUICK)),--quick) $(if $(filter-out 0,$(FORCE)),--force) \
+		--demo-config $(DEMO_CONFIG) --dvae-config $(DVAE_CONFIG) --prior-config $(PRIOR_CONFIG) \
+		--clip-config $(CLIP_CONFIG)
 
 bench-sampling: setup
 	$(PY) tools/bench_sampling.py

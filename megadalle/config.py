@@ -214,6 +214,9 @@ class Logging:
     """Per-step JSON lines, relative to the run folder."""
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Python logging level for the readable rank-0 lines."""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """A progress bar with the time left over the training updates (rank 0, on stderr): "auto" shows it when
+    stderr is a terminal, "on" always, "off" never. Log lines are printed above it."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from megadalle.engine.distributed import barrier, init_distributed, is_main, shu
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
+from megadalle.engine.progress import Progress
 from megadalle.engine.wrap import apply_wrappers
 from megadalle.stages import make_stage
 from megadalle.stages.base import Stage
@@ -168,31 +169,33 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     samples_per_step = t.micro_batch_size * accum * world
     last_eval: dict[str, float] = {}
 
-    while step < t.steps:
-        t0 = time.time()
-        sched = stage.schedules(step)
-        metrics = train_update(engine, optimizer, stage, [next(batches) for _ in range(accum)], sched)
-        stage.lr_schedule.observe(step, metrics["loss"])
-        step += 1
-        if ema is not None and step % o.ema_every == 0:
-            ema.update()
-        dt = time.time() - t0
-        metrics.update(sched)
-        metrics.update(stage.throughput(samples_per_step / dt))
-        metrics.update(
-            images_per_s=samples_per_step / dt,
-            step_time_s=dt,
-            skipped_samples=stage.skips.total,
-            skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
-            memory_mb=_memory_mb(),
-        )
-        if not np.isfinite(metrics["loss"]):
-            log.warning(f"step {step}: non-finite loss {metrics['loss']}")
-        logger.log(step, metrics, force=step in (start_step + 1, t.steps))  # first and last always shown
-        if t.eval_every and step % t.eval_every == 0:
-            last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
+    with Progress(cfg.logging.progress, t.steps, start_step, f"{cfg.job.stage} {cfg.job.name}", rank) as bar:
+        while step < t.steps:
+            t0 = time.time()
+            sched = stage.schedules(step)
+            metrics = train_update(engine, optimizer, stage, [next(batches) for _ in range(accum)], sched)
+            stage.lr_schedule.observe(step, metrics["loss"])
+            step += 1
+            if ema is not None and step % o.ema_every == 0:
+                ema.update()
+            dt = time.time() - t0
+            metrics.update(sched)
+            metrics.update(stage.throughput(samples_per_step / dt))
+            metrics.update(
+                images_per_s=samples_per_step / dt,
+                step_time_s=dt,
+                skipped_samples=stage.skips.total,
+                skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
+                memory_mb=_memory_mb(),
+            )
+            if not np.isfinite(metrics["loss"]):
+                log.warning(f"step {step}: non-finite loss {metrics['loss']}")
+            logger.log(step, metrics, force=step in (start_step + 1, t.steps))  # first and last always shown
+            bar.update(step, metrics["loss"])
+            if t.eval_every and step % t.eval_every == 0:
+                last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
 
     if step > start_step and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
         save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))

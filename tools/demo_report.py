@@ -13,6 +13,7 @@ dvae (EMA weights, argmax codes, val images at the dVAE's size):
 prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
+  caption_following_real_x_chance  the same for the real val images of those captions (the reranker's own limit);
   fid_samples                 FID of those images against the val images;
   fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
                               from codes drawn independently from the val codes' unigram distribution (the ceiling);
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megadalle.data.loader import eval_images
 from megadalle.evaluation import fid_from_features, inception_features
@@ -118,20 +120,21 @@ def report(args: argparse.Namespace) -> dict:
 
     # captions in val order, each once (a concept has several images), the first --captions of them
     chosen = list(dict.fromkeys(captions))[: args.captions]
-    results = sample(models, chosen, args.per_caption, 1, seed=args.seed, batch=args.batch, progress=False)
+    results = sample(models, chosen, args.per_caption, 1, seed=args.seed, batch=args.batch, progress=args.progress)
     generated = torch.cat([r["images"].cpu() for r in results])  # (C * per_caption, 3, S, S)
     owner = torch.arange(len(chosen)).repeat_interleave(args.per_caption)
-    feats_real = inception_features(real)
-    fid = {
-        "fid_samples": fid_from_features(feats_real, inception_features(generated)),
-        "fid_floor": fid_from_features(feats_real, inception_features(recon)),
-        "fid_ceiling": fid_from_features(
-            feats_real, inception_features(unigram_images(dvae.cpu(), codes, len(generated), args.seed))
-        ),
-    }
+    ceiling = unigram_images(dvae.cpu(), codes, len(generated), args.seed)
+    sets = {"real": real, "samples": generated, "floor": recon, "ceiling": ceiling}
+    feats = {name: inception_features(x) for name, x in tqdm(sets.items(), "FID features", disable=not args.progress)}
+    fid = {f"fid_{name}": fid_from_features(feats["real"], feats[name]) for name in ("samples", "floor", "ceiling")}
     fid["fid_fraction"] = (fid["fid_samples"] - fid["fid_floor"]) / max(fid["fid_ceiling"] - fid["fid_floor"], 1e-9)
+    # the same measure on the real val images of those captions: what the reranker itself can tell apart
+    index = {c: i for i, c in enumerate(chosen)}
+    mine = [i for i, c in enumerate(captions) if c in index]
+    real_owner = torch.tensor([index[captions[i]] for i in mine])
     prior = {
         "caption_following_x_chance": caption_following(models, chosen, generated, owner),
+        "caption_following_real_x_chance": caption_following(models, chosen, real[mine], real_owner),
         "captions": len(chosen),
         "per_caption": args.per_caption,
         **fid,
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     p.add_argument("--out", default="outputs/demo/report.json")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
     args = p.parse_args(argv)
     try:
         rep = report(args)
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dVAE: PSNR {d['psnr_db']:.1f} dB (content {d['content_psnr_db']:.1f}), content perplexity "
           f"{d['content_perplexity']:.1f}, codes used {100 * d['codes_used_fraction']:.1f}%, mean-RGB MAE "
           f"{d['mean_rgb_mae']:.3f}")  # fmt: skip
-    print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance over {r['captions']} captions; "
+    print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance over {r['captions']} captions "
+          f"(real val images: {r['caption_following_real_x_chance']:.2f}x); "
           f"FID samples {r['fid_samples']:.1f}, floor {r['fid_floor']:.1f}, ceiling {r['fid_ceiling']:.1f} "
           f"(fraction {r['fid_fraction']:.2f}) -> {out}")  # fmt: skip
     return 0

@@ -3,9 +3,13 @@ queries, and the reductions the training loop needs. The model code never import
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,8 +21,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# printed (print(), not logged) by DeepSpeed 0.19.8 each time a process loads its shared-memory collective op,
+# built or cached: a line per rank per start that says nothing the operator can act on
+_SHM_OP_LINE = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+
+
+@contextlib.contextmanager
+def _without_line(line: str) -> Iterator[None]:
+    """Hold back what is print()ed to stdout in the block, then print it all but the lines equal to `line`."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [ln for ln in buf.getvalue().splitlines(keepends=True) if ln.rstrip("\n") != line]
+        sys.stdout.write("".join(kept))
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). A plain `python train.py` becomes a world of one on a free local port."""
+    if not torch.cuda.is_available():
+        # DeepSpeed's accelerator detection ends on the CPU with a warning per process start ("Setting
+        # accelerator to CPU. If you have GPU ...") when no GPU is found; naming the CPU accelerator before the
+        # first import is the same choice without the warning. A DS_ACCELERATOR set by the user wins.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     # DeepSpeed 0.19.8's ZeRO-3 calls these two collectives, which torch 2.13 deprecates: one FutureWarning per
@@ -35,7 +61,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():  # before any collective: NCCL uses the current device of each rank
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with _without_line(_SHM_OP_LINE):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

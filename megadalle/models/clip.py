@@ -20,7 +20,7 @@ from megadalle.models.tokenizer import PAD_ID
 
 @dataclass(frozen=True)
 class ClipArgs:
-    image_size: int = 64
+    image_size: int = 32
     channels: tuple[int, ...] = (32, 64, 128, 256)
     """Widths of the image tower's stages; each stage halves the resolution."""
     text_len: int = 32

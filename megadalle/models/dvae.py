@@ -52,8 +52,8 @@ class DVAEArgs:
 
 FLAVORS: dict[str, DVAEArgs] = {
     "paper": DVAEArgs(),
-    # CPU demo: 64 px -> 16x16 codes of 1024
-    "small": DVAEArgs(image_size=64, group_count=3, n_hid=64, n_blk_per_group=1, vocab_size=1024, n_init=64),
+    # CPU demo: 32 px -> 8x8 codes of 1024 (configs/dvae_small.toml says why 32 px)
+    "small": DVAEArgs(image_size=32, group_count=3, n_hid=64, n_blk_per_group=1, vocab_size=1024, n_init=64),
     # tests: 32 px -> 8x8 codes of 256
     "debug": DVAEArgs(image_size=32, group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=256, n_init=32),
 }

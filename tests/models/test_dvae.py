@@ -60,7 +60,7 @@ def test_paper_flavor_sizes_on_meta_device():
         model = DiscreteVAE(FLAVORS["paper"])
     assert round(count_parameters(model.encoder) / 1e6, 1) == 53.8
     assert round(count_parameters(model.decoder) / 1e6, 1) == 43.8
-    assert FLAVORS["paper"].grid_size == 32 and FLAVORS["small"].grid_size == 16 and FLAVORS["debug"].grid_size == 8
+    assert FLAVORS["paper"].grid_size == 32 and FLAVORS["small"].grid_size == 8 and FLAVORS["debug"].grid_size == 8
 
 
 def test_shapes_and_input_errors():
