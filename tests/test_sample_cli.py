@@ -150,12 +150,14 @@ def test_demo_report_computes_every_figure(checkpoints, tmp_path, emoji_shards):
     out = tmp_path / "report.json"
     proc = _run([python(), "tools/demo_report.py", "--prior", str(checkpoints["prior"]), "--dvae",
                  str(checkpoints["dvae"]), "--clip", str(checkpoints["clip"]), "--shards", str(emoji_shards),
-                 "--captions", "4", "--per-caption", "2", "--images", "16", "--out", str(out)])  # fmt: skip
+                 "--captions", "4", "--per-caption", "2", "--images", "16", "--kmeans-images", "16", "--out", str(out)])  # fmt: skip
     assert "caption following" in proc.stdout
     rep = json.loads(out.read_text())
     keys = {
-        "dvae": ["psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae"],
-        "prior": ["caption_following_x_chance", "fid_samples", "fid_floor", "fid_ceiling", "fid_fraction"],
+        "dvae": ["psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae",
+                 "kmeans_psnr_db"],
+        "prior": ["caption_following_x_chance", "caption_following_real_x_chance", "fid_samples", "fid_floor",
+                  "fid_ceiling", "fid_fraction"],
     }
     for section, names in keys.items():
         for name in names:

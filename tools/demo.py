@@ -64,7 +64,7 @@ QUICK_LIMIT_PER_SOURCE = 300
 QUICK_VOCAB = 256
 """BPE pieces in --quick: a few hundred captions support no more."""
 QUICK_SAMPLE_ARGS = {"candidates": 4, "keep": 2}
-QUICK_REPORT_ARGS = ["--images", "64", "--captions", "8", "--per-caption", "2"]
+QUICK_REPORT_ARGS = ["--images", "64", "--captions", "8", "--per-caption", "2", "--kmeans-images", "200"]
 SCHEDULE_FIELDS = (
     "dvae.kl_warmup_steps",
     "dvae.tau_steps",
@@ -455,9 +455,12 @@ class Demo:
             d, p = rep["dvae"], rep["prior"]
             print(f"  dVAE        psnr_db {d['psnr_db']:.2f} | content_psnr_db {d['content_psnr_db']:.2f} | "
                   f"content_perplexity {d['content_perplexity']:.1f} | codes_used_fraction "
-                  f"{d['codes_used_fraction']:.3f} | mean_rgb_mae {d['mean_rgb_mae']:.3f}")  # fmt: skip
+                  f"{d['codes_used_fraction']:.3f} | mean_rgb_mae {d['mean_rgb_mae']:.3f} | k-means yardstick "
+                  f"{d.get('kmeans_psnr_db', float('nan')):.2f} dB")  # fmt: skip
             print(f"  prior       caption_following_x_chance {p['caption_following_x_chance']:.2f} "
-                  f"({p['captions']} captions) | fid_samples {p['fid_samples']:.1f} | fid_floor {p['fid_floor']:.1f} "
+                  f"({p['captions']} captions; real images "
+                  f"{p.get('caption_following_real_x_chance', float('nan')):.2f}) | fid_samples {p['fid_samples']:.1f} "
+                  f"| fid_floor {p['fid_floor']:.1f} "
                   f"| fid_ceiling {p['fid_ceiling']:.1f} | fid_fraction {p['fid_fraction']:.3f}")  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"  report      unreadable ({type(e).__name__}: {e})")

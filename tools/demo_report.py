@@ -9,7 +9,9 @@ dvae (EMA weights, argmax codes, val images at the dVAE's size):
   psnr_db / content_psnr_db   reconstruction PSNR over all pixels / over content pixels (not pure white);
   content_perplexity          perplexity of the codes at content cells (code cells whose patch is not all white);
   codes_used_fraction         share of the codebook used anywhere on val;
-  mean_rgb_mae                mean absolute error of each image's mean RGB (colours kept or lost).
+  mean_rgb_mae                mean absolute error of each image's mean RGB (colours kept or lost);
+  kmeans_psnr_db              the yardstick: PSNR of a k-means codebook of the same size over the code cells'
+                              patches (fit on --kmeans-images train images), each code standing for its patch alone.
 prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
@@ -82,6 +84,31 @@ def dvae_report(dvae: DiscreteVAE, images: torch.Tensor, batch: int = 64) -> tup
     return report, recon, code
 
 
+def patches(images: torch.Tensor, f: int) -> torch.Tensor:
+    """(N, C, S, S) -> (N * (S/f)^2, C f f): the f x f patch of each code cell, flattened."""
+    n, c = images.shape[:2]
+    p = images.unfold(2, f, f).unfold(3, f, f)  # (N, C, S/f, S/f, f, f)
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * f * f)
+
+
+@torch.no_grad()
+def kmeans_psnr(train: torch.Tensor, val: torch.Tensor, f: int, k: int, iters: int = 15, seed: int = 0) -> float:
+    """PSNR on `val` of the nearest of k centroids fit by k-means (Lloyd) to the f x f patches of `train`: what a
+    codebook of k codes achieves when each code stands for its own patch alone, a yardstick for the dVAE."""
+    x, v = patches(train, f), patches(val, f)
+    k = min(k, len(x))
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()  # (k, D)
+    for _ in range(iters):
+        owner = torch.cdist(x, centroids).argmin(dim=1)  # (P,)
+        sums = torch.zeros_like(centroids).index_add_(0, owner, x)
+        n = torch.bincount(owner, minlength=k).unsqueeze(1)  # (k, 1)
+        reseed = x[torch.randint(0, len(x), (k,), generator=g)]  # an empty cluster restarts at a random patch
+        centroids = torch.where(n > 0, sums / n.clamp(min=1), reseed)
+    se = (centroids[torch.cdist(v, centroids).argmin(dim=1)] - v).square()
+    return psnr(float(se.sum()), se.numel())
+
+
 @torch.no_grad()
 def caption_following(models: Models, captions: list[str], images: torch.Tensor, owner: torch.Tensor) -> float:
     """images (M, 3, S, S) generated for captions[owner[m]]: the share whose own caption the reranker ranks first
@@ -116,6 +143,8 @@ def report(args: argparse.Namespace) -> dict:
     if len(real) < 2:
         raise ValueError(f"the val split of {args.shards} has {len(real)} images; FID needs at least 2")
     d, recon, codes = dvae_report(dvae, real.to(models.device))
+    train, _, _ = next(eval_images(args.shards, "train", size, args.kmeans_images, args.kmeans_images))
+    d["kmeans_psnr_db"] = kmeans_psnr(train, real.cpu(), dvae.args.downsample, dvae.args.vocab_size, seed=args.seed)
     recon, codes, real = recon.cpu(), codes.cpu(), real.cpu()
 
     # captions in val order, each once (a concept has several images), the first --captions of them
@@ -151,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", type=int, default=64, help="distinct val captions to generate for")
     p.add_argument("--per-caption", type=int, default=4, help="images generated per caption")
     p.add_argument("--images", type=int, default=512, help="val images for the dVAE figures and as FID's real set")
+    p.add_argument("--kmeans-images", type=int, default=2000, help="train images for the k-means yardstick")
     p.add_argument("--batch", type=int, default=16, help="sampling batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
@@ -168,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(rep, indent=1) + "\n")
     tmp.replace(out)
     d, r = rep["dvae"], rep["prior"]
-    print(f"dVAE: PSNR {d['psnr_db']:.1f} dB (content {d['content_psnr_db']:.1f}), content perplexity "
+    print(f"dVAE: PSNR {d['psnr_db']:.1f} dB (content {d['content_psnr_db']:.1f}; k-means of the patches "
+          f"{d['kmeans_psnr_db']:.1f}), content perplexity "
           f"{d['content_perplexity']:.1f}, codes used {100 * d['codes_used_fraction']:.1f}%, mean-RGB MAE "
           f"{d['mean_rgb_mae']:.3f}")  # fmt: skip
     print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance over {r['captions']} captions "

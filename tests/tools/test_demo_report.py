@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from demo_report import dvae_report, perplexity, psnr
+from demo_report import dvae_report, kmeans_psnr, patches, perplexity, psnr
 
 from megadalle.models.dvae import FLAVORS, DiscreteVAE
 
@@ -31,3 +31,16 @@ def test_content_cells_and_colour_error():
     content[1, :, :16, :12] = True
     assert rep["content_psnr_db"] == pytest.approx(10 * math.log10(content.sum() / se[content].sum()), rel=1e-5)
     assert 1 <= rep["content_perplexity"] <= 12 and rep["images"] == 2
+
+
+def test_patches_and_kmeans_yardstick():
+    """Images tiled from 3 distinct 4x4 patches: 3 centroids reproduce them exactly, 1 centroid cannot."""
+    torch.manual_seed(0)
+    tiles = torch.rand(3, 3, 4, 4)  # (K, C, f, f)
+    pick = torch.randint(0, 3, (6, 8, 8))  # (N, h, w)
+    images = tiles[pick].permute(0, 3, 1, 4, 2, 5).reshape(6, 3, 32, 32)  # (N, C, h f, w f)
+    p = patches(images, 4)  # (N h w, C f f)
+    assert p.shape == (6 * 64, 48) and torch.equal(p[0], tiles[pick[0, 0, 0]].flatten())
+    assert kmeans_psnr(images[:4], images[4:], 4, 3) > 60  # exact up to float rounding
+    assert kmeans_psnr(images[:4], images[4:], 4, 1) < 20
+    assert kmeans_psnr(images[:1], images[4:], 4, 10_000) > 60  # more codes than patches: k = the patches
