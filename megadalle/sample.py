@@ -139,18 +139,23 @@ def rerank(scores: torch.Tensor, keep: int) -> list[int]:
     return order[:keep]
 
 
-def write_grid(results: list[dict], path: Path, label_height: int = 14) -> None:
-    """One row per caption, kept candidates best first, each row under its caption."""
+def write_grid(results: list[dict], path: Path, label_height: int = 14, min_side: int = 96) -> None:
+    """One row per caption, kept candidates best first, each row under its caption; small images are enlarged
+    by a whole factor (nearest neighbour, no blur) to at least `min_side` pixels so that people can see them."""
     size = results[0]["images"].shape[-1]
+    zoom = max(1, -(-min_side // size))  # ceil
+    side = size * zoom
     keep = len(results[0]["kept"])
-    width = max(keep * size, 8 * len(max((r["caption"] for r in results), key=len)) // 2)
-    canvas = Image.new("RGB", (width, len(results) * (size + label_height)), "white")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(int(draw.textlength(r["caption"])) for r in results) + 4
+    canvas = Image.new("RGB", (max(keep * side, text_width), len(results) * (side + label_height)), "white")
     draw = ImageDraw.Draw(canvas)
     for row, r in enumerate(results):
-        y = row * (size + label_height)
+        y = row * (side + label_height)
         draw.text((2, y + 1), r["caption"], fill=(0, 0, 0))
         for col, i in enumerate(r["kept"]):
-            canvas.paste(Image.fromarray(to_uint8(r["images"][i])), (col * size, y + label_height))
+            img = Image.fromarray(to_uint8(r["images"][i])).resize((side, side), Image.Resampling.NEAREST)
+            canvas.paste(img, (col * side, y + label_height))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     canvas.save(tmp)

@@ -42,7 +42,7 @@ def test_sample_cli_writes_png_and_scores(checkpoints, tmp_path, emoji_shards):
     with Image.open(out / "samples.png") as im:
         im.verify()
     with Image.open(out / "samples.png") as im:
-        assert im.size[0] >= 2 * 32 and im.size[1] == 2 * (32 + 14)
+        assert im.size[0] >= 2 * 96 and im.size[1] == 2 * (96 + 14)  # 32 px images shown 3x
     report = json.loads((out / "scores.json").read_text())
     for entry in report["captions"]:
         scores = entry["scores"]
@@ -105,7 +105,7 @@ def test_sample_cli_device_cpu(tiny, tmp_path):
     report = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert report["device"] == "cpu" and [len(c["scores"]) for c in report["captions"]] == [3, 3]
     with Image.open(tmp_path / "out" / "samples.png") as im:
-        assert im.size[1] == 2 * (32 + 14)
+        assert im.size[1] == 2 * (96 + 14)
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "prompt.png")  # image-to-image on the device
     rc = _cli(tiny, tmp_path / "i2i", "--device", "cpu", "--image-prompt", str(tmp_path / "prompt.png"),
               "--prompt-rows", "3")  # fmt: skip
@@ -150,14 +150,14 @@ def test_demo_report_computes_every_figure(checkpoints, tmp_path, emoji_shards):
     out = tmp_path / "report.json"
     proc = _run([python(), "tools/demo_report.py", "--prior", str(checkpoints["prior"]), "--dvae",
                  str(checkpoints["dvae"]), "--clip", str(checkpoints["clip"]), "--shards", str(emoji_shards),
-                 "--captions", "4", "--per-caption", "2", "--images", "16", "--kmeans-images", "16", "--out", str(out)])  # fmt: skip
+                 "--captions", "4", "--per-caption", "2", "--images", "16", "--kmeans-images", "16",
+                 "--out", str(out)])  # fmt: skip
     assert "caption following" in proc.stdout
     rep = json.loads(out.read_text())
     keys = {
-        "dvae": ["psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae",
-                 "kmeans_psnr_db"],
-        "prior": ["caption_following_x_chance", "caption_following_real_x_chance", "fid_samples", "fid_floor",
-                  "fid_ceiling", "fid_fraction"],
+        "dvae": "psnr_db content_psnr_db content_perplexity codes_used_fraction mean_rgb_mae kmeans_psnr_db".split(),
+        "prior": "caption_following_x_chance caption_following_real_x_chance fid_samples fid_floor fid_ceiling "
+        "fid_fraction".split(),
     }
     for section, names in keys.items():
         for name in names:

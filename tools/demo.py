@@ -480,10 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="say what each stage would do, run nothing")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bars of the training runs (auto: when stderr is a terminal)")  # fmt: skip
-    p.add_argument("--demo-config", default="megadalle/configs/demo.toml")
-    p.add_argument("--dvae-config", default="megadalle/configs/dvae_small.toml")
-    p.add_argument("--prior-config", default="megadalle/configs/prior_small.toml")
-    p.add_argument("--clip-config", default="megadalle/configs/clip_small.toml")
+    p.add_argument("--demo-config", default=str(REPO / "megadalle/configs/demo.toml"))
+    p.add_argument("--dvae-config", default=str(REPO / "megadalle/configs/dvae_small.toml"))
+    p.add_argument("--prior-config", default=str(REPO / "megadalle/configs/prior_small.toml"))
+    p.add_argument("--clip-config", default=str(REPO / "megadalle/configs/clip_small.toml"))
     args = p.parse_args(argv)
     for name in ("demo_config", "dvae_config", "prior_config", "clip_config"):
         setattr(args, name, os.path.relpath(Path(getattr(args, name)).resolve(), REPO))

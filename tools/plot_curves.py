@@ -7,7 +7,7 @@ Each argument is a run folder or its metrics.jsonl. One panel per run: the train
 (raw, light, and smoothed), with the evaluation points where the run has any (each split's whole loss,
 `<split>_loss`, on the loss axis; PSNR or R@1 on a second axis). One more panel for the dVAE's codebook use
 where a run logged it: the eval metrics `codebook_used_fraction` and `codebook_perplexity`, and
-`codes_used_fraction` of the training lines.
+`batch_codes_used_fraction` of the training lines.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ EVAL_LOSS = re.compile(r"[a-z]+_loss")
 EVAL_SECOND_AXIS = ("psnr_db", "val_i2t_r1", "zeroshot_i2t_r1")
 """Eval metrics on a second axis of a loss panel (not losses, but the run's headline figure)."""
 CODEBOOK_EVAL = ("codebook_used_fraction", "codebook_perplexity")
-CODEBOOK_TRAIN = "codes_used_fraction"
+CODEBOOK_TRAIN = "batch_codes_used_fraction"
 
 
 def read_metrics(path: Path) -> dict[str, dict[int, dict]]:

@@ -73,7 +73,14 @@ class DVAEStage:
         out = model(x, sched["tau"], sched["beta"])
         share = len(x) / totals["samples"]
         loss = out.loss * share
-        stats = {"loss": loss.detach(), "recon_nats": out.recon.detach() * share, "kl_nats": out.kl.detach() * share}
+        # share of the codebook the micro-batch's argmax codes use: collapse shows here long before an evaluation
+        used = torch.unique(out.logits.detach().argmax(dim=1)).numel() / out.logits.shape[1]
+        stats = {
+            "loss": loss.detach(),
+            "recon_nats": out.recon.detach() * share,
+            "kl_nats": out.kl.detach() * share,
+            "batch_codes_used_fraction": torch.tensor(used * share, device=loss.device),
+        }
         return loss, stats
 
     def throughput(self, samples_per_s: float) -> dict[str, float]:

@@ -184,7 +184,7 @@ def test_quick_writes_elsewhere(tmp_path, monkeypatch, capsys):
 def test_plot_curves_writes_a_png(tmp_path):
     runs = []
     for name, train_extra, evals in (
-        ("dvae_small", {"codes_used_fraction": 0.1}, {"codebook_used_fraction": 0.05, "codebook_perplexity": 4.0,
+        ("dvae_small", {"batch_codes_used_fraction": 0.1}, {"codebook_used_fraction": 0.05, "codebook_perplexity": 4.0,
                                                        "psnr_db": 12.0}),
         ("prior_small", {}, {"val_loss": 2.0, "zeroshot_loss": 2.2, "val_text_loss": 3.0}),
         ("clip_small", {}, {"val_i2t_r1": 0.03}),
@@ -203,3 +203,40 @@ def test_plot_curves_writes_a_png(tmp_path):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
     assert plot_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    """`tools/demo.py --quick --force` for real, into the repository's outputs/demo_quick/ and *_quick runs (where
+    `make demo QUICK=1` writes; the driver works from the repository): every stage runs, report.json holds every
+    figure of issue 9 as a finite number (the targets are the full demo's, not asserted here), the PNGs are
+    written, and a second run skips every stage."""
+    import math
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--quick", "--progress", "off"]
+    first = [*cmd, "--force"]  # the default configs, from another working directory
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(first, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = REPO / "outputs" / "demo_quick"
+    rep = json.loads((root / "report.json").read_text())
+    keys = {
+        "dvae": "psnr_db content_psnr_db content_perplexity codes_used_fraction mean_rgb_mae kmeans_psnr_db".split(),
+        "prior": "caption_following_x_chance caption_following_real_x_chance fid_samples fid_floor fid_ceiling "
+        "fid_fraction".split(),
+    }
+    for section, names in keys.items():
+        for name in names:
+            assert math.isfinite(rep[section][name]), f"{section}.{name} = {rep[section][name]}"
+    for png in (root / "samples" / "samples.png", root / "curves.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100, png
+    assert "caption_following_x_chance" in proc.stdout and "wall time" in proc.stdout
+    assert "Warning" not in proc.stderr and "Setting accelerator" not in proc.stdout + proc.stderr
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(stage_lines(again.stdout)) == 9 and all(
+        v.startswith("skipped") for v in stage_lines(again.stdout).values()
+    )
