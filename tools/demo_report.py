@@ -40,8 +40,27 @@ from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.sample import Models, load_models, sample
 
+FIGURES: dict[str, tuple[str, ...]] = {
+    "dvae": ("psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae",
+             "kmeans_psnr_db"),
+    "prior": ("caption_following_x_chance", "caption_following_real_x_chance", "fid_samples", "fid_floor",
+              "fid_ceiling", "fid_fraction"),
+}  # fmt: skip
+"""The figures every report holds, by section."""
+
 WHITE = 1 - 1.5 / 255
 """A pixel is background when every channel is above this (pure white after 8-bit rounding)."""
+
+
+def bad_figures(rep: dict) -> list[str]:
+    """`section.name` of each of FIGURES that a report lacks or holds as a non-finite number (empty: all good)."""
+    bad = []
+    for section, names in FIGURES.items():
+        for name in names:
+            value = rep.get(section, {}).get(name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad.append(f"{section}.{name}={value!r}")
+    return bad
 
 
 def psnr(se: float, n: int) -> float:

@@ -102,7 +102,7 @@ def test_mismatched_tokens_and_flavor_is_a_clear_error(tmp_path, token_shards, t
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "has 8x8 grids of 256 codes but model.prior_flavor=small takes 16x16 of 1024" in proc.stdout + proc.stderr
+    assert "has 8x8 grids of 256 codes but model.prior_flavor=small takes 8x8 of 1024" in proc.stdout + proc.stderr
 
 
 def test_prior_encodes_images_on_the_fly_with_a_frozen_dvae(tmp_path, emoji_shards, tokenizer_model, dvae_checkpoint):
