@@ -49,6 +49,9 @@ from megadalle.engine.checkpoint import find_resume, incomplete_reason, tag_of
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.progress import progress_enabled
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_report import bad_figures  # noqa: E402  (a sibling script, not a package module)
+
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = "megadalle/configs/demo_captions.txt"
 AUGMENTATIONS = 4
@@ -233,7 +236,8 @@ class Demo:
             if value > 0 and (name != "optim.plateau_patience" or cfg.optim.schedule == "plateau"):
                 out.append(f"--{name}={max(1, round(value * scale))}")
         if cfg.optim.ema_decay > 0:  # the EMA's horizon, 1 / (1 - decay) updates, scaled like the schedules
-            out.append(f"--optim.ema_decay={max(0.0, 1 - (1 - cfg.optim.ema_decay) / scale):.6g}")
+            # at least 0.5: a decay of 0 would switch the EMA off, and the smoke run would skip its code path
+            out.append(f"--optim.ema_decay={max(0.5, 1 - (1 - cfg.optim.ema_decay) / scale):.6g}")
         # every path into the full demo folder redirected into the quick one
         for name in ("data.shards", "tokenizer.model_path", "prior.tokens"):
             section, key = name.split(".")
@@ -386,9 +390,12 @@ class Demo:
             return Verdict(False, f"no {path}")
         if kind == "json":
             try:
-                json.loads(path.read_text())
+                rep = json.loads(path.read_text())
             except ValueError as e:
                 return Verdict(False, f"unreadable {path} ({e})")
+            missing = bad_figures(rep) if isinstance(rep, dict) else ["everything"]
+            if missing:  # e.g. written by an older demo_report.py
+                return Verdict(False, f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         return Verdict(True, f"{path} is there")  # run() then checks that it is newer than its inputs
 
     # --- running ----------------------------------------------------------------------------------------------

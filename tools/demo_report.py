@@ -15,7 +15,7 @@ dvae (EMA weights, argmax codes, val images at the dVAE's size):
 prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
-  caption_following_real_x_chance  the same for the real val images of those captions (the reranker's own limit);
+  caption_following_real_x_chance  the same for the real val images of those captions (a reference for the reranker);
   fid_samples                 FID of those images against the val images;
   fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
                               from codes drawn independently from the val codes' unigram distribution (the ceiling);
@@ -115,9 +115,10 @@ def kmeans_psnr(train: torch.Tensor, val: torch.Tensor, f: int, k: int, iters: i
     """PSNR on `val` of the nearest of k centroids fit by k-means (Lloyd) to the f x f patches of `train`: what a
     codebook of k codes achieves when each code stands for its own patch alone, a yardstick for the dVAE."""
     x, v = patches(train, f), patches(val, f)
-    k = min(k, len(x))
+    distinct = torch.unique(x, dim=0)  # the white background repeats: seeds drawn from x would start as duplicates
+    k = min(k, len(distinct))
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()  # (k, D)
+    centroids = distinct[torch.randperm(len(distinct), generator=g)[:k]].clone()  # (k, D)
     for _ in range(iters):
         owner = torch.cdist(x, centroids).argmin(dim=1)  # (P,)
         sums = torch.zeros_like(centroids).index_add_(0, owner, x)
@@ -176,7 +177,7 @@ def report(args: argparse.Namespace) -> dict:
     feats = {name: inception_features(x) for name, x in tqdm(sets.items(), "FID features", disable=not args.progress)}
     fid = {f"fid_{name}": fid_from_features(feats["real"], feats[name]) for name in ("samples", "floor", "ceiling")}
     fid["fid_fraction"] = (fid["fid_samples"] - fid["fid_floor"]) / max(fid["fid_ceiling"] - fid["fid_floor"], 1e-9)
-    # the same measure on the real val images of those captions: what the reranker itself can tell apart
+    # the same measure on the real val images of those captions: a reference for what the reranker tells apart
     index = {c: i for i, c in enumerate(chosen)}
     mine = [i for i, c in enumerate(captions) if c in index]
     real_owner = torch.tensor([index[captions[i]] for i in mine])

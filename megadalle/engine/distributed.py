@@ -41,9 +41,10 @@ def _without_line(line: str) -> Iterator[None]:
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). A plain `python train.py` becomes a world of one on a free local port."""
     if not torch.cuda.is_available():
-        # DeepSpeed's accelerator detection ends on the CPU with a warning per process start ("Setting
-        # accelerator to CPU. If you have GPU ...") when no GPU is found; naming the CPU accelerator before the
-        # first import is the same choice without the warning. A DS_ACCELERATOR set by the user wins.
+        # Without a CUDA device DeepSpeed's accelerator detection ends, on this project's machines, on the CPU with
+        # a warning per process start ("Setting accelerator to CPU. If you have GPU ..."); naming the CPU
+        # accelerator before the first import is the same choice without the warning. A DS_ACCELERATOR set by the
+        # user (xpu, npu, hpu, mps) wins.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 

@@ -73,7 +73,8 @@ class DVAEStage:
         out = model(x, sched["tau"], sched["beta"])
         share = len(x) / totals["samples"]
         loss = out.loss * share
-        # share of the codebook the micro-batch's argmax codes use: collapse shows here long before an evaluation
+        # share of the codebook the micro-batch's argmax codes use (the mean over micro-batches, at most B h w / K, so
+        # comparable only at one micro-batch size): collapse shows here long before an evaluation
         used = torch.unique(out.logits.detach().argmax(dim=1)).numel() / out.logits.shape[1]
         stats = {
             "loss": loss.detach(),

@@ -206,19 +206,25 @@ def test_plot_curves_writes_a_png(tmp_path):
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    """`tools/demo.py --quick --force` for real, into the repository's outputs/demo_quick/ and *_quick runs (where
-    `make demo QUICK=1` writes; the driver works from the repository): every stage runs, report.json holds every
-    figure of issue 9 as a finite number (the targets are the full demo's, not asserted here), the PNGs are
-    written, and a second run skips every stage."""
+    """`tools/demo.py --quick` for real, into the repository's outputs/demo_quick/ and *_quick runs (where
+    `make demo QUICK=1` writes; the driver works from the repository, and they are removed first so that nothing
+    is moved aside and piles up): every stage runs, report.json holds every figure of issue 9 as a finite number
+    (the targets are the full demo's, not asserted here), the PNGs are written, and a second run skips every
+    stage."""
+    import shutil
     import subprocess
     import sys
 
     from demo_report import bad_figures
 
+    quick = Demo(demo_args(quick=True))
+    for folder in [quick.root, *(c.run_dir for c in quick.cfgs.values())]:
+        assert folder.name.endswith("_quick"), folder  # never the full demo's outputs
+        shutil.rmtree(REPO / folder, ignore_errors=True)
+
     cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--quick", "--progress", "off"]
-    first = [*cmd, "--force"]  # the default configs, from another working directory
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(first, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # the default configs, from another working directory
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = REPO / "outputs" / "demo_quick"
     rep = json.loads((root / "report.json").read_text())
