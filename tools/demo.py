@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megadalle.config import ConfigError, JobConfig, apply_toml_text, load_config
-from megadalle.data.shards import MANIFEST, read_manifest
+from megadalle.data.shards import MANIFEST, read_manifest, verify_shards
 from megadalle.engine.checkpoint import find_resume, incomplete_reason, tag_of
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.progress import progress_enabled
@@ -118,16 +118,11 @@ def shard_set_problem(root: Path) -> str | None:
     if not path.is_file():
         return f"no {path}"
     try:
-        manifest = read_manifest(root)
-        shards = [rec for info in manifest["splits"].values() for rec in info["shards"]]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        verify_shards(root, checksums=False)
+    except (FileNotFoundError, ValueError) as e:  # a missing or mis-sized shard, a malformed manifest
+        return str(e)
+    except (KeyError, TypeError, AttributeError) as e:
         return f"unreadable {path} ({type(e).__name__}: {e})"
-    for rec in shards:
-        f = root / rec["path"]
-        if not f.is_file():
-            return f"{f}, listed in {path}, is missing"
-        if f.stat().st_size != rec["bytes"]:
-            return f"{f} has {f.stat().st_size} bytes, {path} says {rec['bytes']}"
     return None
 
 

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from megadalle.data.loader import eval_images
-from megadalle.evaluation import fid_from_features, inception_features
+from megadalle.evaluation import fid_from_features, inception_features, perplexity
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.sample import Models, load_models, sample
@@ -68,10 +68,11 @@ def psnr(se: float, n: int) -> float:
     return 10 * math.log10(n / max(se, 1e-12)) if n else float("nan")
 
 
-def perplexity(counts: torch.Tensor) -> float:
-    """exp(entropy) of the distribution proportional to `counts` (K,): K when uniform, 1 for a single code."""
-    p = counts[counts > 0].double() / counts.sum()
-    return math.exp(float(-(p * p.log()).sum()))
+def patches(images: torch.Tensor, f: int) -> torch.Tensor:
+    """(N, C, S, S) -> (N * (S/f)^2, C f f): the f x f patch of each code cell, flattened."""
+    c = images.shape[1]
+    p = images.unfold(2, f, f).unfold(3, f, f)  # (N, C, S/f, S/f, f, f)
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * f * f)
 
 
 @torch.no_grad()
@@ -88,26 +89,19 @@ def dvae_report(dvae: DiscreteVAE, images: torch.Tensor, batch: int = 64) -> tup
     recon, code = torch.cat(recons), torch.cat(codes)  # (N, 3, S, S), (N, h, w)
     content_px = (images < WHITE).any(dim=1, keepdim=True).expand_as(images)  # (N, 3, S, S)
     se = (recon - images).square()
-    patches = content_px[:, 0].unfold(1, f, f).unfold(2, f, f)  # (N, h, w, f, f)
-    content_cells = patches.any(-1).any(-1)  # (N, h, w)
+    content_cells = patches(content_px[:, :1], f).any(dim=1).view(code.shape)  # (N, h, w)
+    counts = torch.bincount(code.flatten(), minlength=a.vocab_size)  # (K,)
     report = {
         "psnr_db": psnr(float(se.sum()), se.numel()),
         "content_psnr_db": psnr(float(se[content_px].sum()), int(content_px.sum())),
         "content_perplexity": perplexity(torch.bincount(code[content_cells], minlength=a.vocab_size)),
-        "codes_used_fraction": float((torch.bincount(code.flatten(), minlength=a.vocab_size) > 0).float().mean()),
-        "perplexity": perplexity(torch.bincount(code.flatten(), minlength=a.vocab_size)),
+        "codes_used_fraction": float((counts > 0).float().mean()),
+        "perplexity": perplexity(counts),
         "content_cell_fraction": float(content_cells.float().mean()),
         "mean_rgb_mae": float((recon.mean(dim=(2, 3)) - images.mean(dim=(2, 3))).abs().mean()),
         "images": len(images),
     }
     return report, recon, code
-
-
-def patches(images: torch.Tensor, f: int) -> torch.Tensor:
-    """(N, C, S, S) -> (N * (S/f)^2, C f f): the f x f patch of each code cell, flattened."""
-    n, c = images.shape[:2]
-    p = images.unfold(2, f, f).unfold(3, f, f)  # (N, C, S/f, S/f, f, f)
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * f * f)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from megadalle.data.loader import SkipCounter, eval_images, train_images
 from megadalle.data.transforms import to_uint8
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import LRSchedule, cosine
+from megadalle.evaluation import perplexity
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 
@@ -75,12 +76,13 @@ class DVAEStage:
         loss = out.loss * share
         # share of the codebook the micro-batch's argmax codes use (the mean over micro-batches, at most B h w / K, so
         # comparable only at one micro-batch size): collapse shows here long before an evaluation
-        used = torch.unique(out.logits.detach().argmax(dim=1)).numel() / out.logits.shape[1]
+        k = out.logits.shape[1]
+        used = (torch.bincount(out.logits.detach().argmax(dim=1).flatten(), minlength=k) > 0).float().mean()
         stats = {
             "loss": loss.detach(),
             "recon_nats": out.recon.detach() * share,
             "kl_nats": out.kl.detach() * share,
-            "batch_codes_used_fraction": torch.tensor(used * share, device=loss.device),
+            "batch_codes_used_fraction": used * share,  # a device tensor: no host sync in the step
         }
         return loss, stats
 
@@ -122,8 +124,6 @@ class DVAEStage:
                 grid = (images[: c.dvae.grid_images], recon[: c.dvae.grid_images])
         if n == 0:
             raise ValueError(f"validation split of {c.data.shards} is empty")
-        p = counts.double() / counts.sum()
-        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
         mse = sums["mse"] / n
         metrics = {
             "elb_relaxed_nats_per_dim": sums["elb_relaxed"] / n,
@@ -131,7 +131,7 @@ class DVAEStage:
             "mse": mse,
             "psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)),
             "codebook_used_fraction": float((counts > 0).float().mean()),
-            "codebook_perplexity": math.exp(entropy),
+            "codebook_perplexity": perplexity(counts),
             "val_images": n,
             "dims": dims,
         }
