@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sysdeps demo test lint format clean debug-data bench-dvae bench-sampling
+.PHONY: setup sysdeps demo test lint format clean debug-data bench-dvae bench-sampling bench-attention
 
 setup: sysdeps $(STAMP)
 
@@ -41,6 +41,9 @@ demo: setup
 
 bench-sampling: setup
 	$(PY) tools/bench_sampling.py
+
+bench-attention: setup
+	$(PY) tools/bench_attention.py --cpu
 
 # Small data for the debug run files (dvae_debug, prior_debug, clip_debug) under outputs/debug/, ~1 minute.
 debug-data: setup

@@ -89,10 +89,11 @@ class Model:
     """Transformer prior size from megadalle.models.transformer.FLAVORS."""
     clip_flavor: str = "small"
     """Contrastive reranker size from megadalle.models.clip.FLAVORS: small, debug."""
-    attention: Literal["dense", "flex"] = "dense"
-    """Attention implementation of the prior (models/attention.py's registry): `dense` masked SDPA (the reference)
-    or `flex` FlexAttention over our block layouts (full-length streams; its backward needs a GPU). The Triton
-    block-sparse kernels join the registry with issue 10."""
+    attention: Literal["auto", "dense", "blocked", "triton", "flex"] = "auto"
+    """Attention implementation of the prior (models/attention.py's registry): `auto` runs the Triton block-sparse
+    kernels on a GPU and, on the CPU, `blocked` where it was measured faster than `dense` (streams of >= 512
+    positions), else `dense`; `dense` masked SDPA (the reference); `blocked` the block layouts in PyTorch;
+    `triton` the kernels (a GPU, or TRITON_INTERPRET=1); `flex` FlexAttention (its backward needs a GPU)."""
     dvae_checkpoint: str = ""
     """dVAE weights used to encode images for the prior (empty: read token shards)."""
 

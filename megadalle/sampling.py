@@ -3,7 +3,7 @@
 generate(model, text (B, T), prefix (B, P) or None) -> codes (B, H W). The prefix (image-to-image: the first
 rows of an image's code grid) is kept exactly; the rest is drawn in raster order at `temperature`, optionally
 restricted to the top-k codes and to the top-p probability mass. Everything runs on the model's device: text and
-prefix are moved there, and a generator must live there too (torch.multinomial requires it).
+prefix are moved there, and a generator must live there too (torch.rand requires it).
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None):
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (B, V)
+    # inverse-CDF sampling: one uniform per row (torch.multinomial draws V exponentials per row, ~0.2 ms at V 8192
+    # on the CPU, as much as a 2-layer model's whole step); searchsorted "right" never lands on a zero-mass code
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def _on_model_device(

@@ -1,25 +1,35 @@
-"""Masked attention for the prior: one registry of implementations, each an nn.Module that owns its mask.
+"""Masked attention for the prior: one registry of implementations, each an nn.Module built from its layer's
+`MaskSpec` (models/sparsity.py). q, k, v (B, nh, N, hd) -> (B, nh, N, hd); every implementation is
+interchangeable with `DenseAttention`, the reference.
 
-q, k, v (B, nh, N, hd); the mask (N, N) bool, True = attend, is a registered buffer of the module, so it moves
-with `.to()` and belongs to exactly one layer; nothing is cached globally. Every implementation returns
-(B, nh, N, hd) and is interchangeable with `DenseAttention`, the reference.
+    dense    masked SDPA over the (N, N) mask (a buffer of the module: it moves with `.to()`)
+    flex     FlexAttention with a BlockMask of our block layout (its backward needs a GPU)
+    blocked  the block layout in plain PyTorch (models/blocked_attention.py): CPU, portable fallback
+    triton   the Triton block-sparse kernels (kernels/block_sparse_attention.py): GPU, or TRITON_INTERPRET=1
+    auto     triton on a GPU; on the CPU blocked where measured faster than dense, else dense
 
-    ATTENTION = {"dense": DenseAttention, "flex": FlexAttention}   # the Triton kernels plug in here
-    make_attention(name, mask) -> nn.Module
+    make_attention(name, spec) -> nn.Module
+
+Incremental decoding (`decode_attention`) reads only the keys a query may see: the text and the layer's image
+window (views of the KV cache).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.models.sparsity import EMPTY, FULL, block_layout
+from megadalle.models.blocked_attention import BlockedPlan, blocked_attention, faster_than_dense
+from megadalle.models.sparsity import EMPTY, FULL, MaskSpec, block_layout
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,9 +40,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 class DenseAttention(nn.Module):
     """Masked SDPA over the whole (N, N) mask: the reference every other implementation is tested against."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, spec: MaskSpec) -> None:
         super().__init__()
-        self.register_buffer("mask", mask, persistent=False)
+        self.spec = spec
+        self.register_buffer("mask", spec.dense(), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = q.shape[2]
@@ -71,10 +82,10 @@ class FlexAttention(nn.Module):
     is rebuilt from the mask whenever the module moves (`_apply`), so it always lives on the mask's device.
     Full-length streams only: the BlockMask is stated for N x N."""
 
-    def __init__(self, mask: torch.Tensor, block: int = 128) -> None:
+    def __init__(self, spec: MaskSpec, block: int = 128) -> None:
         super().__init__()
-        self.block = block
-        self.register_buffer("mask", mask, persistent=False)
+        self.spec, self.block = spec, block
+        self.register_buffer("mask", spec.dense(), persistent=False)
         self.block_mask = self._build()
 
     def _build(self) -> Any:
@@ -116,12 +127,139 @@ def _flex_attention(compiled: bool) -> Callable[..., torch.Tensor]:
     return eager
 
 
-ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseAttention, "flex": FlexAttention}
-"""model.attention -> implementation. The Triton block-sparse kernels (kernels/) register here."""
+class BlockedAttention(nn.Module):
+    """The block layout executed in PyTorch (`blocked_attention`); the band's bias is a buffer."""
+
+    def __init__(self, spec: MaskSpec, block: int = 32) -> None:
+        super().__init__()
+        self.spec, self.plan = spec, BlockedPlan(spec, block)
+        self.register_buffer("bias", self.plan.bias, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return blocked_attention(q, k, v, self.plan, self.bias)
 
 
-def make_attention(name: str, mask: torch.Tensor) -> nn.Module:
-    """The attention module `name` owning `mask` (N, N) bool."""
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs the kernels on a CUDA device, or anywhere under the interpreter (TRITON_INTERPRET=1)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TritonAttention(nn.Module):
+    """The Triton block-sparse kernels; `block` None picks the kernel's default for the device."""
+
+    def __init__(self, spec: MaskSpec, block: int | None = None) -> None:
+        super().__init__()
+        self.spec, self.block = spec, block
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not triton_usable(q.device):
+            raise RuntimeError(
+                f"model.attention = 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); q is on {q.device}"
+            )
+        from kernels.block_sparse_attention import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, self.spec, self.block)
+
+
+class AutoAttention(nn.Module):
+    """Triton on a GPU; on the CPU `blocked` where `faster_than_dense` (measured) says so, else dense SDPA.
+    Decided per call from the device, so a model built on the CPU and moved to a GPU switches to the kernel."""
+
+    def __init__(self, spec: MaskSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        plan = BlockedPlan(spec)
+        self.on_cpu = BlockedAttention(spec) if faster_than_dense(plan) else DenseAttention(spec)
+        self.on_gpu = TritonAttention(spec)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.is_cuda and triton_usable(q.device):
+            return self.on_gpu(q, k, v)
+        return self.on_cpu(q, k, v)
+
+
+ATTENTION: dict[str, type[nn.Module]] = {
+    "dense": DenseAttention,
+    "flex": FlexAttention,
+    "blocked": BlockedAttention,
+    "triton": TritonAttention,
+    "auto": AutoAttention,
+}
+"""model.attention -> implementation."""
+
+
+def make_attention(name: str, spec: MaskSpec) -> nn.Module:
+    """The attention module `name` for the layer whose mask is `spec`."""
     if name not in ATTENTION:
         raise ValueError(f"attention {name!r} is not implemented (known: {sorted(ATTENTION)})")
-    return ATTENTION[name](mask)
+    return ATTENTION[name](spec)
+
+
+@functools.lru_cache(maxsize=32)
+def dense_mask(spec: MaskSpec, device: str) -> torch.Tensor:
+    """spec.dense() on `device`, built once per (spec, device): keyed on values, not addresses."""
+    return spec.dense().to(device)
+
+
+@dataclass(frozen=True)
+class DecodeWindow:
+    """Where each image query of a raster-order mask finds its image keys: image indices lo[i], lo[i] + step, ...,
+    i (a contiguous band for row and conv, every W-th position for column), plus all T text keys. bias (HW, K)
+    is 0 where the window's entry is allowed and -inf where not (conv's window spans whole rows), None when every
+    entry of every window is allowed. Python ints for lo and width, so a decoding step never syncs the device."""
+
+    lo: list[int]
+    width: list[int]
+    step: int
+    bias: torch.Tensor | None
+
+
+@functools.lru_cache(maxsize=32)
+def decode_window(spec: MaskSpec, device: str) -> DecodeWindow:
+    """The windows of `spec` (raster order) on `device`, built once per (spec, device): keyed on values."""
+    if spec.kind == "column" and spec.transposed:
+        raise ValueError("decoding runs in raster order: use the column mask with transposed=False")
+    t, hw = spec.text_len, spec.height * spec.width
+    image = spec.dense()[t:, t:]  # (HW, HW)
+    if not bool(spec.dense()[t:, :t].all()):
+        raise ValueError(f"{spec}: image queries must see every text key")
+    step = spec.width if spec.kind == "column" else 1
+    lo = [int(row.nonzero()[0]) for row in image]  # the earliest allowed image key (the query itself at least)
+    width = [(i - lo[i]) // step + 1 for i in range(hw)]
+    bias = torch.full((hw, max(width)), float("-inf"))
+    for i in range(hw):
+        window = torch.arange(lo[i], i + 1, step)
+        if int(image[i].sum()) != int(image[i, window].sum()):
+            raise ValueError(f"{spec}: image query {i} has allowed keys outside its decode window")
+        bias[i, : width[i]] = torch.where(image[i, window], 0.0, float("-inf"))
+    exact = all(bool((bias[i, : width[i]] == 0).all()) for i in range(hw))
+    return DecodeWindow(lo, width, step, None if exact else bias.to(device))
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int, spec: MaskSpec
+) -> torch.Tensor:
+    """One image query at stream `position` (>= T) against the KV cache: q (B, nh, 1, hd), keys/values
+    (B, nh, >= position + 1, hd) -> (B, nh, 1, hd). Reads the T text keys and the query's image window (views
+    of the cache, no gather): W + 1 image keys for a row layer, H for a column layer."""
+    win = decode_window(spec, str(q.device))
+    t = spec.text_len
+    i = position - t
+    lo, n = win.lo[i], win.width[i]
+    k_img = keys[:, :, t + lo : position + 1 : win.step]  # (B, nh, n, hd)
+    v_img = values[:, :, t + lo : position + 1 : win.step]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s_img = (q @ k_img.transpose(-1, -2)) * scale  # (B, nh, 1, n)
+    if win.bias is not None:
+        s_img = s_img + win.bias[i, :n]
+    if not t:
+        return s_img.softmax(dim=-1) @ v_img
+    s_txt = (q @ keys[:, :, :t].transpose(-1, -2)) * scale  # (B, nh, 1, T)
+    p = torch.cat([s_txt, s_img], dim=-1).softmax(dim=-1)  # (B, nh, 1, T + n)
+    return p[..., :t] @ values[:, :, :t] + p[..., t:] @ v_img

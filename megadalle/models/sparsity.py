@@ -25,11 +25,14 @@ Layer schedule (1-based i of n layers): the last layer is conv; otherwise column
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Kind = Literal["row", "column", "conv"]
+MaskKind = Literal["row", "column", "conv", "causal"]
+"""The layer kinds plus `causal` (image attends image causally): the dense-causal layout, for tests and benchmarks."""
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -60,6 +63,8 @@ def _image_image(kind: Kind, height: int, width: int, kernel: int, transposed: b
         if transposed:  # causal inside contiguous groups of `height`
             return (k <= q) & (q // height == k // height)
         return (k <= q) & (q % width == k % width)
+    if kind == "causal":
+        return k <= q
     if kind == "conv":
         if kernel % 2 != 1:
             raise ValueError(f"conv kernel must be odd, got {kernel}")
@@ -68,11 +73,11 @@ def _image_image(kind: Kind, height: int, width: int, kernel: int, transposed: b
         dc = (kc - qc + half) % width  # column offset wrapped modulo the width, shifted to [0, W)
         near_col = dc <= 2 * half if 2 * half < width else torch.ones_like(dc, dtype=torch.bool)
         return (k <= q) & ((qr - kr).abs() <= half) & near_col
-    raise ValueError(f"unknown layer kind {kind!r} (row, column, conv)")
+    raise ValueError(f"unknown layer kind {kind!r} (row, column, conv, causal)")
 
 
 def attention_mask(
-    kind: Kind, text_len: int, height: int, width: int, kernel: int = 11, transposed: bool = True
+    kind: MaskKind, text_len: int, height: int, width: int, kernel: int = 11, transposed: bool = True
 ) -> torch.Tensor:
     """(N, N) bool, N = text_len + height * width. For `column` the image part is in transposed order unless
     `transposed=False`."""
@@ -84,6 +89,61 @@ def attention_mask(
     mask[t:, :t] = True
     mask[t:, t:] = _image_image(kind, height, width, kernel, transposed and kind == "column")
     return mask
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """A layer's mask as its definition rather than its (N, N) matrix: what the block-sparse kernels evaluate
+    element by element on partial blocks. A frozen value: equal specs are the same mask (usable as a cache key).
+    `column` is in transposed order, as the model attends, unless `transposed=False` (raster order, for
+    incremental decoding)."""
+
+    kind: MaskKind
+    text_len: int
+    height: int
+    width: int
+    kernel: int = 11
+    transposed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("row", "column", "conv", "causal"):
+            raise ValueError(f"unknown layer kind {self.kind!r} (row, column, conv, causal)")
+        if self.text_len < 0 or self.height < 1 or self.width < 1:
+            raise ValueError(f"bad stream shape: text_len={self.text_len}, grid {self.height}x{self.width}")
+        if self.kind == "conv" and self.kernel % 2 != 1:
+            raise ValueError(f"conv kernel must be odd, got {self.kernel}")
+
+    @property
+    def n(self) -> int:
+        return self.text_len + self.height * self.width
+
+    def dense(self) -> torch.Tensor:
+        """(N, N) bool: the reference matrix (`attention_mask`)."""
+        return attention_mask(self.kind, self.text_len, self.height, self.width, self.kernel, self.transposed)
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Whether stream position q may attend to k, for broadcastable integer tensors of positions in [0, N):
+        the same arithmetic as the Triton kernel's `_allowed`, in PyTorch."""
+        t, h, w, half = self.text_len, self.height, self.width, self.kernel // 2
+        i, j = q - t, k - t  # image indices (negative for text)
+        if self.kind == "row":
+            image = i - j <= w
+        elif self.kind == "column" and self.transposed:
+            image = torch.div(i, h, rounding_mode="floor") == torch.div(j, h, rounding_mode="floor")
+        elif self.kind == "column":
+            image = i % w == j % w
+        elif self.kind == "conv":
+            qr, qc = torch.div(i, w, rounding_mode="floor"), i % w
+            kr, kc = torch.div(j, w, rounding_mode="floor"), j % w
+            near_col = ((kc - qc + half) % w <= 2 * half) | (2 * half >= w)
+            image = (qr - kr <= half) & near_col
+        else:
+            image = torch.ones((), dtype=torch.bool)
+        return (k <= q) & ((j < 0) | image)
+
+    def layout(self, block: int) -> torch.Tensor:
+        """(ceil(N/block), ceil(N/block)) int8 block layout (EMPTY, PARTIAL, FULL)."""
+        return block_layout(self.dense(), block)
 
 
 def block_layout(mask: torch.Tensor, block: int) -> torch.Tensor:

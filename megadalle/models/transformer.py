@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.models.attention import dense_attention, make_attention
+from megadalle.models.attention import decode_attention, dense_attention, dense_mask, make_attention
 from megadalle.models.layers import Embedding, Linear
-from megadalle.models.sparsity import Kind, attention_mask, image_transpose_perm, layer_kinds
+from megadalle.models.sparsity import Kind, MaskSpec, image_transpose_perm, layer_kinds
 
 PAD_ID = 0  # the tokenizer's <pad>: "no text here"
 
@@ -103,15 +103,17 @@ class AttentionBlock(nn.Module):
         self.ln = LayerNorm(a.d_model)
         self.qkv = Linear(a.d_model, 3 * a.d_model, std=0.02)
         self.proj = Linear(a.d_model, a.d_model, std=0.02 / math.sqrt(2 * a.n_layers))
-        self.attend = make_attention(attention, attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel))
+        self.attend = make_attention(attention, MaskSpec(kind, a.text_len, a.grid, a.grid, a.conv_kernel))
+        # incremental decoding runs in raster order: the column relation untransposed (attention is
+        # permutation-equivariant); the other kinds are stated in raster order already
+        self.raster = MaskSpec(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
+        self.sparse_decode = True
+        """One image position at a time reads only its allowed keys; False attends the whole prefix with the dense
+        mask (the benchmark's baseline, tools/bench_sampling.py)."""
         if kind == "column":
             perm = image_transpose_perm(a.grid, a.grid)
             self.register_buffer("perm", perm, persistent=False)
             self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
-            # the column relation in raster order, for incremental decoding (attention is permutation-equivariant);
-            # the other kinds are stated in raster order already and decode with the attention's own mask
-            raster = attention_mask(kind, a.text_len, a.grid, a.grid, a.conv_kernel, transposed=False)
-            self.register_buffer("raster_mask", raster, persistent=False)
 
     def _transpose(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         t = self.a.text_len
@@ -136,17 +138,20 @@ class AttentionBlock(nn.Module):
     def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
         """Incremental attention for stream positions start..start+n-1 in raster order. cache: K, V buffers
         (B, nh, N, hd) filled up to `start`; column layers use the raster-order form of their mask instead of
-        transposing the states."""
+        transposing the states. One image position at a time reads only the keys its mask allows
+        (`decode_attention`); a prompt attends its prefix with the dense mask."""
         B, n, D = x.shape
         nh, hd = self.a.n_heads, self.a.head_dim
         q, k, v = self.qkv(self.ln(x)).split(D, dim=2)
         q = q.view(B, n, nh, hd).transpose(1, 2)  # (B, nh, n, hd)
         cache[0][:, :, start : start + n] = k.view(B, n, nh, hd).transpose(1, 2)
         cache[1][:, :, start : start + n] = v.view(B, n, nh, hd).transpose(1, 2)
-        keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
-        raster = self.raster_mask if self.kind == "column" else self.attend.mask  # (N, N) in raster order
-        mask = raster[start : start + n, : start + n]
-        y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
+        if n == 1 and start >= self.a.text_len and self.sparse_decode:
+            y = decode_attention(q, cache[0], cache[1], start, self.raster)  # (B, nh, 1, hd)
+        else:
+            keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
+            mask = dense_mask(self.raster, str(x.device))[start : start + n, : start + n]
+            y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
         return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 
 
@@ -205,7 +210,7 @@ class PriorOutput(NamedTuple):
 
 
 class DallePrior(nn.Module):
-    def __init__(self, a: PriorArgs, attention: str = "dense", kinds: list[Kind] | None = None) -> None:
+    def __init__(self, a: PriorArgs, attention: str = "auto", kinds: list[Kind] | None = None) -> None:
         """`attention`: a name in models/attention.py's ATTENTION; `kinds` overrides the paper's layer schedule
         (tests, ablations). Every submodule initialises its own parameters (ZeRO-3's zero.Init keeps them)."""
         super().__init__()

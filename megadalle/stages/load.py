@@ -30,7 +30,7 @@ def _build_prior(cfg: JobConfig) -> nn.Module:
     from megadalle.models.transformer import DallePrior
     from megadalle.stages.prior import prior_args
 
-    return DallePrior(prior_args(cfg))
+    return DallePrior(prior_args(cfg), "auto")  # the weights do not depend on it; `auto` suits any device
 
 
 def _build_clip(cfg: JobConfig) -> nn.Module:

@@ -147,7 +147,7 @@ class PriorStage:
     def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
         """Validation and zero-shot losses with the given (EMA) weights, captions without BPE-dropout."""
         c = self.cfg
-        model = DallePrior(self.args, "dense").eval()
+        model = DallePrior(self.args, c.model.attention).eval()
         model.load_state_dict(state)
         tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
         metrics: dict[str, float] = {}

@@ -28,6 +28,8 @@ def _args(stage: str, token_shards: Path, tokenizer_model: Path, tmp_path: Path)
               "--train.micro_batch_size=2", "--optim.ema_decay=0", "--optim.grad_clip=1.0"]  # fmt: skip
     if stage.startswith("prior"):
         accum = ["--train.micro_batch_size=1", "--train.grad_accum_steps=2"] if stage == "prior_accum" else []
+        if stage == "prior_triton":  # the Triton kernels (interpreter on the CPU) in every layer
+            accum = ["--model.attention=triton"]
         return ["--config", "megadalle/configs/prior_debug.toml", f"--prior.tokens={token_shards}",
                 f"--tokenizer.model_path={tokenizer_model}", "--train.activation_checkpointing=true",
                 "--optim.warmup_steps=0", "--optim.lr=3e-3", *common, *accum]  # fmt: skip
@@ -100,13 +102,18 @@ EXPECTED_DECAY = {
     # module-type rule: Linear / conv weights decay; gains, biases, embeddings, unembeddings (heads) do not
     "prior": lambda n: n.endswith(("qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")),
     "prior_accum": lambda n: n.endswith(("qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")),
+    "prior_triton": lambda n: n.endswith(("qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")),
     "dvae": lambda n: n.endswith(".w"),
     "clip": lambda n: n.endswith(".weight") and not any(k in n for k in ("norm", ".ln", "tok.", "pos.")),
 }
 
 
-@pytest.mark.parametrize("stage_name", ["prior", "prior_accum", "dvae", "clip"])
+@pytest.mark.parametrize(
+    "stage_name", ["prior", "prior_accum", "dvae", "clip", pytest.param("prior_triton", marks=pytest.mark.slow)]
+)
 def test_zero3_two_ranks_equal_plain_pytorch(stage_name, tmp_path, token_shards, tokenizer_model):
+    """prior_triton: ZeRO-3 with activation checkpointing and the Triton kernels in every layer (column layers
+    transposed), against plain PyTorch with dense masked SDPA."""
     args = _args(stage_name, token_shards, tokenizer_model, tmp_path)
     cfg = load_config(args)
     steps = _batches(stage_name, cfg)
@@ -115,7 +122,8 @@ def test_zero3_two_ranks_equal_plain_pytorch(stage_name, tmp_path, token_shards,
                     args=[str(tmp_path / "batches.pt"), str(tmp_path / "zero3.pt"), "--", *args])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     z = torch.load(tmp_path / "zero3.pt")
-    ref = _reference(stage_name, cfg, steps)
+    ref_cfg = load_config([*args, "--model.attention=dense"]) if stage_name == "prior_triton" else cfg
+    ref = _reference(stage_name, ref_cfg, steps)
 
     # identical initial parameters: every module initialised itself, zero.Init kept it
     assert z["init"].keys() == ref["init"].keys()

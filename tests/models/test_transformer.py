@@ -144,8 +144,8 @@ def test_initialisation_is_each_modules_own():
 def test_every_mask_moves_with_the_module():
     model = DallePrior(A, kinds=["row", "column", "conv"])
     masks = {n: b for n, b in model.named_buffers()}
-    assert {n.rsplit(".", 1)[-1] for n in masks} == {"mask", "raster_mask", "perm", "inv_perm"}
-    assert sum(n.endswith("raster_mask") for n in masks) == 1 and sum(n.endswith(".mask") for n in masks) == 3
+    assert {n.rsplit(".", 1)[-1] for n in masks} == {"mask", "perm", "inv_perm"}
+    assert sum(n.endswith(".mask") for n in masks) == 3
     model.to("meta")
     assert all(b.device.type == "meta" for b in model.buffers())
     assert all(p.device.type == "meta" for p in model.parameters())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One prepared command for a GPU machine: in under 8 minutes on one H200 it runs the `gpu`-marked tests (the
+# Triton kernels at full size, the transformer with `triton` against `dense`) and tools/bench_attention.py, then
+# prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
+# selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a failure).
+# Later issues add their benchmarks to the summary.
+#
+#   bash tools/gpu_check.sh            # results also under $OUT (the device tool) or build/gpu_check
+#
+# Needs python3 with torch (CUDA) and triton, plus pytest, as the GPU image provides; nothing is downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${OUT:-build/gpu_check}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MEGADALLE_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+nvidia-smi -L || { echo "gpu_check: FAILED: no NVIDIA GPU visible (nvidia-smi)" >&2; exit 2; }
+"$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
+print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+
+status=0
+echo "== gpu-marked tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels tests/models \
+    --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
+summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
+if grep -q "skipped" <<<"$summary"; then
+    echo "gpu_check: FAILED: gpu tests skipped on a GPU machine: $summary" >&2
+    status=1
+fi
+
+echo "== tools/bench_attention.py"
+timeout 240 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
+    | tee "$RESULTS/bench_attention.log" || status=1
+
+echo "== summary"
+echo "tests: $summary"
+"$PY" - "$RESULTS/bench_attention.json" <<'PYEOF' || status=1
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print(f"{'layout':>7} {'heads':>5} {'dtype':>5} {'pass':>8} {'ms':>8} {'TFLOP/s':>8} {'x sdpa-causal':>13} {'x flex':>7}")
+for r in rows:
+    print(f"{r['layout']:>7} {r['heads']:>5} {r['dtype']:>5} {r['pass']:>8} {r['ms']['triton']:>8.3f} {r['tflops']:>8.1f} "
+          f"{r['x_sdpa_causal']:>12.2f}x {r['x_flex']:>6.2f}x")
+PYEOF
+[ "$status" = 0 ] && echo "gpu_check: OK" || echo "gpu_check: FAILED" >&2
+exit "$status"
