@@ -1,7 +1,7 @@
 """Block-sparse attention for the DALL-E prior's masks (Ramesh et al. 2021, Sec. 2.2 and App. B.1, Fig. 11).
 
-q, k, v (B, nh, N, hd) -> out (B, nh, N, hd), N = text_len + height * width, any hd <= 256 (32, 64, 128 are the
-sizes that matter), fp32, fp16 or bf16 with fp32 accumulation. The mask is a `MaskSpec` (row, column in
+q, k, v (B, nh, N, hd) -> out (B, nh, N, hd), N = text_len + height * width, any hd <= 128 (32, 64 and 128
+tested), fp32, fp16 or bf16 with fp32 accumulation. The mask is a `MaskSpec` (row, column in
 transposed order, conv, or dense causal), not a matrix: a lookup table built once from its block layout lists,
 for each query block, the non-empty key blocks and whether each is FULL; the kernel visits only those, and on a
 PARTIAL block (the diagonal, band edges, the text/image boundary) evaluates the mask's definition element by
@@ -17,7 +17,6 @@ garbage on bf16); plain pointer arithmetic only (triton 3.7 to 3.9).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -68,9 +67,9 @@ def _csr(layout: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
     return off.to(device), cols.to(torch.int32).to(device), full.to(device)
 
 
-@functools.lru_cache(maxsize=64)
-def block_table(spec: MaskSpec, block: int, device: str) -> BlockTable:
-    """The tables for `spec` at `block`, built once per (spec, block, device): keyed on values, never addresses."""
+def block_table(spec: MaskSpec, block: int, device: torch.device | str) -> BlockTable:
+    """The tables for `spec` at `block` on `device`. The caller owns and reuses them (TritonAttention keeps one
+    per device); the functional builds them per call when none is given."""
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     layout = spec.layout(block)  # (nb, nb) int8
@@ -123,8 +122,8 @@ def _fwd_kernel(
     Q, K, V, OUT, LSE, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # B * nh on axis 0: axes 1 and 2 are limited to 65535
+    qb = tl.program_id(1)
     Q += bh * N * HD
     K += bh * N * HD
     V += bh * N * HD
@@ -167,8 +166,8 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, K_OFF, K_ROWS, K_FULL, sm_scale, N, T, H, W, HALF, HD,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
     Q += bh * N * HD
     K += bh * N * HD
     V += bh * N * HD
@@ -213,8 +212,8 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # B * nh on axis 0: axes 1 and 2 are limited to 65535
+    qb = tl.program_id(1)
     Q += bh * N * HD
     K += bh * N * HD
     V += bh * N * HD
@@ -271,21 +270,25 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) ->
         raise ValueError("the kernel takes the column mask in transposed order (MaskSpec transposed=True)")
     if q.shape[2] != spec.n:
         raise ValueError(f"the mask {spec} is for {spec.n} positions, got N = {q.shape[2]}")
-    if q.shape[-1] > 256:
-        raise ValueError(f"head dim {q.shape[-1]} > 256 is not supported")
+    if q.shape[-1] > 128:  # the backward keeps q, k, v, dO tiles of BLOCK x hd on chip: 128 is what is tested
+        raise ValueError(f"head dim {q.shape[-1]} > 128 is not supported")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU; q is on {q.device}")
 
 
 def _args(spec: MaskSpec, hd: int) -> tuple[int, ...]:
     return (spec.n, spec.text_len, spec.height, spec.width, spec.kernel // 2, hd)
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, block: int
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, t: BlockTable
              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     B, nh, N, hd = q.shape
-    t = block_table(spec, block, str(q.device))
+    block = t.block
     o = torch.empty_like(q)
     lse = torch.empty(B, nh, N, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, block), B * nh)
+    grid = (B * nh, triton.cdiv(N, block))
     _fwd_kernel[grid](q, k, v, o, lse, t.q_off, t.q_cols, t.q_full, 1.0 / math.sqrt(hd), *_args(spec, hd),
                       **_meta(q, spec, block))  # fmt: skip
     return o, lse
@@ -293,39 +296,44 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, 
 
 def _backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    spec: MaskSpec, block: int,
+    spec: MaskSpec, t: BlockTable,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     B, nh, N, hd = q.shape
-    t = block_table(spec, block, str(q.device))
+    block = t.block
     delta = (do.float() * o.float()).sum(dim=-1)  # (B, nh, N)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     nb = triton.cdiv(N, block)
     args, meta = _args(spec, hd), _meta(q, spec, block)
-    _bwd_dkdv_kernel[(nb, B * nh)](q, k, v, do, lse, delta, dk, dv, t.k_off, t.k_rows, t.k_full,
+    _bwd_dkdv_kernel[(B * nh, nb)](q, k, v, do, lse, delta, dk, dv, t.k_off, t.k_rows, t.k_full,
                                    1.0 / math.sqrt(hd), *args, **meta)  # fmt: skip
-    _bwd_dq_kernel[(nb, B * nh)](q, k, v, do, lse, delta, dq, t.q_off, t.q_cols, t.q_full,
+    _bwd_dq_kernel[(B * nh, nb)](q, k, v, do, lse, delta, dq, t.q_off, t.q_cols, t.q_full,
                                  1.0 / math.sqrt(hd), *args, **meta)  # fmt: skip
     return dq, dk, dv
 
 
 class _BlockSparseAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, block: int | None = None
-                ) -> torch.Tensor:  # fmt: skip
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, block: int | None = None,
+                table: BlockTable | None = None) -> torch.Tensor:  # fmt: skip
         _check(q, k, v, spec)
-        block = block or default_block(q.device)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the interpreter ignores strides
-        o, lse = _forward(q, k, v, spec, block)
+        if table is None:
+            table = block_table(spec, block or default_block(q.device), q.device)
+        elif table.q_off.device != q.device or (block and block != table.block):
+            raise ValueError(f"the lookup table is for block {table.block} on {table.q_off.device}, "
+                             f"not block {block} on {q.device}")  # fmt: skip
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the launchers index contiguous (B, nh, N, hd)
+        o, lse = _forward(q, k, v, spec, table)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.spec, ctx.block = spec, block
+        ctx.spec, ctx.table = spec, table
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.block)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.table)
+        return dq, dk, dv, None, None, None
 
 
 block_sparse_attention = _BlockSparseAttentionFn.apply
-"""block_sparse_attention(q, k, v, spec, block=None) -> (B, nh, N, hd): q, k, v (B, nh, N, hd), spec a MaskSpec."""
+"""block_sparse_attention(q, k, v, spec, block=None, table=None) -> (B, nh, N, hd): q, k, v (B, nh, N, hd), spec
+a MaskSpec; `table` a BlockTable from `block_table` to reuse across calls (else built for this call)."""

@@ -91,7 +91,7 @@ class Model:
     """Contrastive reranker size from megadalle.models.clip.FLAVORS: small, debug."""
     attention: Literal["auto", "dense", "blocked", "triton", "flex"] = "auto"
     """Attention implementation of the prior (models/attention.py's registry): `auto` runs the Triton block-sparse
-    kernels on a GPU and, on the CPU, `blocked` where it was measured faster than `dense` (streams of >= 512
+    kernels on a GPU and, on the CPU, `blocked` where it was measured faster than `dense` (streams of >= 256
     positions), else `dense`; `dense` masked SDPA (the reference); `blocked` the block layouts in PyTorch;
     `triton` the kernels (a GPU, or TRITON_INTERPRET=1); `flex` FlexAttention (its backward needs a GPU)."""
     dvae_checkpoint: str = ""

@@ -14,21 +14,26 @@ def inputs(B: int = 2):
     return text, torch.randint(0, A.image_vocab, (B, A.grid**2), generator=g)
 
 
+@pytest.mark.parametrize("prompt", [0, 7])
 @pytest.mark.parametrize("kind", ["row", "column", "conv", "schedule"])
-def test_kv_cached_logits_equal_full_forward_at_every_position(kind):
+def test_kv_cached_logits_equal_full_forward_at_every_position(kind, prompt):
+    """Text (and `prompt` image tokens: 7 overfills the row layers' ring of W + 1 = 5 slots) as one prompt, then
+    one position at a time: row and conv layers decode from ring caches, column layers from a full one."""
     torch.manual_seed(0)
     model = DallePrior(A, kinds=None if kind == "schedule" else [kind] * A.n_layers).eval()
     text, image = inputs()
     with torch.no_grad():
         full = model(text, image)
         cache = model.new_cache(2)
-        h = model.forward_cached(model.embed(text, image[:, :0]), cache, 0)  # the text prompt
-        torch.testing.assert_close(model.text_head(h), full.text_logits, rtol=1e-4, atol=1e-5)
-        steps = [model.image_head(h[:, -1])]
-        for p in range(A.grid**2 - 1):  # teacher-forced: feed the true token, compare the next prediction
+        rings = {"row": A.text_len + 5, "conv": A.text_len + 8, "column": A.text_len + 16}
+        assert [c[0].shape[2] for c in cache] == [rings[layer.attn.kind] for layer in model.layers]
+        h = model.forward_cached(model.embed(text, image[:, :prompt]), cache, 0)  # the prompt
+        torch.testing.assert_close(model.text_head(h[:, : A.text_len]), full.text_logits, rtol=1e-4, atol=1e-5)
+        steps = [model.image_head(h[:, A.text_len - 1 :])]  # (B, prompt + 1, V)
+        for p in range(prompt, A.grid**2 - 1):  # teacher-forced: feed the true token, compare the next prediction
             h = model.forward_cached(model.embed_image_token(image[:, p], p), cache, A.text_len + p)
-            steps.append(model.image_head(h[:, -1]))
-    torch.testing.assert_close(torch.stack(steps, 1), full.image_logits, rtol=1e-4, atol=1e-5)
+            steps.append(model.image_head(h))
+    torch.testing.assert_close(torch.cat(steps, 1), full.image_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_and_uncached_sampling_draw_the_same_codes():

@@ -22,7 +22,9 @@ print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cud
 
 status=0
 echo "== gpu-marked tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels tests/models \
+# the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels/test_block_sparse_attention.py \
+    tests/models/test_blocked_attention.py \
     --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
 if grep -q "skipped" <<<"$summary"; then
@@ -31,7 +33,7 @@ if grep -q "skipped" <<<"$summary"; then
 fi
 
 echo "== tools/bench_attention.py"
-timeout 240 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
+timeout 220 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
     | tee "$RESULTS/bench_attention.log" || status=1
 
 echo "== summary"

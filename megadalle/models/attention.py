@@ -151,20 +151,25 @@ def triton_usable(device: torch.device) -> bool:
 
 
 class TritonAttention(nn.Module):
-    """The Triton block-sparse kernels; `block` None picks the kernel's default for the device."""
+    """The Triton block-sparse kernels; `block` None picks the kernel's default for the device. The module owns
+    its lookup tables, one per device, built on first use there."""
 
     def __init__(self, spec: MaskSpec, block: int | None = None) -> None:
         super().__init__()
         self.spec, self.block = spec, block
+        self.tables: dict[str, Any] = {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not triton_usable(q.device):
             raise RuntimeError(
                 f"model.attention = 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU); q is on {q.device}"
             )
-        from kernels.block_sparse_attention import block_sparse_attention
+        from kernels.block_sparse_attention import block_sparse_attention, block_table, default_block
 
-        return block_sparse_attention(q, k, v, self.spec, self.block)
+        key = str(q.device)
+        if key not in self.tables:
+            self.tables[key] = block_table(self.spec, self.block or default_block(q.device), q.device)
+        return block_sparse_attention(q, k, v, self.spec, None, self.tables[key])
 
 
 class AutoAttention(nn.Module):
@@ -201,9 +206,8 @@ def make_attention(name: str, spec: MaskSpec) -> nn.Module:
     return ATTENTION[name](spec)
 
 
-@functools.lru_cache(maxsize=32)
 def dense_mask(spec: MaskSpec, device: str) -> torch.Tensor:
-    """spec.dense() on `device`, built once per (spec, device): keyed on values, not addresses."""
+    """spec.dense() on `device`."""
     return spec.dense().to(device)
 
 
@@ -220,9 +224,8 @@ class DecodeWindow:
     bias: torch.Tensor | None
 
 
-@functools.lru_cache(maxsize=32)
 def decode_window(spec: MaskSpec, device: str) -> DecodeWindow:
-    """The windows of `spec` (raster order) on `device`, built once per (spec, device): keyed on values."""
+    """The windows of `spec` (raster order) on `device` (the attention layer owns and reuses them)."""
     if spec.kind == "column" and spec.transposed:
         raise ValueError("decoding runs in raster order: use the column mask with transposed=False")
     t, hw = spec.text_len, spec.height * spec.width
@@ -243,13 +246,20 @@ def decode_window(spec: MaskSpec, device: str) -> DecodeWindow:
 
 
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int, spec: MaskSpec
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: int,
+    spec: MaskSpec,
+    window: DecodeWindow | None = None,
 ) -> torch.Tensor:
     """One image query at stream `position` (>= T) against the KV cache: q (B, nh, 1, hd), keys/values
     (B, nh, >= position + 1, hd) -> (B, nh, 1, hd). Reads the T text keys and the query's image window (views
     of the cache, no gather): W + 1 image keys for a row layer, H for a column layer."""
-    win = decode_window(spec, str(q.device))
     t = spec.text_len
+    if not t <= position < spec.n:
+        raise ValueError(f"decode_attention takes an image position in [{t}, {spec.n}), got {position}")
+    win = decode_window(spec, str(q.device)) if window is None else window
     i = position - t
     lo, n = win.lo[i], win.width[i]
     k_img = keys[:, :, t + lo : position + 1 : win.step]  # (B, nh, n, hd)
@@ -257,9 +267,42 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[-1])
     s_img = (q @ k_img.transpose(-1, -2)) * scale  # (B, nh, 1, n)
     if win.bias is not None:
-        s_img = s_img + win.bias[i, :n]
+        s_img = s_img + win.bias[i, :n].to(s_img.dtype)
     if not t:
         return s_img.softmax(dim=-1) @ v_img
     s_txt = (q @ keys[:, :, :t].transpose(-1, -2)) * scale  # (B, nh, 1, T)
     p = torch.cat([s_txt, s_img], dim=-1).softmax(dim=-1)  # (B, nh, 1, T + n)
     return p[..., :t] @ values[:, :, :t] + p[..., t:] @ v_img
+
+
+def decode_ring(spec: MaskSpec) -> int | None:
+    """Image slots of a ring KV cache for the raster-order `spec`: row W + 1 (its window exactly), conv
+    (kernel // 2 + 1) W (the rows its window spans); None (a full cache) for column and causal, or when the ring
+    would not be shorter than the image."""
+    if spec.kind == "row":
+        ring = spec.width + 1
+    elif spec.kind == "conv":
+        ring = (spec.kernel // 2 + 1) * spec.width
+    else:
+        return None
+    return ring if ring < spec.height * spec.width else None
+
+
+def ring_decode_table(spec: MaskSpec, device: str) -> torch.Tensor | None:
+    """(HW, T + ring) bool: which slots of the ring cache image query i may attend once it has written its own
+    key (slot T + j holds image position i - ((i - j) mod ring)); None when every filled slot is allowed (row).
+    Checks that every allowed key of the mask is in the ring. The attention layer owns and reuses it."""
+    ring = decode_ring(spec)
+    if ring is None:
+        raise ValueError(f"{spec} decodes with a full cache, not a ring")
+    t, hw = spec.text_len, spec.height * spec.width
+    i = torch.arange(hw)[:, None]
+    j = torch.arange(ring)[None, :]
+    p = i - (i - j) % ring  # (HW, ring) image position held by slot j
+    filled = p >= 0
+    image = filled & spec.allowed(t + i, t + p.clamp(min=0))
+    if int(image.sum()) != int(spec.dense()[t:, t:].sum()):
+        raise ValueError(f"{spec}: the ring of {ring} slots misses allowed keys")
+    if bool((image == filled).all()):
+        return None
+    return torch.cat([torch.ones(hw, t, dtype=torch.bool), image], dim=1).to(device)

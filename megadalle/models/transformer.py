@@ -14,13 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadalle.models.attention import decode_attention, dense_attention, dense_mask, make_attention
+from megadalle.models.attention import (
+    decode_attention,
+    decode_ring,
+    decode_window,
+    dense_attention,
+    dense_mask,
+    make_attention,
+    ring_decode_table,
+)
 from megadalle.models.layers import Embedding, Linear
 from megadalle.models.sparsity import Kind, MaskSpec, image_transpose_perm, layer_kinds
 
@@ -110,6 +118,8 @@ class AttentionBlock(nn.Module):
         self.sparse_decode = True
         """One image position at a time reads only its allowed keys; False attends the whole prefix with the dense
         mask (the benchmark's baseline, tools/bench_sampling.py)."""
+        self.decode_tables: dict[tuple[str, str], Any] = {}
+        """The raster mask's decoding tables, built on first use per device and owned by this layer."""
         if kind == "column":
             perm = image_transpose_perm(a.grid, a.grid)
             self.register_buffer("perm", perm, persistent=False)
@@ -135,23 +145,61 @@ class AttentionBlock(nn.Module):
             y = self._transpose(y, self.inv_perm)  # back to raster order
         return x + self.proj(y)
 
+    def _decode_table(self, name: str, device: torch.device) -> Any:
+        key = (name, str(device))
+        if key not in self.decode_tables:
+            build = {"dense": dense_mask, "window": decode_window, "ring": ring_decode_table}[name]
+            self.decode_tables[key] = build(self.raster, str(device))
+        return self.decode_tables[key]
+
+    @property
+    def ring(self) -> int | None:
+        """Slots of this layer's image ring cache (`ring_decode_table`), None for a full cache."""
+        return decode_ring(self.raster) if self.sparse_decode else None
+
     def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
-        """Incremental attention for stream positions start..start+n-1 in raster order. cache: K, V buffers
-        (B, nh, N, hd) filled up to `start`; column layers use the raster-order form of their mask instead of
-        transposing the states. One image position at a time reads only the keys its mask allows
-        (`decode_attention`); a prompt attends its prefix with the dense mask."""
+        """Incremental attention for stream positions start..start+n-1 in raster order; column layers use the
+        raster-order form of their mask instead of transposing the states. cache: K, V buffers (B, nh, S, hd).
+        Full caches (S = N, column layers) hold every position; one image position at a time then reads the text
+        and its image window (`decode_attention`). Ring caches (S = T + ring, row and conv layers) hold the text
+        and the last `ring` image positions, image position p in slot T + p % ring: one SDPA call over the ring
+        reads exactly the row layer's W + 1 image keys plus the text (conv: a mask over its ring). A prompt
+        (from position 0) attends itself with the dense mask."""
         B, n, D = x.shape
-        nh, hd = self.a.n_heads, self.a.head_dim
+        nh, hd, t = self.a.n_heads, self.a.head_dim, self.a.text_len
         q, k, v = self.qkv(self.ln(x)).split(D, dim=2)
         q = q.view(B, n, nh, hd).transpose(1, 2)  # (B, nh, n, hd)
-        cache[0][:, :, start : start + n] = k.view(B, n, nh, hd).transpose(1, 2)
-        cache[1][:, :, start : start + n] = v.view(B, n, nh, hd).transpose(1, 2)
-        if n == 1 and start >= self.a.text_len and self.sparse_decode:
-            y = decode_attention(q, cache[0], cache[1], start, self.raster)  # (B, nh, 1, hd)
+        k = k.view(B, n, nh, hd).transpose(1, 2)  # (B, nh, n, hd)
+        v = v.view(B, n, nh, hd).transpose(1, 2)  # (B, nh, n, hd)
+        ring = cache[0].shape[2] - t if cache[0].shape[2] < self.a.seq_len else None
+        if ring is None:
+            cache[0][:, :, start : start + n], cache[1][:, :, start : start + n] = k, v
+            if n == 1 and start >= t and self.sparse_decode:
+                y = decode_attention(q, cache[0], cache[1], start, self.raster, self._decode_table("window", x.device))
+            else:
+                keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
+                y = dense_attention(
+                    q, keys, values, self._decode_table("dense", x.device)[start : start + n, : start + n]
+                )
+        elif start == 0:  # the prompt: text and a possible image prefix attend each other
+            if n < t:
+                raise ValueError(f"a ring cache takes the whole text ({t} positions) as its prompt, got {n}")
+            y = dense_attention(q, k, v, self._decode_table("dense", x.device)[:n, :n])  # (B, nh, n, hd)
+            cache[0][:, :, :t], cache[1][:, :, :t] = k[:, :, :t], v[:, :, :t]
+            kept = torch.arange(max(0, n - t - ring), n - t, device=x.device)  # the last `ring` image positions
+            slots = t + kept % ring
+            cache[0][:, :, slots], cache[1][:, :, slots] = k[:, :, t + kept], v[:, :, t + kept]
+        elif n == 1 and start >= t:
+            i = start - t
+            slot = t + i % ring
+            cache[0][:, :, slot : slot + 1], cache[1][:, :, slot : slot + 1] = k, v
+            filled = t + min(i + 1, ring)
+            mask = self._decode_table("ring", x.device)
+            y = dense_attention(q, cache[0][:, :, :filled], cache[1][:, :, :filled],
+                                None if mask is None else mask[i : i + 1, :filled])  # fmt: skip
         else:
-            keys, values = cache[0][:, :, : start + n], cache[1][:, :, : start + n]  # (B, nh, start + n, hd)
-            mask = dense_mask(self.raster, str(x.device))[start : start + n, : start + n]
-            y = dense_attention(q, keys, values, mask)  # (B, nh, n, hd)
+            raise ValueError(f"a ring cache takes a prompt from position 0, then one image position at a time "
+                             f"(got {n} positions from {start})")  # fmt: skip
         return x + self.proj(y.transpose(1, 2).reshape(B, n, D))
 
 
@@ -260,11 +308,16 @@ class DallePrior(nn.Module):
         return self.ln_f(x)
 
     def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Empty K, V buffers (B, nh, N, hd) for every layer, for incremental decoding."""
+        """Empty K, V buffers (B, nh, S, hd) for every layer, for incremental decoding: S = N (a full cache), or
+        T + ring for a layer whose image keys fit a ring (row: W + 1 slots, conv: (kernel // 2 + 1) W)."""
         a = self.a
         like = self.text_head.weight
-        shape = (batch, a.n_heads, a.seq_len, a.head_dim)
-        return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.layers]
+        caches = []
+        for layer in self.layers:
+            ring = layer.attn.ring
+            shape = (batch, a.n_heads, a.seq_len if ring is None else a.text_len + ring, a.head_dim)
+            caches.append((like.new_zeros(shape), like.new_zeros(shape)))
+        return caches
 
     def forward_cached(self, x: torch.Tensor, cache: list, start: int) -> torch.Tensor:
         """Embedded stream positions start..start+n-1 (B, n, D) -> final hidden states (B, n, D), filling the cache."""

@@ -5,6 +5,7 @@ the model's own loss over the whole batch (the prior) or over the same micro-bat
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,8 @@ EXPECTED_DECAY = {
 def test_zero3_two_ranks_equal_plain_pytorch(stage_name, tmp_path, token_shards, tokenizer_model):
     """prior_triton: ZeRO-3 with activation checkpointing and the Triton kernels in every layer (column layers
     transposed), against plain PyTorch with dense masked SDPA."""
+    if stage_name == "prior_triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU ranks need the Triton interpreter (conftest sets it where there is no GPU)")
     args = _args(stage_name, token_shards, tokenizer_model, tmp_path)
     cfg = load_config(args)
     steps = _batches(stage_name, cfg)

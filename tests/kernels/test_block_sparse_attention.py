@@ -15,6 +15,9 @@ from kernels.block_sparse_attention import block_sparse_attention, block_sparse_
 from megadalle.models.sparsity import EMPTY, FULL, MaskSpec
 
 KINDS = ["row", "column", "conv", "causal"]
+INTERPRETER = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors under the interpreter; on a GPU the gpu tests run"
+)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -59,6 +62,7 @@ def _compare(spec: MaskSpec, shape: tuple[int, ...], dtype: torch.dtype, device:
         assert err <= 2 * yardstick + 1e-5, f"{spec.kind} {dtype} {name}: error {err:.3g}, PyTorch's {yardstick:.3g}"
 
 
+@INTERPRETER
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_backward_match_reference(kind, dtype):
@@ -66,12 +70,14 @@ def test_forward_backward_match_reference(kind, dtype):
     _compare(_spec(kind), (2, 3, 55, 32), dtype)
 
 
+@INTERPRETER
 @pytest.mark.parametrize("hd", [16, 24, 64, 128])
 def test_head_dims(hd):
     """hd 24 pads the head dimension inside the kernel; 64 and 128 are the paper's and a wide one."""
     _compare(_spec("row", t=5, h=4, w=5), (1, 1, 25, hd), torch.float32)
 
 
+@INTERPRETER
 def test_no_text_and_batch_of_heads():
     _compare(MaskSpec("conv", 0, 5, 9, kernel=5), (3, 5, 45, 32), torch.float16, block=32)
 
@@ -88,7 +94,6 @@ def test_block_table_lists_exactly_the_nonempty_blocks():
         rows = t.k_rows[t.k_off[i] : t.k_off[i + 1]].tolist()
         assert rows == [j for j in range(nb) if layout[j, i] != EMPTY]
     assert t.visited < nb * nb  # sparse: row attention skips blocks
-    assert block_table(spec, 16, "cpu") is t  # built once per (spec, block, device)
 
 
 def test_allowed_matches_the_dense_mask():
@@ -100,6 +105,7 @@ def test_allowed_matches_the_dense_mask():
             assert torch.equal(spec.allowed(pos[:, None], pos[None, :]), spec.dense()), (kind, t, h, w)
 
 
+@INTERPRETER
 def test_bad_inputs_are_named():
     spec = _spec("row")
     q = torch.randn(1, 2, spec.n, 32)
@@ -130,6 +136,7 @@ def test_gpu_full_size(kind, dtype):
 
 @pytest.mark.gpu
 @GPU
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hd", [32, 128])
-def test_gpu_head_dims(hd):
-    _compare(MaskSpec("row", 256, 32, 32), (1, 4, 1280, hd), torch.float16, device="cuda")
+def test_gpu_head_dims(hd, dtype):
+    _compare(MaskSpec("row", 256, 32, 32), (1, 4, 1280, hd), dtype, device="cuda")

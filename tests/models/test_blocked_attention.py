@@ -47,6 +47,8 @@ def test_blocked_band_is_narrow_for_the_paper_layouts():
 
 @pytest.mark.parametrize("attention", ["blocked", "triton", "auto"])
 def test_transformer_matches_dense_on_loss_and_gradients(attention):
+    if attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter; on a GPU the gpu test covers triton")
     """The debug flavor (every layer kind, column layers transposed): same loss and gradients as `dense`."""
     a = FLAVORS["debug"]
     g = torch.Generator().manual_seed(3)
@@ -107,6 +109,7 @@ def test_unknown_attention_is_named():
 @pytest.mark.parametrize("kind", ["row", "column", "conv", "causal"])
 @pytest.mark.parametrize("t", [5, 0])
 def test_decode_reads_only_its_window_and_equals_dense(kind, t):
+    """fp32 against dense SDPA, and a bf16 cache stays bf16 (conv's bias is fp32)."""
     spec = MaskSpec(kind, t, 4, 6, kernel=3, transposed=False)
     win = decode_window(spec, "cpu")
     dense = spec.dense()
@@ -121,7 +124,12 @@ def test_decode_reads_only_its_window_and_equals_dense(kind, t):
         assert {k for k in dense[pos].nonzero().flatten().tolist() if k >= t} <= window
         q = torch.randn(2, 3, 1, 8, generator=g)
         want = F.scaled_dot_product_attention(q, keys, values, attn_mask=dense[pos : pos + 1])
-        torch.testing.assert_close(decode_attention(q, keys, values, pos, spec), want)
+        torch.testing.assert_close(decode_attention(q, keys, values, pos, spec, win), want)
+        low = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), pos, spec, win)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), want, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="image position"):
+        decode_attention(q, keys, values, t - 1, spec, win)
 
 
 def test_decode_rejects_the_transposed_column_mask():
