@@ -118,6 +118,22 @@ def _load_rows(ptr, offs, offs_d, N, HD, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _visit(q, K, V, kb, full, offs_m, offs_d, qk_scale, N, T, H, W, HALF, HD,
+           KIND: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Key block kb seen from the query rows offs_m: its k, v (BLOCK, BLOCK_D), the scores q k^T in log2 units
+    (BLOCK, BLOCK) and which of them are attended (FULL blocks: all in range; PARTIAL: `_allowed`)."""
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    k = _load_rows(K, offs_n, offs_d, N, HD, UPCAST)
+    v = _load_rows(V, offs_n, offs_d, N, HD, UPCAST)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if full != 0:
+        keep = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    else:
+        keep = _allowed(offs_m, offs_n, N, T, H, W, HALF, KIND)
+    return k, v, s, keep
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -137,16 +153,9 @@ def _fwd_kernel(
     start = tl.load(Q_OFF + qb)
     end = tl.load(Q_OFF + qb + 1)
     for idx in range(start, end):
-        kb = tl.load(Q_COLS + idx)
-        full = tl.load(Q_FULL + idx)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = _load_rows(K, offs_n, offs_d, N, HD, UPCAST)
-        v = _load_rows(V, offs_n, offs_d, N, HD, UPCAST)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK, BLOCK)
-        if full != 0:
-            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
-        else:
-            s = tl.where(_allowed(offs_m, offs_n, N, T, H, W, HALF, KIND), s, float("-inf"))
+        k, v, s, keep = _visit(q, K, V, tl.load(Q_COLS + idx), tl.load(Q_FULL + idx), offs_m, offs_d, qk_scale,
+                               N, T, H, W, HALF, HD, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
+        s = tl.where(keep, s, float("-inf"))  # (BLOCK, BLOCK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -229,16 +238,8 @@ def _bwd_dq_kernel(
     start = tl.load(Q_OFF + qb)
     end = tl.load(Q_OFF + qb + 1)
     for idx in range(start, end):
-        kb = tl.load(Q_COLS + idx)
-        full = tl.load(Q_FULL + idx)
-        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-        k = _load_rows(K, offs_n, offs_d, N, HD, UPCAST)
-        v = _load_rows(V, offs_n, offs_d, N, HD, UPCAST)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        if full != 0:
-            keep = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        else:
-            keep = _allowed(offs_m, offs_n, N, T, H, W, HALF, KIND)
+        k, v, s, keep = _visit(q, K, V, tl.load(Q_COLS + idx), tl.load(Q_FULL + idx), offs_m, offs_d, qk_scale,
+                               N, T, H, W, HALF, HD, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
