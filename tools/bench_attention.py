@@ -80,7 +80,7 @@ def bench_cpu(reps: int) -> list[dict]:
                          "dense_tokens_per_s": round(tokens / dense), "blocked_tokens_per_s": round(tokens / blocked),
                          "blocked_over_dense": round(dense / blocked, 2), "auto": "blocked" if faster_than_dense(plan)
                          else "dense", "computed_fraction": round(plan.computed_fraction(), 3)})  # fmt: skip
-    print(f"CPU training step (fwd+bwd), d 256 = 4 heads x 64, fp32, {torch.get_num_threads()} threads")
+    print(f"CPU: attention forward + backward, d 256 = 4 heads x 64, fp32, {torch.get_num_threads()} threads")
     print(f"{'stream':>12} {'layout':>7} {'dense tok/s':>12} {'blocked tok/s':>14} {'ratio':>6} {'auto':>8}")
     for r in rows:
         print(f"{r['stream']:>12} {r['layout']:>7} {r['dense_tokens_per_s']:>12} {r['blocked_tokens_per_s']:>14} "
@@ -92,7 +92,7 @@ def bench_gpu(heads: list[int], batch: int, dtypes: list[str]) -> list[dict]:
     from triton.testing import do_bench
 
     from kernels.block_sparse_attention import block_sparse_attention
-    from megadalle.models.attention import _flex_attention, block_mask_from_layout
+    from megadalle.models.attention import _flex_attention, block_mask_from_spec
 
     t, grid, hd = 256, 32, 64
     rows = []
@@ -100,7 +100,7 @@ def bench_gpu(heads: list[int], batch: int, dtypes: list[str]) -> list[dict]:
         spec = MaskSpec(kind, t, grid, grid)
         mask = spec.dense().cuda()
         pairs = int(mask.sum())
-        block_mask = block_mask_from_layout(mask, 128)
+        block_mask = block_mask_from_spec(spec, "cuda", 128)
         flex = _flex_attention(True)
         for h in heads:
             for name in dtypes:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadalle.models.blocked_attention import BlockedPlan, blocked_attention, faster_than_dense
-from megadalle.models.sparsity import EMPTY, FULL, MaskSpec, block_layout
+from megadalle.models.sparsity import EMPTY, FULL, MaskSpec
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,13 +50,14 @@ class DenseAttention(nn.Module):
         return dense_attention(q, k, v, self.mask[:n, :n])
 
 
-def block_mask_from_layout(mask: torch.Tensor, block: int = 128) -> Any:
+def block_mask_from_spec(spec: MaskSpec, device: torch.device | str, block: int = 128) -> Any:
     """A FlexAttention BlockMask whose block structure is our `block_layout`: FULL blocks skip the mask_mod,
-    PARTIAL blocks evaluate it, EMPTY blocks are never visited. Built on the mask's device."""
+    PARTIAL blocks evaluate it, EMPTY blocks are never visited. The mask_mod is the mask's definition
+    (`MaskSpec.allowed`), arithmetic on the indices, so no N x N tensor is read (as in the Triton kernel)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    n = mask.shape[0]
-    layout = block_layout(mask, block)  # (nb, nb)
+    n = spec.n
+    layout = spec.layout(block).to(device)  # (nb, nb)
     nb = layout.shape[0]
 
     def indices(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +68,9 @@ def block_mask_from_layout(mask: torch.Tensor, block: int = 128) -> Any:
     partial = (layout != EMPTY) & (layout != FULL)
     kv_num, kv_idx = indices(partial)
     full_num, full_idx = indices(layout == FULL)
-    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool, device=mask.device)
-    padded[:n, :n] = mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return padded[q_idx, kv_idx]
+        return spec.allowed(q_idx, kv_idx)
 
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(n, n))  # fmt: skip
@@ -85,13 +84,13 @@ class FlexAttention(nn.Module):
     def __init__(self, spec: MaskSpec, block: int = 128) -> None:
         super().__init__()
         self.spec, self.block = spec, block
-        self.register_buffer("mask", spec.dense(), persistent=False)
+        self.register_buffer("mask", spec.dense(), persistent=False)  # where the BlockMask lives (it follows it)
         self.block_mask = self._build()
 
     def _build(self) -> Any:
         if self.mask.device.type == "meta":
             return None  # nothing to attend with on the meta device; rebuilt when moved to a real one
-        return block_mask_from_layout(self.mask, self.block)
+        return block_mask_from_spec(self.spec, self.mask.device, self.block)
 
     def _apply(self, fn, recurse: bool = True):
         device = self.mask.device
@@ -130,9 +129,9 @@ def _flex_attention(compiled: bool) -> Callable[..., torch.Tensor]:
 class BlockedAttention(nn.Module):
     """The block layout executed in PyTorch (`blocked_attention`); the band's bias is a buffer."""
 
-    def __init__(self, spec: MaskSpec, block: int = 32) -> None:
+    def __init__(self, spec: MaskSpec, block: int = 32, plan: BlockedPlan | None = None) -> None:
         super().__init__()
-        self.spec, self.plan = spec, BlockedPlan(spec, block)
+        self.spec, self.plan = spec, plan or BlockedPlan(spec, block)
         self.register_buffer("bias", self.plan.bias, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -180,7 +179,7 @@ class AutoAttention(nn.Module):
         super().__init__()
         self.spec = spec
         plan = BlockedPlan(spec)
-        self.on_cpu = BlockedAttention(spec) if faster_than_dense(plan) else DenseAttention(spec)
+        self.on_cpu = BlockedAttention(spec, plan=plan) if faster_than_dense(plan) else DenseAttention(spec)
         self.on_gpu = TritonAttention(spec)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,8 @@ class BlockedPlan:
 def faster_than_dense(plan: BlockedPlan) -> bool:
     """Whether `auto` should use this plan on the CPU instead of dense masked SDPA. Measured on the 2-core CPU by
     tools/bench_attention.py --cpu (training step, d 256 = 4 heads of 64; computed fraction in brackets):
-    256 + 32x32 row 2.0x (0.22), column 3.2x (0.20), conv 1.4x (0.30); 64 + 16x16 row 1.2x (0.34), column 1.7x
-    (0.26), conv 0.7x (0.50). Short streams (the demo's 96 positions) stay dense: launches cost more than the
+    256 + 32x32 row 2.4x (0.22), column 3.1x (0.20), conv 1.4x (0.30); 64 + 16x16 row 1.3x (0.34), column 1.8x
+    (0.26), conv 0.8x (0.50). Short streams (the demo's 96 positions) stay dense: launches cost more than the
     skipped pairs save."""
     return plan.spec.n >= 256 and plan.computed_fraction() <= 0.35
 
@@ -85,9 +85,10 @@ def blocked_attention(
         return torch.stack([x[:, :, j : j + nb] for j in range(s)], dim=3).view(B * nh * nb, s * b, hd)
 
     kb, vb = band(ki), band(vi)  # (B nh nb, S b, hd)
-    bias = (plan.bias if bias is None else bias).to(q.dtype).expand(B * nh, nb, b, s * b).reshape(B * nh * nb, b, s * b)
+    bias = (plan.bias if bias is None else bias).to(q.dtype)  # (nb, b, S b)
     scale = 1.0 / math.sqrt(hd)
-    s_img = torch.baddbmm(bias, qi.reshape(B * nh * nb, b, hd), kb.transpose(1, 2), alpha=scale)  # (B nh nb, b, S b)
+    s_img = torch.bmm(qi.reshape(B * nh * nb, b, hd), kb.transpose(1, 2)).mul_(scale)  # (B nh nb, b, S b)
+    s_img.view(B * nh, nb, b, s * b).add_(bias)  # in place, broadcast: bmm's backward needs its inputs only
     s_txt = (qi @ kt.transpose(-1, -2)) * scale  # (B, nh, nb b, T)
     p = torch.cat([s_txt.view(B * nh * nb, b, t), s_img], dim=-1).softmax(dim=-1)  # (B nh nb, b, T + S b)
     p_txt, p_img = p.split([t, s * b], dim=-1)

@@ -82,6 +82,24 @@ def test_no_text_and_batch_of_heads():
     _compare(MaskSpec("conv", 0, 5, 9, kernel=5), (3, 5, 45, 32), torch.float16, block=32)
 
 
+@INTERPRETER
+def test_strided_views_are_read_in_place():
+    """q, k, v as the transformer makes them (slices of one (B, N, 3 D) projection, heads transposed) and a
+    transposed dO: the kernels read them through their strides, no copy, with the reference's result."""
+    spec = _spec("conv")
+    B, nh, N, hd = 2, 3, spec.n, 32
+    qkv = torch.randn(B, N, 3 * nh * hd, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    q, k, v = (x.view(B, N, nh, hd).transpose(1, 2) for x in qkv.split(nh * hd, dim=2))  # (B, nh, N, hd) views
+    assert not q.is_contiguous() and q.stride() == k.stride()
+    do = torch.randn(B, N, nh, hd, generator=torch.Generator().manual_seed(1)).transpose(1, 2)  # (B, nh, N, hd)
+    out = block_sparse_attention(q, k, v, spec)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    ref = block_sparse_attention_ref(q, k, v, spec)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, do)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-5)
+
+
 def test_block_table_lists_exactly_the_nonempty_blocks():
     spec = _spec("row", t=16, h=8, w=8)
     t = block_table(spec, 16, "cpu")
