@@ -130,6 +130,10 @@ class AttentionBlock(nn.Module):
         return torch.cat([x[:, :t], x[:, t:][:, perm]], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) of the resblock x + f(x): (B, N, D) -> (B, N, D), the part the gradient scaler wraps."""
         B, N, D = x.shape
         h = self.ln(x)
         if self.kind == "column":
@@ -143,7 +147,7 @@ class AttentionBlock(nn.Module):
         y = y.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         if self.kind == "column":
             y = self._transpose(y, self.inv_perm)  # back to raster order
-        return x + self.proj(y)
+        return self.proj(y)
 
     def _decode_table(self, name: str, device: torch.device) -> Any:
         key = (name, str(device))
@@ -213,11 +217,16 @@ class MLPBlock(nn.Module):
         self.proj = Linear(a.mlp_ratio * a.d_model, a.d_model, std=0.02 / math.sqrt(2 * a.n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
+        return x + self.branch(x)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) of the resblock x + f(x)."""
+        return self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
 
 
 class Layer(nn.Module):
-    """One transformer layer: two resblocks, each of the form x + f(x), run in order by `forward`."""
+    """One transformer layer: two resblocks, each of the form x + f(x) with f = `block.branch`, run in order by
+    `forward`."""
 
     def __init__(self, a: PriorArgs, kind: Kind, attention: str) -> None:
         super().__init__()
