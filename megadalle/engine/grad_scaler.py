@@ -1,34 +1,39 @@
 """Per-resblock gradient scaling for fp16 (Ramesh et al. 2021, Sec. 2.4, Fig. 4, App. D).
 
-One scale per resblock (attention and MLP each). Around each resblock x + f(x), applied from outside the model
-through the `run_block` seam (engine/wrap.py):
+One scale per resblock (attention and MLP each). Each resblock x + f(x) joins its branch f to the identity path
+through its `residual` attribute (models/transformer.py); `apply_grad_scaler` replaces it, from outside the
+model, with
 
-    out = x + ScaleGrad(f(UnscaleFilter(x)))
+    out = x + ScaleGrad(f(UnscaleFilter(x).to(branch dtype)).float())
 
-Backward: the gradient entering the branch f is multiplied by the block's scale (ScaleGrad); the gradient
-leaving it towards x is divided by the scale and its Inf/NaN entries set to 0 (UnscaleFilter), recording that
-this block overflowed, so that one block's overflow neither reaches the blocks before it nor shrinks their
-scales; then it joins the identity path, which never sees a scale. The parameters of f hold gradients scaled by
-the block's scale: `PerBlockScaler.unscale_and_check` divides them before the optimizer and finds the blocks
-whose gradients are not finite.
+so the block is still called through its `__call__` (ZeRO-3's hooks, activation checkpointing). Backward: the
+fp32 gradient entering the branch is multiplied by the block's scale *before* it is cast to the branch's dtype
+(fp16: small values survive the cast); the gradient leaving the branch is cast to fp32, divided by the scale and
+its Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
+neither reaches the blocks before it nor shrinks their scales; then it joins the identity path, which stays fp32
+and never sees a scale. The parameters of f hold gradients scaled by the block's scale: they are divided before
+the optimizer (in fp32: `unscale_and_check` for fp32/bf16 parameters; an fp16 engine divides its fp32 copies).
 
 Update rules (App. D): scale_0 = M * 2^13 (M data-parallel replicas); after an applied update, each block
 whose gradients were finite grows by 2^(1/1000); a block with non-finite gradients is divided by sqrt(2) and the
-whole update is skipped, but a scale is not divided again within 125 updates of its last division; scales stay
-in [M * 2^7, M * 2^24]. We read "after an update" literally: when the update is skipped (some block
-overflowed), no scale grows.
+whole update is skipped, but a scale is not divided again within 125 update attempts (skipped ones count: a
+window of applied updates could never end under persistent overflow) of its last division; scales stay in
+[M * 2^7, M * 2^24]. We read "after an update" literally: when the update is skipped, no scale grows. A
+non-finite gradient outside the resblocks (embeddings, heads: fp32, unscaled) skips the update but divides no
+scale: no block's scale caused it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from megadalle.models.transformer import BlockRunner
+from megadalle.models.transformer import Residual, plain_residual
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class PerBlockScaler:
         self.updates = 0
         """Update attempts so far (applied or skipped)."""
         self.skipped_updates = 0
+        self.outside_skips = 0
+        """Updates skipped for a non-finite gradient outside the resblocks."""
         self.flags: torch.Tensor | None = None
 
     @property
@@ -71,26 +78,29 @@ class PerBlockScaler:
     def scale(self, i: int) -> float:
         return float(2.0 ** self.log2_scales[i])
 
-    def reset_flags(self, device: torch.device) -> torch.Tensor:
-        """Fresh overflow flags for the next backward (called before each forward by `scaled`)."""
+    def flags_on(self, device: torch.device) -> torch.Tensor:
+        """The overflow flags on `device`, created there on first use. They accumulate over the micro-batches of
+        one update (gradient accumulation) and are cleared by `update`."""
         if self.flags is None or self.flags.device != device:
             self.flags = torch.zeros(self.n_blocks, dtype=torch.bool, device=device)
-        else:
-            self.flags.zero_()
         return self.flags
 
-    def update(self, overflow: torch.Tensor) -> bool:
-        """Apply App. D's rules for one update attempt, given which blocks overflowed (n_blocks,) bool.
-        Returns True when the update must be skipped."""
+    def update(self, overflow: torch.Tensor, outside: bool = False) -> bool:
+        """Apply App. D's rules for one update attempt, given which blocks overflowed (n_blocks,) bool and whether
+        a gradient outside the resblocks did; clear the overflow flags. Returns True when the update must be
+        skipped."""
         overflow = overflow.detach().to("cpu", torch.bool)
         r, step = self.rules, self.updates
-        skip = bool(overflow.any())
+        if self.flags is not None:
+            self.flags.zero_()
+        skip = bool(overflow.any()) or outside
         if skip:
             may_divide = overflow & (step - self.last_division >= r.backoff_window)
             self.log2_scales[may_divide] -= r.backoff_log2
             self.last_division[may_divide] = step
             self.skips[overflow] += 1
             self.skipped_updates += 1
+            self.outside_skips += int(outside)
         else:
             self.log2_scales += r.growth_log2
         self.log2_scales.clamp_(self.log2_m + r.min_log2, self.log2_m + r.max_log2)
@@ -99,14 +109,12 @@ class PerBlockScaler:
 
     def unscale_and_check(
         self, blocks: list[nn.Module], others: list[nn.Parameter], unscale: bool = True
-    ) -> torch.Tensor:
-        """Divide each block's parameter gradients by its scale (`unscale`); return (n_blocks,) bool: the block
+    ) -> tuple[torch.Tensor, bool]:
+        """Divide each block's parameter gradients by its scale (`unscale`); return (n_blocks,) bool, the block
         overflowed (its outgoing activation gradient, recorded in backward, or one of its parameter gradients is
-        not finite). A non-finite gradient of a parameter outside the resblocks (embeddings, heads, final norm)
-        marks every block. One host transfer at the end (the skip decision needs it anyway).
+        not finite), and whether a gradient of a parameter outside the resblocks is not finite. One host transfer.
         fp16 gradients are not divided in place: dividing in fp16 would flush the small values the scale exists
-        to keep. Unscale them into fp32 master gradients instead (`unscale=False` here; the fp16 engine divides
-        its fp32 copy by `scale(i)`)."""
+        to keep. Unscale them into fp32 master gradients instead (`unscale=False` here)."""
         if len(blocks) != self.n_blocks:
             raise ValueError(f"the scaler has {self.n_blocks} scales but got {len(blocks)} resblocks")
         device = self.flags.device if self.flags is not None else torch.device("cpu")
@@ -126,28 +134,31 @@ class PerBlockScaler:
         for p in others:
             if p.grad is not None:
                 outside |= ~torch.isfinite(p.grad).all().to(device)
-        return (bad | outside).cpu()
+        flags = torch.cat([bad, outside.view(1)]).cpu()
+        return flags[:-1], bool(flags[-1])
 
     def step(self, blocks: list[nn.Module], others: list[nn.Parameter]) -> bool:
-        """After backward, before the optimizer: unscale the blocks' gradients, apply the update rules, clear the
-        overflow flags for the next backward. True: skip this update (zero the gradients, do not step)."""
-        skip = self.update(self.unscale_and_check(blocks, others))
-        if self.flags is not None:
-            self.flags.zero_()
-        return skip
+        """After backward, before the optimizer (fp32/bf16 parameters): unscale the blocks' gradients and apply
+        the update rules. True: skip this update (zero the gradients, do not step the optimizer)."""
+        overflow, outside = self.unscale_and_check(blocks, others)
+        return self.update(overflow, outside)
 
     def state_dict(self) -> dict[str, Any]:
         return {"log2_scales": self.log2_scales.clone(), "last_division": self.last_division.clone(),
                 "skips": self.skips.clone(), "updates": self.updates, "skipped_updates": self.skipped_updates,
-                "replicas": self.replicas}  # fmt: skip
+                "outside_skips": self.outside_skips, "replicas": self.replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["log2_scales"].numel() != self.n_blocks:
             raise ValueError(f"scaler state has {state['log2_scales'].numel()} scales, this model {self.n_blocks}")
-        self.log2_scales = state["log2_scales"].clone().double()
-        self.last_division = state["last_division"].clone()
-        self.skips = state["skips"].clone()
+        if int(state["replicas"]) != self.replicas:  # init and clamps are M * 2^k: the scales would not fit
+            raise ValueError(f"scaler state is for {state['replicas']} data-parallel replicas, this run has "
+                             f"{self.replicas}")  # fmt: skip
+        self.log2_scales = state["log2_scales"].detach().to("cpu", torch.float64).clone()
+        self.last_division = state["last_division"].detach().to("cpu", torch.int64).clone()
+        self.skips = state["skips"].detach().to("cpu", torch.int64).clone()
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
+        self.outside_skips = int(state.get("outside_skips", 0))
 
     def metrics(self) -> dict[str, float]:
         """For the JSON step line: min / max log2 scale, skipped updates so far."""
@@ -156,65 +167,50 @@ class PerBlockScaler:
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient entering the branch by the block's scale."""
+    """Identity forward; backward multiplies the (fp32) gradient entering the branch by the block's scale."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         return g * ctx.scale, None
 
 
 class _UnscaleFilterGrad(torch.autograd.Function):
-    """Identity forward; backward divides the gradient leaving the branch by the scale, zeroes its Inf/NaN
+    """Identity forward; backward divides the (fp32) gradient leaving the branch by the scale, zeroes its Inf/NaN
     entries and sets flags[index] when there were any (in place on the device: no host sync)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float, flags: torch.Tensor, index: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, scale: float, flags: torch.Tensor, index: int) -> torch.Tensor:
         ctx.scale, ctx.flags, ctx.index = scale, flags, index
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         g = g / ctx.scale
-        finite = torch.isfinite(g)
-        ctx.flags[ctx.index] |= ~finite.all()
-        return torch.where(finite, g, torch.zeros_like(g)), None, None, None
+        ctx.flags[ctx.index] |= ~torch.isfinite(g).all()
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), None, None, None
 
 
-class _Branch:
-    """The branch f of a resblock x + f(x), callable like a block (and with its `training`), so that inner
-    wrappers (activation checkpointing) run f alone."""
+def scaled_residual(block: nn.Module, scaler: PerBlockScaler, index: int) -> Residual:
+    """The residual join of `block` with its gradient scale `index` (see the module docstring). Without autograd
+    (evaluation, sampling) it is the plain x + f(x)."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+    def residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return x + branch(x)
+        if x.dtype != torch.float32:
+            raise ValueError(f"per-resblock gradient scaling keeps the identity path in fp32 (App. D), but resblock "
+                             f"{index} got {x.dtype} activations")  # fmt: skip
+        s = scaler.scale(index)
+        h = _UnscaleFilterGrad.apply(x, s, scaler.flags_on(x.device), index)
+        dtype = next(block.parameters()).dtype  # the branch's compute dtype (fp16 under an fp16 engine)
+        return x + _ScaleGrad.apply(branch(h.to(dtype)).float(), s)
 
-    @property
-    def training(self) -> bool:
-        return self.block.training
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block.branch(x)
-
-
-def scaled(inner: BlockRunner, scaler: PerBlockScaler) -> BlockRunner:
-    """A block runner applying the per-resblock gradient scale around each resblock's branch. Each resblock
-    carries its index as `block.grad_scale_index` (set by `apply_grad_scaler`)."""
-
-    def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not (block.training and torch.is_grad_enabled()):
-            return inner(block, x)
-        i = block.grad_scale_index
-        if scaler.flags is None or scaler.flags.device != x.device:
-            scaler.reset_flags(x.device)
-        s = scaler.scale(i)
-        h = _UnscaleFilterGrad.apply(x, s, scaler.flags, i)
-        return x + _ScaleGrad.apply(inner(_Branch(block), h), s)
-
-    return run
+    return residual
 
 
 def resblocks(model: nn.Module) -> list[nn.Module]:
@@ -222,12 +218,19 @@ def resblocks(model: nn.Module) -> list[nn.Module]:
     return [block for layer in model.layers for block in layer.resblocks()]
 
 
+def outside_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that belong to no resblock (embeddings, heads, final norm), in model order."""
+    inside = {p for block in resblocks(model) for p in block.parameters()}  # membership by identity, not a cache
+    return [p for p in model.parameters() if p not in inside]
+
+
 def apply_grad_scaler(model: nn.Module, replicas: int = 1, rules: ScalerRules = ScalerRules()) -> PerBlockScaler:
-    """Wrap every resblock of `model` (a model with the `run_block` seam and `layers`) in its gradient scale;
-    returns the scaler the training loop steps (`unscale_and_check`, `update`)."""
+    """Give every resblock of `model` (a model with `layers` of resblocks that join through `residual`) its
+    gradient scale; returns the scaler the training loop steps (`step`, or `unscale_and_check` + `update`)."""
     blocks = resblocks(model)
-    for i, block in enumerate(blocks):
-        block.grad_scale_index = i
+    if any(block.residual is not plain_residual for block in blocks):
+        raise ValueError("the resblocks' residual joins are already replaced (apply_grad_scaler twice?)")
     scaler = PerBlockScaler(len(blocks), replicas, rules)
-    model.run_block = scaled(model.run_block, scaler)
+    for i, block in enumerate(blocks):
+        block.residual = scaled_residual(block, scaler, i)
     return scaler

@@ -1,8 +1,8 @@
 """Training techniques applied to a model from outside, in one place (torchtitan's `apply_ac`): the model keeps
 only its math and exposes a seam, `model.run_block(block, x)`, through which every resblock is called. Each
 technique composes a wrapper around it. The per-resblock gradient scaler (fp16, engine/grad_scaler.py) is one
-more such wrapper (`apply_grad_scaler`), composed outside activation checkpointing; its DeepSpeed fp16 engine
-integration (issue 11) is not done yet, so no run file turns it on.
+more technique (`apply_grad_scaler`: it replaces each resblock's `residual` join, so blocks keep their
+`__call__`); its DeepSpeed fp16 engine integration (issue 11) is not done yet, so no run file turns it on.
 """
 
 from __future__ import annotations
