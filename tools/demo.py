@@ -326,11 +326,13 @@ class Demo:
         want = {
             "image_size": d.image_size,
             "sources": d.sources,
+            "limit_per_source": d.limit_per_source,
             "style_in_caption": d.style_in_caption,
             "val_percent": d.val_percent,
             "zeroshot_percent": d.zeroshot_percent,
             "seed": self.demo_cfg.job.seed,
         }
+        m.setdefault("limit_per_source", 0)  # manifests from before the field was recorded: full sets
         diff = [f"{k} {m.get(k)!r} -> {v!r}" for k, v in want.items() if m.get(k) != v]
         if diff:
             return Verdict(False, f"{self.shards / MANIFEST} was made with other settings: {'; '.join(diff)}")

@@ -83,6 +83,7 @@ def build_emoji_shards(data: Data, out: str | Path, seed: int = 0, progress: boo
         "created_by": "tools/make_shards.py",
         "image_size": data.image_size,
         "sources": data.sources,
+        "limit_per_source": data.limit_per_source,
         "style_in_caption": data.style_in_caption,
         "val_percent": data.val_percent,
         "zeroshot_percent": data.zeroshot_percent,

@@ -159,6 +159,10 @@ def test_dry_run_skips_and_reruns_downstream(tmp_path, monkeypatch, capsys):
     Demo(demo_args()).run(force=False, dry_run=True)
     assert "image_size" in stage_lines(capsys.readouterr().out)["shards"]
 
+    fake_shards(shards, limit_per_source=300, **settings)  # a subset (the quick demo's): not the full set
+    Demo(demo_args()).run(force=False, dry_run=True)
+    assert "limit_per_source 300 -> 0" in stage_lines(capsys.readouterr().out)["shards"]
+
     fake_shards(shards, **settings)
     Demo(demo_args()).run(force=True, dry_run=True)
     out = capsys.readouterr().out
