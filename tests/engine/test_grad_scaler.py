@@ -87,14 +87,19 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(4, A.text_vocab, (2, A.text_len), generator=g), torch.randint(0, 16, (2, 9), generator=g)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_are_scaled_per_block_and_unscale_to_the_plain_ones(checkpointing: bool) -> None:
+def _reference_and_twin() -> tuple[torch.Tensor, torch.Tensor, DallePrior, DallePrior]:
+    """A batch, a plain fp32 prior holding its gradients for it, and an untouched twin (same initial weights)."""
     text, image = _batch()
     torch.manual_seed(0)
     plain = DallePrior(A)
     plain(text, image).loss.backward()
     torch.manual_seed(0)
-    model = DallePrior(A)
+    return text, image, plain, DallePrior(A)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_are_scaled_per_block_and_unscale_to_the_plain_ones(checkpointing: bool) -> None:
+    text, image, plain, model = _reference_and_twin()
     if checkpointing:
         apply_activation_checkpointing(model)
     scaler = apply_grad_scaler(model)
@@ -117,12 +122,7 @@ def _name(model: nn.Module, param: nn.Parameter) -> str:
 def test_fp16_resblocks_with_an_fp32_identity_path_match_fp32() -> None:
     """The prior's own blocks in fp16 (fp32 stream, embeddings and heads): the scaled fp16 gradients, divided in
     fp32, match the fp32 model's; activations reaching a block in fp16 are refused (App. D keeps them fp32)."""
-    text, image = _batch()
-    torch.manual_seed(0)
-    ref = DallePrior(A)
-    ref(text, image).loss.backward()
-    torch.manual_seed(0)
-    model = DallePrior(A)
+    text, image, ref, model = _reference_and_twin()
     for block in resblocks(model):
         block.half()
     scaler = apply_grad_scaler(model)
