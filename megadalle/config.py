@@ -176,7 +176,12 @@ class Train:
     """Samples per update over all ranks (the paper's 1,024 for the prior). When set, grad_accum_steps is derived
     as global_batch_size / (micro_batch_size x world size), which must divide; 0: micro x accum x world."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision; fp16 uses the loss scaler."""
+    """Compute precision; fp16 scales gradients as `grad_scaler` says."""
+    grad_scaler: Literal["auto", "per_resblock", "global", "none"] = "auto"
+    """fp16 only (off in bf16 and fp32): `per_resblock` one scale per resblock of the prior (App. D,
+    engine/grad_scaler.py; DeepSpeed's loss scale held at 1, gradients accumulated in fp32, ZeRO-3 only);
+    `global` DeepSpeed's dynamic loss scale from the DeepSpeed JSON; `none` no scaling (loss scale 1); `auto`
+    per_resblock for the prior under ZeRO-3, else global."""
     activation_checkpointing: bool = False
     """Recompute each resblock's activations in backward."""
     log_every: int = 10

@@ -32,7 +32,7 @@ from megadalle.engine.checkpoint import (
     save_checkpoint,
 )
 from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown, sum_over_ranks, world_size
-from megadalle.engine.ds_config import load_ds_config
+from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
 from megadalle.engine.progress import Progress
@@ -68,10 +68,14 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero3):
         model = stage.build_model()
-    apply_wrappers(model, cfg)
+    apply_wrappers(model, cfg, grad_scaler_mode(cfg, ds))
     o = cfg.optim
     optimizer = torch.optim.AdamW(stage.param_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    if getattr(model, "grad_scaler", None) is not None:
+        from megadalle.engine import ds_grad_scaler
+
+        ds_grad_scaler.install(engine.optimizer, engine.module, model.grad_scaler)
     return engine, optimizer
 
 
@@ -145,6 +149,11 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             resume = fallback
             continue
         stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
+        scaler = getattr(engine.module, "grad_scaler", None)
+        if scaler is not None and "grad_scaler" in loop:
+            scaler.load_state_dict(loop["grad_scaler"])
+        elif scaler is not None:
+            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
         log.info(f"resumed from {resume} at step {step}")
         break
 
@@ -188,6 +197,9 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
                 skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
                 memory_mb=_memory_mb(),
             )
+            scaler = getattr(engine.module, "grad_scaler", None)
+            if scaler is not None:
+                metrics.update(scaler.metrics(per_block=step % t.log_every == 0 or step in (start_step + 1, t.steps)))
             if not np.isfinite(metrics["loss"]):
                 log.warning(f"step {step}: non-finite loss {metrics['loss']}")
             logger.log(step, metrics, force=step in (start_step + 1, t.steps))  # first and last always shown
@@ -195,10 +207,10 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             if t.eval_every and step % t.eval_every == 0:
                 last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
+                save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage, engine))
 
     if step > start_step and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage))
+        save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage, engine))
     if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
         last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
     logger.close()
@@ -207,9 +219,14 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     return last_eval
 
 
-def _client_state(stage: Stage) -> dict[str, Any]:
-    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA."""
-    return {"lr_schedule": stage.lr_schedule.state_dict()}
+def _client_state(stage: Stage, engine: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA: the lr schedule's state
+    and the per-resblock gradient scales (identical on every rank: their updates are agreed)."""
+    state: dict[str, Any] = {"lr_schedule": stage.lr_schedule.state_dict()}
+    scaler = getattr(engine.module, "grad_scaler", None)
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    return state
 
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:

@@ -81,7 +81,29 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
             )
     if out.get("fp16", {}).get("enabled") and out.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{origin}: fp16 and bf16 are both enabled")
+    mode = grad_scaler_mode(cfg, out, origin)
+    if mode in ("per_resblock", "none"):
+        # the scaling is ours (or none): DeepSpeed's loss scale is held at 1 (static); per_resblock divides its
+        # scales out of fp32 gradient partitions (engine/ds_grad_scaler.py)
+        out["fp16"]["loss_scale"] = 1
+    if mode == "per_resblock":
+        out.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return out
+
+
+def grad_scaler_mode(cfg: JobConfig, ds: dict[str, Any], origin: str = "<ds config>") -> str:
+    """`train.grad_scaler` resolved against the filled DeepSpeed config: "off" unless fp16; `auto` is
+    per_resblock for the prior under ZeRO-3, else global; per_resblock elsewhere is an error."""
+    if not ds.get("fp16", {}).get("enabled"):
+        return "off"
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    mode = cfg.train.grad_scaler
+    if mode == "auto":
+        return "per_resblock" if cfg.job.stage == "prior" and zero == 3 else "global"
+    if mode == "per_resblock" and (cfg.job.stage != "prior" or zero != 3):
+        raise ConfigError(f"{origin}: train.grad_scaler = per_resblock needs the prior's resblocks and ZeRO-3's "
+                          f"optimizer, got job.stage = {cfg.job.stage}, zero_optimization.stage = {zero}")  # fmt: skip
+    return mode
 
 
 def load_ds_config(cfg: JobConfig, world_size: int, path: str | os.PathLike | None = None) -> dict[str, Any]:

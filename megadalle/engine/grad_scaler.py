@@ -10,9 +10,10 @@ so the block is still called through its `__call__` (ZeRO-3's hooks, activation 
 fp32 gradient entering the branch is multiplied by the block's scale *before* it is cast to the branch's dtype
 (fp16: small values survive the cast); the gradient leaving the branch is cast to fp32, divided by the scale and
 its Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
-neither reaches the blocks before it nor shrinks their scales; then it joins the identity path, which stays fp32
-and never sees a scale. The parameters of f hold gradients scaled by the block's scale: they are divided before
-the optimizer (in fp32: `unscale_and_check` for fp32/bf16 parameters; an fp16 engine divides its fp32 copies).
+neither reaches the blocks before it nor shrinks their scales; then it joins the identity path, which is fp32
+(an fp16 stream from the embeddings is upcast at the first block) and never sees a scale. The parameters of f
+hold gradients scaled by the block's scale: they are divided before the optimizer, in fp32 (`unscale_and_check`
+for fp32/bf16 parameters; under DeepSpeed's fp16 ZeRO-3, engine/ds_grad_scaler.py divides its fp32 partitions).
 
 Update rules (App. D): scale_0 = M * 2^13 (M data-parallel replicas); after an applied update, each block
 whose gradients were finite grows by 2^(1/1000); a block with non-finite gradients is divided by sqrt(2) and the
@@ -160,10 +161,16 @@ class PerBlockScaler:
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
         self.outside_skips = int(state.get("outside_skips", 0))
 
-    def metrics(self) -> dict[str, float]:
-        """For the JSON step line: min / max log2 scale, skipped updates so far."""
-        return {"grad_scale_log2_min": float(self.log2_scales.min()), "grad_scale_log2_max":
-                float(self.log2_scales.max()), "skipped_updates": float(self.skipped_updates)}  # fmt: skip
+    def metrics(self, per_block: bool = False) -> dict[str, Any]:
+        """For the JSON step line: min / max log2 scale and skipped updates; `per_block` adds every block's log2
+        scale and skip count (lists in resblock order: attention, MLP, attention, ...)."""
+        out: dict[str, Any] = {"grad_scale_log2_min": round(float(self.log2_scales.min()), 4),
+                               "grad_scale_log2_max": round(float(self.log2_scales.max()), 4),
+                               "grad_scale_skipped_updates": self.skipped_updates}  # fmt: skip
+        if per_block:
+            out["grad_scale_log2"] = [round(v, 4) for v in self.log2_scales.tolist()]
+            out["grad_scale_skips"] = self.skips.tolist()
+        return out
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -202,9 +209,7 @@ def scaled_residual(block: nn.Module, scaler: PerBlockScaler, index: int) -> Res
     def residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return x + branch(x)
-        if x.dtype != torch.float32:
-            raise ValueError(f"per-resblock gradient scaling keeps the identity path in fp32 (App. D), but resblock "
-                             f"{index} got {x.dtype} activations")  # fmt: skip
+        x = x.float()  # the identity path is fp32 (App. D): an fp16 stream (embeddings) is upcast at its first block
         s = scaler.scale(index)
         h = _UnscaleFilterGrad.apply(x, s, scaler.flags_on(x.device), index)
         dtype = next(block.parameters()).dtype  # the branch's compute dtype (fp16 under an fp16 engine)

@@ -2,7 +2,8 @@
 only its math and exposes a seam, `model.run_block(block, x)`, through which every resblock is called. Each
 technique composes a wrapper around it. The per-resblock gradient scaler (fp16, engine/grad_scaler.py) is one
 more technique (`apply_grad_scaler`: it replaces each resblock's `residual` join, so blocks keep their
-`__call__`); its DeepSpeed fp16 engine integration (issue 11) is not done yet, so no run file turns it on.
+`__call__`), applied under fp16 with `train.grad_scaler = per_resblock`; train.py installs its DeepSpeed side
+(engine/ds_grad_scaler.py) after `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadalle.config import ConfigError, JobConfig
+from megadalle.engine.distributed import world_size
+from megadalle.engine.grad_scaler import apply_grad_scaler
 from megadalle.models.transformer import BlockRunner, DallePrior
 
 
@@ -33,8 +36,9 @@ def apply_activation_checkpointing(model: DallePrior) -> DallePrior:
     return model
 
 
-def apply_wrappers(model: nn.Module, cfg: JobConfig) -> nn.Module:
-    """Every training wrapper the job asks for, in one place (train.py calls this once, before DeepSpeed)."""
+def apply_wrappers(model: nn.Module, cfg: JobConfig, grad_scaler: str = "off") -> nn.Module:
+    """Every training wrapper the job asks for, in one place (train.py calls this once, before DeepSpeed).
+    `grad_scaler`: the resolved mode (engine/ds_config.py's `grad_scaler_mode`)."""
     if cfg.train.activation_checkpointing:
         if not isinstance(model, DallePrior):
             raise ConfigError(
@@ -42,4 +46,8 @@ def apply_wrappers(model: nn.Module, cfg: JobConfig) -> nn.Module:
                 "resblock seam; activation checkpointing covers the prior"
             )
         apply_activation_checkpointing(model)
+    if grad_scaler == "per_resblock":
+        if not isinstance(model, DallePrior):
+            raise ConfigError(f"train.grad_scaler = per_resblock: {type(model).__name__} has no resblocks")
+        model.grad_scaler = apply_grad_scaler(model, replicas=world_size())
     return model

@@ -1,0 +1,108 @@
+"""The per-resblock gradient scaler inside DeepSpeed's ZeRO-3 fp16 engine, on 2 real processes: training tracks
+the same run in fp32, the scales follow App. D's rules and survive a checkpoint round trip, and the DeepSpeed
+config is what the scaler needs. fp16 is forced on this CPU as ../shared/PLATFORM.md says (tests/engine/
+fp16_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megadalle.config import ConfigError, load_config
+from megadalle.engine.ds_config import load_ds_config
+from tests.conftest import REPO, torchrun
+
+STEPS = 20
+
+
+def _run(tmp_path: Path, name: str, token_shards: Path, tokenizer_model: Path, *extra: str) -> list[dict]:
+    args = ["--config", "megadalle/configs/prior_debug.toml", f"--prior.tokens={token_shards}",
+            f"--tokenizer.model_path={tokenizer_model}", f"--job.run_root={tmp_path}", f"--job.name={name}",
+            "--parallel.deepspeed_config=ds_configs/zero3_cpu.json", "--train.micro_batch_size=4",
+            "--train.log_every=1", "--train.eval_every=0", "--optim.ema_decay=0", "--optim.warmup_steps=0",
+            "--optim.lr=1e-3", "--logging.progress=off", *extra]  # fmt: skip
+    proc = torchrun(REPO / "tests" / "engine" / "fp16_worker.py", nproc=2, args=args, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_shards, tokenizer_model):
+    fp32 = _run(tmp_path, "fp32", token_shards, tokenizer_model, f"--train.steps={STEPS}")
+    fp16 = _run(tmp_path, "fp16", token_shards, tokenizer_model, f"--train.steps={STEPS}", "--train.precision=fp16")
+    assert [r["step"] for r in fp16] == list(range(1, STEPS + 1))
+    for a, b in zip(fp16, fp32):  # the same data and initial weights: fp16 rounding only
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * b["loss"], (a["step"], a["loss"], b["loss"])
+        # the gradient norm DeepSpeed clips with: the scales were divided out before it was taken
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 0.05 * b["grad_norm"], (
+            a["step"],
+            a["grad_norm"],
+            b["grad_norm"],
+        )
+    assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, "fp16 trains"
+    n_blocks = 2 * 4  # prior_debug: 4 layers x (attention, MLP)
+    first, last = fp16[0], fp16[-1]
+    assert len(first["grad_scale_log2"]) == n_blocks and last["grad_scale_skipped_updates"] == 0
+    # M = 2 replicas: log2 scale 1 + 13, + 1/1000 after each applied update (no overflow in this run)
+    assert last["grad_scale_log2"] == pytest.approx([1 + 13 + STEPS / 1000] * n_blocks, abs=1e-9)
+    assert last["skipped_steps"] == 0 and all(r["grad_norm"] > 0 for r in fp16)
+
+    # checkpoint round trip: 10 updates, then a resumed run to 20 continues the scales (not M * 2^13 again)
+    _run(tmp_path, "resumed", token_shards, tokenizer_model, "--train.steps=10", "--train.precision=fp16")
+    resumed = _run(tmp_path, "resumed", token_shards, tokenizer_model, f"--train.steps={STEPS}",
+                   "--train.precision=fp16")  # fmt: skip
+    after = [r for r in resumed if r["step"] == 11]
+    assert after and after[0]["grad_scale_log2"] == pytest.approx([1 + 13 + 11 / 1000] * n_blocks, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
+    tmp_path, token_shards, tokenizer_model, monkeypatch, capsys
+):
+    """Rank 0 alone sees an Inf entering resblock 5's branch at update 4: both ranks skip that update (the flags
+    are all-reduced), only block 5's scale is divided by sqrt(2), and training goes on; the Figure 12 plot shows it."""
+    monkeypatch.setenv("FP16_WORKER_POISON", "5:4")
+    runs = _run(tmp_path, "poisoned", token_shards, tokenizer_model, "--train.steps=8", "--train.precision=fp16")
+    by_step = {r["step"]: r for r in runs}
+    assert [by_step[s]["skipped_steps"] for s in (3, 4, 8)] == [0, 1, 1]
+    assert by_step[4]["grad_scale_skips"] == [int(b == 5) for b in range(8)]
+    base = 1 + 13
+    want = [base + 3 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 3 applied updates, then the skip
+    assert by_step[4]["grad_scale_log2"] == pytest.approx(want, abs=1e-9)
+    want = [base + 7 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 4 more applied updates
+    assert by_step[8]["grad_scale_log2"] == pytest.approx(want, abs=1e-9)
+    assert all(math.isfinite(r["loss"]) for r in runs) and by_step[8]["loss"] < by_step[1]["loss"]
+
+    from plot_grad_scales import main as plot_main
+
+    out = tmp_path / "grad_scales.png"
+    assert plot_main([str(tmp_path / "poisoned"), "--out", str(out)]) == 0
+    assert "8 resblocks, 8 points, skipped updates: 1" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size[0] > 500 and len(np.unique(np.asarray(im.convert("L")))) > 10  # a drawn figure, not a blank
+
+
+def test_ds_config_holds_deepspeed_scale_at_one_and_accumulates_in_fp32():
+    base = ["--config", "megadalle/configs/prior_debug.toml", "--train.precision=fp16"]
+    ds = load_ds_config(load_config([*base, "--parallel.deepspeed_config=ds_configs/zero3_cpu.json"]), 2)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 1 and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    glob = load_config([*base, "--parallel.deepspeed_config=ds_configs/zero3_cpu.json", "--train.grad_scaler=global"])
+    ds = load_ds_config(glob, 2)
+    assert ds["fp16"]["loss_scale"] == 0 and "data_types" not in ds  # DeepSpeed's dynamic scale, as the file says
+    z1 = load_ds_config(load_config([*base, "--parallel.deepspeed_config=ds_configs/zero1_cpu.json"]), 2)
+    assert z1["fp16"]["loss_scale"] == 0  # auto: DeepSpeed's global scale where the per-block one cannot run
+    explicit = [*base, "--parallel.deepspeed_config=ds_configs/zero1_cpu.json", "--train.grad_scaler=per_resblock"]
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_ds_config(load_config(explicit), 2)
+    dvae = ["--config", "megadalle/configs/dvae_debug.toml", "--train.precision=fp16", "--train.grad_scaler=none"]
+    assert load_ds_config(load_config(dvae), 2)["fp16"]["loss_scale"] == 1
+    bf16 = load_ds_config(load_config([*base[:2], "--train.precision=bf16"]), 2)
+    assert "data_types" not in bf16  # off in bf16
