@@ -150,10 +150,14 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             continue
         stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
         scaler = getattr(engine.module, "grad_scaler", None)
-        if scaler is not None and "grad_scaler" in loop:
-            scaler.load_state_dict(loop["grad_scaler"])
-        elif scaler is not None:
-            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
+        if scaler is not None:
+            from megadalle.engine import ds_grad_scaler
+
+            if "grad_scaler" in loop:
+                scaler.load_state_dict(loop["grad_scaler"])
+            else:
+                log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
+            ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
         log.info(f"resumed from {resume} at step {step}")
         break
 

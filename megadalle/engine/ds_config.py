@@ -83,8 +83,8 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
         raise ConfigError(f"{origin}: fp16 and bf16 are both enabled")
     mode = grad_scaler_mode(cfg, out, origin)
     if mode in ("per_resblock", "none"):
-        # the scaling is ours (or none): DeepSpeed's loss scale is held at 1 (static); per_resblock divides its
-        # scales out of fp32 gradient partitions (engine/ds_grad_scaler.py)
+        # the scaling is ours (or none): DeepSpeed's loss scale is static, 1 here; per_resblock then sets it to its
+        # outside scale and divides the block scales out of fp32 gradient partitions (engine/ds_grad_scaler.py)
         out["fp16"]["loss_scale"] = 1
     if mode == "per_resblock":
         out.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"

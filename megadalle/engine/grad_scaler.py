@@ -6,22 +6,26 @@ model, with
 
     out = x + ScaleGrad(f(UnscaleFilter(x).to(branch dtype)).float())
 
-so the block is still called through its `__call__` (ZeRO-3's hooks, activation checkpointing). Backward: the
-fp32 gradient entering the branch is multiplied by the block's scale *before* it is cast to the branch's dtype
-(fp16: small values survive the cast); the gradient leaving the branch is cast to fp32, divided by the scale and
-its Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
-neither reaches the blocks before it nor shrinks their scales; then it joins the identity path, which is fp32
-(an fp16 stream from the embeddings is upcast at the first block) and never sees a scale. The parameters of f
-hold gradients scaled by the block's scale: they are divided before the optimizer, in fp32 (`unscale_and_check`
-for fp32/bf16 parameters; under DeepSpeed's fp16 ZeRO-3, engine/ds_grad_scaler.py divides its fp32 partitions).
+so the block is still called through its `__call__` (ZeRO-3's hooks, activation checkpointing).
+
+The parameters outside the resblocks (embeddings, final norm, unembeddings) have a scale of their own, the last
+slot, S: the loss is multiplied by S (`scale_loss`; DeepSpeed's static loss scale under its fp16 engine), so
+their fp16 gradients are not flushed either, and the identity path carries gradients times S, in fp32 (an fp16
+stream from the embeddings is upcast at the first block). Backward through block i: the gradient entering the
+branch is multiplied by s_i / S in fp32 *before* it is cast to the branch's dtype (it then carries s_i: small
+values survive the cast to fp16); the gradient leaving the branch is cast to fp32, divided by s_i / S and its
+Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
+neither reaches the blocks before it nor shrinks their scales. So block i's parameter gradients carry s_i and
+the outside ones S: each is divided by its own before the optimizer, in fp32 (`unscale_and_check` for fp32/bf16
+parameters; under DeepSpeed's fp16 ZeRO-3, engine/ds_grad_scaler.py divides its fp32 partitions by s_i / S and
+DeepSpeed divides everything by its loss scale S).
 
 Update rules (App. D): scale_0 = M * 2^13 (M data-parallel replicas); after an applied update, each block
 whose gradients were finite grows by 2^(1/1000); a block with non-finite gradients is divided by sqrt(2) and the
 whole update is skipped, but a scale is not divided again within 125 update attempts (skipped ones count: a
 window of applied updates could never end under persistent overflow) of its last division; scales stay in
-[M * 2^7, M * 2^24]. We read "after an update" literally: when the update is skipped, no scale grows. A
-non-finite gradient outside the resblocks (embeddings, heads: fp32, unscaled) skips the update but divides no
-scale: no block's scale caused it.
+[M * 2^7, M * 2^24]. We read "after an update" literally: when the update is skipped, no scale grows. The
+outside scale S follows the same rules, driven by the outside parameters' gradients.
 """
 
 from __future__ import annotations
@@ -52,32 +56,40 @@ class ScalerRules:
 
 
 class PerBlockScaler:
-    """The scales of `n_blocks` resblocks and their bookkeeping, on the host (float64: 2^(1/1000) steps are exact
-    enough over millions of updates). `flags` (n_blocks,) bool on the model's device collects, during backward,
-    which blocks' outgoing activation gradients were not finite."""
+    """The scales of `n_blocks` resblocks and of the parameters outside them (slot n_blocks, the loss scale S),
+    and their bookkeeping, on the host (float64: 2^(1/1000) steps are exact enough over millions of updates).
+    `flags` (n_blocks,) bool on the model's device collects, during backward, which blocks' outgoing activation
+    gradients were not finite."""
 
     def __init__(self, n_blocks: int, replicas: int = 1, rules: ScalerRules = ScalerRules()) -> None:
         if n_blocks < 1 or replicas < 1:
             raise ValueError(f"need n_blocks >= 1 and replicas >= 1, got {n_blocks}, {replicas}")
         self.rules, self.replicas = rules, replicas
         self.log2_m = math.log2(replicas)
-        self.log2_scales = torch.full((n_blocks,), self.log2_m + rules.init_log2, dtype=torch.float64)
-        self.last_division = torch.full((n_blocks,), -(10**9), dtype=torch.int64)
-        self.skips = torch.zeros(n_blocks, dtype=torch.int64)
-        """Per block: updates skipped because this block's gradients were not finite."""
+        self.log2_scales = torch.full((n_blocks + 1,), self.log2_m + rules.init_log2, dtype=torch.float64)
+        self.last_division = torch.full((n_blocks + 1,), -(10**9), dtype=torch.int64)
+        self.skips = torch.zeros(n_blocks + 1, dtype=torch.int64)
+        """Per slot (blocks, then outside): updates skipped because its gradients were not finite."""
         self.updates = 0
         """Update attempts so far (applied or skipped)."""
         self.skipped_updates = 0
-        self.outside_skips = 0
-        """Updates skipped for a non-finite gradient outside the resblocks."""
         self.flags: torch.Tensor | None = None
 
     @property
     def n_blocks(self) -> int:
-        return int(self.log2_scales.numel())
+        return int(self.log2_scales.numel()) - 1
 
     def scale(self, i: int) -> float:
+        """Slot i's scale: resblock i, or (i = n_blocks) the parameters outside the resblocks."""
         return float(2.0 ** self.log2_scales[i])
+
+    @property
+    def loss_scale(self) -> float:
+        """S, the outside parameters' scale, by which the loss is multiplied."""
+        return self.scale(self.n_blocks)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scale
 
     def flags_on(self, device: torch.device) -> torch.Tensor:
         """The overflow flags on `device`, created there on first use. They accumulate over the micro-batches of
@@ -90,18 +102,17 @@ class PerBlockScaler:
         """Apply App. D's rules for one update attempt, given which blocks overflowed (n_blocks,) bool and whether
         a gradient outside the resblocks did; clear the overflow flags. Returns True when the update must be
         skipped."""
-        overflow = overflow.detach().to("cpu", torch.bool)
+        overflow = torch.cat([overflow.detach().to("cpu", torch.bool), torch.tensor([bool(outside)])])
         r, step = self.rules, self.updates
         if self.flags is not None:
             self.flags.zero_()
-        skip = bool(overflow.any()) or outside
+        skip = bool(overflow.any())
         if skip:
             may_divide = overflow & (step - self.last_division >= r.backoff_window)
             self.log2_scales[may_divide] -= r.backoff_log2
             self.last_division[may_divide] = step
             self.skips[overflow] += 1
             self.skipped_updates += 1
-            self.outside_skips += int(outside)
         else:
             self.log2_scales += r.growth_log2
         self.log2_scales.clamp_(self.log2_m + r.min_log2, self.log2_m + r.max_log2)
@@ -111,9 +122,10 @@ class PerBlockScaler:
     def unscale_and_check(
         self, blocks: list[nn.Module], others: list[nn.Parameter], unscale: bool = True
     ) -> tuple[torch.Tensor, bool]:
-        """Divide each block's parameter gradients by its scale (`unscale`); return (n_blocks,) bool, the block
-        overflowed (its outgoing activation gradient, recorded in backward, or one of its parameter gradients is
-        not finite), and whether a gradient of a parameter outside the resblocks is not finite. One host transfer.
+        """Divide each block's parameter gradients by its scale and the others' by the loss scale (`unscale`);
+        return (n_blocks,) bool, the block overflowed (its outgoing activation gradient, recorded in backward, or
+        one of its parameter gradients is not finite), and whether a gradient outside the resblocks is not
+        finite. One host transfer.
         fp16 gradients are not divided in place: dividing in fp16 would flush the small values the scale exists
         to keep. Unscale them into fp32 master gradients instead (`unscale=False` here)."""
         if len(blocks) != self.n_blocks:
@@ -132,26 +144,34 @@ class PerBlockScaler:
                     p.grad.mul_(inv)
                 bad[i] |= ~torch.isfinite(p.grad).all()
         outside = torch.zeros((), dtype=torch.bool, device=device)
+        inv = 1.0 / self.loss_scale
         for p in others:
-            if p.grad is not None:
-                outside |= ~torch.isfinite(p.grad).all().to(device)
+            if p.grad is None:
+                continue
+            if unscale:
+                if p.grad.dtype == torch.float16:
+                    raise ValueError("a parameter outside the resblocks has an fp16 gradient: unscale it into an fp32 "
+                                     "master gradient (unscale=False here)")  # fmt: skip
+                p.grad.mul_(inv)
+            outside |= ~torch.isfinite(p.grad).all().to(device)
         flags = torch.cat([bad, outside.view(1)]).cpu()
         return flags[:-1], bool(flags[-1])
 
     def step(self, blocks: list[nn.Module], others: list[nn.Parameter]) -> bool:
-        """After backward, before the optimizer (fp32/bf16 parameters): unscale the blocks' gradients and apply
-        the update rules. True: skip this update (zero the gradients, do not step the optimizer)."""
+        """After `scale_loss(loss).backward()`, before the optimizer (fp32/bf16 parameters): unscale every gradient
+        and apply the update rules. True: skip this update (zero the gradients, do not step the optimizer)."""
         overflow, outside = self.unscale_and_check(blocks, others)
         return self.update(overflow, outside)
 
     def state_dict(self) -> dict[str, Any]:
         return {"log2_scales": self.log2_scales.clone(), "last_division": self.last_division.clone(),
                 "skips": self.skips.clone(), "updates": self.updates, "skipped_updates": self.skipped_updates,
-                "outside_skips": self.outside_skips, "replicas": self.replicas}  # fmt: skip
+                "replicas": self.replicas}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["log2_scales"].numel() != self.n_blocks:
-            raise ValueError(f"scaler state has {state['log2_scales'].numel()} scales, this model {self.n_blocks}")
+        if state["log2_scales"].numel() != self.n_blocks + 1:
+            raise ValueError(f"scaler state has {state['log2_scales'].numel() - 1} resblock scales, this model "
+                             f"{self.n_blocks}")  # fmt: skip
         if int(state["replicas"]) != self.replicas:  # init and clamps are M * 2^k: the scales would not fit
             raise ValueError(f"scaler state is for {state['replicas']} data-parallel replicas, this run has "
                              f"{self.replicas}")  # fmt: skip
@@ -159,17 +179,20 @@ class PerBlockScaler:
         self.last_division = state["last_division"].detach().to("cpu", torch.int64).clone()
         self.skips = state["skips"].detach().to("cpu", torch.int64).clone()
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
-        self.outside_skips = int(state.get("outside_skips", 0))
 
     def metrics(self, per_block: bool = False) -> dict[str, Any]:
-        """For the JSON step line: min / max log2 scale and skipped updates; `per_block` adds every block's log2
-        scale and skip count (lists in resblock order: attention, MLP, attention, ...)."""
-        out: dict[str, Any] = {"grad_scale_log2_min": round(float(self.log2_scales.min()), 4),
-                               "grad_scale_log2_max": round(float(self.log2_scales.max()), 4),
+        """For the JSON step line: the blocks' min / max log2 scale, the outside (loss) scale's, skipped updates;
+        `per_block` adds every block's log2 scale and skip count (lists in resblock order: attention, MLP, ...)
+        and the outside scale's skips."""
+        blocks = self.log2_scales[:-1]
+        out: dict[str, Any] = {"grad_scale_log2_min": round(float(blocks.min()), 4),
+                               "grad_scale_log2_max": round(float(blocks.max()), 4),
+                               "grad_scale_log2_outside": round(float(self.log2_scales[-1]), 4),
                                "grad_scale_skipped_updates": self.skipped_updates}  # fmt: skip
         if per_block:
-            out["grad_scale_log2"] = [round(v, 4) for v in self.log2_scales.tolist()]
-            out["grad_scale_skips"] = self.skips.tolist()
+            out["grad_scale_log2"] = [round(v, 4) for v in blocks.tolist()]
+            out["grad_scale_skips"] = self.skips[:-1].tolist()
+            out["grad_scale_outside_skips"] = int(self.skips[-1])
         return out
 
 
@@ -210,7 +233,7 @@ def scaled_residual(block: nn.Module, scaler: PerBlockScaler, index: int) -> Res
         if not torch.is_grad_enabled():
             return x + branch(x)
         x = x.float()  # the identity path is fp32 (App. D): an fp16 stream (embeddings) is upcast at its first block
-        s = scaler.scale(index)
+        s = scaler.scale(index) / scaler.loss_scale  # the identity path's gradient already carries the loss scale
         h = _UnscaleFilterGrad.apply(x, s, scaler.flags_on(x.device), index)
         dtype = next(block.parameters()).dtype  # the branch's compute dtype (fp16 under an fp16 engine)
         return x + _ScaleGrad.apply(branch(h.to(dtype)).float(), s)

@@ -1,15 +1,20 @@
 """Worker for tests/engine/test_grad_scaler_zero3.py: megadalle/train.py's own `main`, with DeepSpeed's fp16
 allowed on this CPU (it lacks the flag DeepSpeed checks; ../shared/PLATFORM.md: ZeRO 1-3 then run fp16 for real).
 
-    [FP16_WORKER_POISON=BLOCK:UPDATE] torchrun --nproc_per_node 2 tests/engine/fp16_worker.py --config ...
+    [FP16_WORKER_POISON=BLOCK:UPDATE] [FP16_WORKER_DUMP=DIR] torchrun --nproc_per_node 2 tests/engine/fp16_worker.py
+        --config ...
 
-FP16_WORKER_POISON: on rank 0 only, the gradient entering resblock BLOCK's branch becomes Inf at update UPDATE
-(its forward count: no activation checkpointing, one micro-batch per update), to test the skip across ranks.
+FP16_WORKER_POISON: on rank 0 only, the gradient leaving resblock BLOCK's branch (towards the identity path)
+becomes Inf at update UPDATE (its forward count: no activation checkpointing, one micro-batch per update). The
+block's parameter gradients stay finite, so only rank 0's activation flag knows: the skip on rank 1 proves the
+flags are agreed across ranks. FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end.
 """
 
 import os
 import sys
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
@@ -19,29 +24,36 @@ import megadalle.engine.wrap as wrap  # noqa: E402  (after the accelerator is to
 from megadalle.engine.grad_scaler import resblocks  # noqa: E402
 from megadalle.train import main  # noqa: E402
 
+SCALERS = []
 
-def poison(block_index: int, update: int) -> None:
+
+def instrument(poison: str) -> None:
     original = wrap.apply_grad_scaler
 
     def apply(model, replicas=1, **kw):
         scaler = original(model, replicas, **kw)
-        block = resblocks(model)[block_index]
-        branch, calls = block.branch, [0]
+        SCALERS.append(scaler)
+        if poison:
+            block_index, update = map(int, poison.split(":"))
+            block = resblocks(model)[block_index]
+            branch, calls = block.branch, [0]
 
-        def poisoned(x):
-            y = branch(x)
-            calls[0] += 1
-            if calls[0] == update and dist.get_rank() == 0:
-                y.register_hook(lambda g: g * float("inf"))
-            return y
+            def poisoned(x):
+                calls[0] += 1
+                if calls[0] == update and dist.get_rank() == 0:
+                    x.register_hook(lambda g: g * float("inf"))
+                return branch(x)
 
-        block.branch = poisoned
+            block.branch = poisoned
         return scaler
 
     wrap.apply_grad_scaler = apply
 
 
 if __name__ == "__main__":
-    if os.environ.get("FP16_WORKER_POISON"):
-        poison(*map(int, os.environ["FP16_WORKER_POISON"].split(":")))
-    sys.exit(main(sys.argv[1:]))
+    instrument(os.environ.get("FP16_WORKER_POISON", ""))
+    rc = main(sys.argv[1:])
+    if os.environ.get("FP16_WORKER_DUMP") and SCALERS:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        torch.save(SCALERS[-1].state_dict(), Path(os.environ["FP16_WORKER_DUMP"]) / f"scaler_{rank}.pt")
+    sys.exit(rc)

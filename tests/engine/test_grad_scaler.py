@@ -26,28 +26,29 @@ G = 1 / 1000  # log2 growth per applied update
 
 
 def _events(scaler: PerBlockScaler, events: list[list[bool]]) -> list[list[float]]:
+    """Each event: which blocks overflowed, then (the last entry) whether the outside parameters did."""
     out = []
     for overflow in events:
-        scaler.update(torch.tensor(overflow))
+        scaler.update(torch.tensor(overflow[:-1]), outside=overflow[-1])
         out.append(scaler.log2_scales.tolist())
     return out
 
 
 def test_update_rules_growth_division_and_clamps() -> None:
-    s = PerBlockScaler(2, replicas=4)  # M = 4: log2 scales start at 2 + 13
-    assert s.log2_scales.tolist() == [15.0, 15.0]
-    got = _events(s, [[False, False], [True, False], [True, False], [False, True]])
-    assert got[0] == pytest.approx([15 + G, 15 + G])  # both finite: both grow
-    assert got[1] == pytest.approx([15 + G - 0.5, 15 + G])  # block 0 overflows: / sqrt(2), nobody grows
-    assert got[2] == pytest.approx([15 + G - 0.5, 15 + G])  # again within 125 updates: no second division
-    assert got[3] == pytest.approx([15 + G - 0.5, 15 + G - 0.5])  # block 1's first division
-    assert s.skips.tolist() == [2, 1] and s.skipped_updates == 3 and s.updates == 4
+    s = PerBlockScaler(2, replicas=4)  # M = 4: log2 scales (2 blocks, then outside) start at 2 + 13
+    assert s.log2_scales.tolist() == [15.0, 15.0, 15.0] and s.loss_scale == 2.0**15
+    got = _events(s, [[False, False, False], [True, False, False], [True, False, False], [False, True, True]])
+    assert got[0] == pytest.approx([15 + G] * 3)  # all finite: all grow
+    assert got[1] == pytest.approx([15 + G - 0.5, 15 + G, 15 + G])  # block 0 overflows: / sqrt(2), nobody grows
+    assert got[2] == pytest.approx([15 + G - 0.5, 15 + G, 15 + G])  # again within 125 updates: no second division
+    assert got[3] == pytest.approx([15 + G - 0.5, 15 + G - 0.5, 15 + G - 0.5])  # block 1 and outside: divided
+    assert s.skips.tolist() == [2, 1, 1] and s.skipped_updates == 3 and s.updates == 4
     low = PerBlockScaler(1, replicas=4, rules=ScalerRules(init_log2=7.2))
-    _events(low, [[True]])
-    assert float(low.log2_scales[0]) == 2 + 7  # clamped at M * 2^7
+    _events(low, [[True, True]])
+    assert low.log2_scales.tolist() == [2 + 7, 2 + 7]  # clamped at M * 2^7
     high = PerBlockScaler(1, replicas=4, rules=ScalerRules(init_log2=24 - 0.0005))
-    _events(high, [[False]])
-    assert float(high.log2_scales[0]) == 2 + 24  # clamped at M * 2^24
+    _events(high, [[False, False]])
+    assert high.log2_scales.tolist() == [2 + 24, 2 + 24]  # clamped at M * 2^24
 
 
 def test_the_125_update_window_counts_attempts_both_sides() -> None:
@@ -60,23 +61,25 @@ def test_the_125_update_window_counts_attempts_both_sides() -> None:
     assert float(s.log2_scales[0]) == at_124
     s.update(torch.tensor([True]))  # attempt 125: the window is over
     assert float(s.log2_scales[0]) == pytest.approx(at_124 - 0.5)
+    assert s.skips.tolist() == [3, 0]  # the outside scale was never involved
 
 
-def test_an_overflow_outside_the_resblocks_skips_but_divides_nothing() -> None:
+def test_an_overflow_outside_the_resblocks_divides_only_the_outside_scale() -> None:
     s = PerBlockScaler(3)
     before = s.log2_scales.clone()
     assert s.update(torch.zeros(3, dtype=torch.bool), outside=True)
-    assert torch.equal(s.log2_scales, before) and s.skipped_updates == 1 and s.outside_skips == 1
+    assert torch.equal(s.log2_scales[:3], before[:3]) and float(s.log2_scales[3]) == float(before[3]) - 0.5
+    assert s.skipped_updates == 1 and s.skips.tolist() == [0, 0, 0, 1]
 
 
 def test_state_round_trip() -> None:
     s = PerBlockScaler(3, replicas=2)
-    _events(s, [[False, True, False], [False, False, False]])
+    _events(s, [[False, True, False, False], [False, False, False, False]])
     t = PerBlockScaler(3, replicas=2)
     t.load_state_dict(s.state_dict())
     assert torch.equal(t.log2_scales, s.log2_scales) and torch.equal(t.last_division, s.last_division)
-    assert (t.updates, t.skipped_updates, t.skips.tolist()) == (2, 1, [0, 1, 0])
-    with pytest.raises(ValueError, match="3 scales"):
+    assert (t.updates, t.skipped_updates, t.skips.tolist()) == (2, 1, [0, 1, 0, 0])
+    with pytest.raises(ValueError, match="3 resblock scales"):
         PerBlockScaler(4, replicas=2).load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="replicas"):
         PerBlockScaler(3, replicas=4).load_state_dict(s.state_dict())
@@ -103,13 +106,16 @@ def test_gradients_are_scaled_per_block_and_unscale_to_the_plain_ones(checkpoint
     if checkpointing:
         apply_activation_checkpointing(model)
     scaler = apply_grad_scaler(model)
-    scaler.log2_scales += torch.arange(scaler.n_blocks, dtype=torch.float64) * 0.37  # distinct scales
-    model(text, image).loss.backward()
+    scaler.log2_scales += torch.arange(scaler.n_blocks + 1, dtype=torch.float64) * 0.37  # distinct scales
+    scaler.scale_loss(model(text, image).loss).backward()
     ref = dict(plain.named_parameters())
     for i, block in enumerate(resblocks(model)):  # before unscaling: each block's gradients carry its own scale
         for n, p in block.named_parameters():
-            q = dict(plain.named_parameters())[_name(model, p)]
-            torch.testing.assert_close(p.grad, q.grad * scaler.scale(i), rtol=1e-5, atol=1e-7 * scaler.scale(i), msg=n)
+            q, s = ref[_name(model, p)], scaler.scale(i)
+            torch.testing.assert_close(p.grad, q.grad * s, rtol=1e-5, atol=1e-7 * s, msg=n)
+    for p in outside_parameters(model):  # the embeddings, final norm and heads carry the loss scale
+        q, s = ref[_name(model, p)], scaler.loss_scale
+        torch.testing.assert_close(p.grad, q.grad * s, rtol=1e-5, atol=1e-7 * s, msg=_name(model, p))
     assert not scaler.step(resblocks(model), outside_parameters(model))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n].grad, rtol=1e-5, atol=1e-7, msg=n)
@@ -126,7 +132,7 @@ def test_fp16_resblocks_with_an_fp32_identity_path_match_fp32() -> None:
     for block in resblocks(model):
         block.half()
     scaler = apply_grad_scaler(model)
-    model(text, image).loss.backward()
+    scaler.scale_loss(model(text, image).loss).backward()
     overflow, outside = scaler.unscale_and_check(resblocks(model), outside_parameters(model), unscale=False)
     assert not overflow.any() and not outside
     refs = dict(ref.named_parameters())
@@ -164,7 +170,7 @@ def test_an_inf_in_one_block_drops_only_its_scale_skips_the_update_and_spares_th
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def train_step(seed: int) -> bool:
-        model(*_batch(seed)).loss.backward()
+        scaler.scale_loss(model(*_batch(seed)).loss).backward()
         skip = scaler.step(blocks, others)
         if not skip:
             opt.step()
@@ -178,14 +184,14 @@ def test_an_inf_in_one_block_drops_only_its_scale_skips_the_update_and_spares_th
     bad = 2  # the second layer's attention block
     original = blocks[bad].branch
     _poison(blocks[bad])
-    model(*_batch(1)).loss.backward()
+    scaler.scale_loss(model(*_batch(1)).loss).backward()
     assert bool(scaler.flags[bad]) and int(scaler.flags.sum()) == 1  # recorded where it happened, only there
     for i, block in enumerate(blocks[:bad]):  # the filter kept the Inf from the blocks before it
         assert all(torch.isfinite(p.grad).all() for p in block.parameters()), i
     assert scaler.step(blocks, others)
     opt.zero_grad()
-    assert scaler.skips.tolist() == [int(i == bad) for i in range(len(blocks))]
-    assert torch.equal(scaler.log2_scales != scales, torch.arange(len(blocks)) == bad)
+    assert scaler.skips.tolist() == [int(i == bad) for i in range(len(blocks) + 1)]
+    assert torch.equal(scaler.log2_scales != scales, torch.arange(len(blocks) + 1) == bad)
     assert float(scaler.log2_scales[bad]) == pytest.approx(float(scales[bad]) - 0.5)
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n]), n
@@ -293,17 +299,17 @@ def test_per_block_scales_keep_late_block_gradients_that_one_global_scale_flushe
             scaler.log2_scales[i] = math.log2(scale)
             for p in model.parameters():
                 p.grad = None
-            (model(x) * top).sum().backward()
+            scaler.scale_loss((model(x) * top).sum()).backward()
             scaler.flags_on(x.device).zero_()
             return [model.layers[i].block.lin.weight.grad]
 
         scaler.log2_scales[i] = _largest_finite(block_run, range(24, -1, -1))
     for p in model.parameters():
         p.grad = None
-    (model(x) * top).sum().backward()
+    scaler.scale_loss((model(x) * top).sum()).backward()
     zeros_block = [int((b.lin.weight.grad == 0).sum()) for b in resblocks(model)]
     overflow, outside = scaler.unscale_and_check(resblocks(model), [], unscale=False)
     assert not overflow.any() and not outside
     assert zeros_global[-1] > 128 and zeros_global[0] == 0, zeros_global  # the late block's gradient flushed
     assert zeros_block == [0] * len(gains), zeros_block
-    assert scaler.log2_scales[-1] > k + 8  # the late block runs at a far larger scale than the global one
+    assert scaler.log2_scales[len(gains) - 1] > k + 8  # the late block runs at a far larger scale than the global one

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from megadalle.config import ConfigError, load_config
@@ -52,6 +53,7 @@ def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_sh
     assert len(first["grad_scale_log2"]) == n_blocks and last["grad_scale_skipped_updates"] == 0
     # M = 2 replicas: log2 scale 1 + 13, + 1/1000 after each applied update (no overflow in this run)
     assert last["grad_scale_log2"] == pytest.approx([1 + 13 + STEPS / 1000] * n_blocks, abs=1e-9)
+    assert last["grad_scale_log2_outside"] == pytest.approx(1 + 13 + STEPS / 1000, abs=1e-9)  # the loss scale
     assert last["skipped_steps"] == 0 and all(r["grad_norm"] > 0 for r in fp16)
 
     # checkpoint round trip: 10 updates, then a resumed run to 20 continues the scales (not M * 2^13 again)
@@ -67,9 +69,12 @@ def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_sh
 def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
     tmp_path, token_shards, tokenizer_model, monkeypatch, capsys
 ):
-    """Rank 0 alone sees an Inf entering resblock 5's branch at update 4: both ranks skip that update (the flags
-    are all-reduced), only block 5's scale is divided by sqrt(2), and training goes on; the Figure 12 plot shows it."""
+    """Rank 0 alone sees an Inf in the gradient leaving resblock 5's branch at update 4 (its parameter gradients
+    stay finite, so DeepSpeed's own check sees nothing): both ranks skip that update (the flags are all-reduced),
+    only block 5's scale is divided by sqrt(2), the ranks' scalers agree, and training goes on; the Figure 12
+    plot shows it."""
     monkeypatch.setenv("FP16_WORKER_POISON", "5:4")
+    monkeypatch.setenv("FP16_WORKER_DUMP", str(tmp_path))
     runs = _run(tmp_path, "poisoned", token_shards, tokenizer_model, "--train.steps=8", "--train.precision=fp16")
     by_step = {r["step"]: r for r in runs}
     assert [by_step[s]["skipped_steps"] for s in (3, 4, 8)] == [0, 1, 1]
@@ -80,6 +85,10 @@ def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
     want = [base + 7 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 4 more applied updates
     assert by_step[8]["grad_scale_log2"] == pytest.approx(want, abs=1e-9)
     assert all(math.isfinite(r["loss"]) for r in runs) and by_step[8]["loss"] < by_step[1]["loss"]
+    states = [torch.load(tmp_path / f"scaler_{rank}.pt") for rank in (0, 1)]
+    for key in ("log2_scales", "last_division", "skips"):
+        assert torch.equal(states[0][key], states[1][key]), key  # rank 1 skipped and divided too
+    assert states[1]["skips"].tolist() == [int(b == 5) for b in range(9)]  # 8 blocks, then the outside scale
 
     from plot_grad_scales import main as plot_main
 
