@@ -142,6 +142,17 @@ def config_diff(path: Path, cfg: JobConfig) -> list[str]:
     ]
 
 
+def ds_world_size(ds: dict) -> int:
+    """The world size a filled DeepSpeed config was written for (train_batch_size = micro x accum x world), so a
+    stage run by hand on 2 ranks is compared as such; 1 when the numbers do not say."""
+    try:
+        per_rank = int(ds["train_micro_batch_size_per_gpu"]) * int(ds["gradient_accumulation_steps"])
+        world, rest = divmod(int(ds["train_batch_size"]), per_rank)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 1
+    return world if world >= 1 and rest == 0 else 1
+
+
 def run_verdict(cfg: JobConfig, inputs: list[Path]) -> Verdict:
     """Whether the run of `cfg` is done (a COMPLETE checkpoint at train.steps, its resolved config equal to `cfg`,
     started after its `inputs` were written), and if not whether to resume it or start over."""
@@ -152,7 +163,8 @@ def run_verdict(cfg: JobConfig, inputs: list[Path]) -> Verdict:
     diff = config_diff(resolved, cfg)
     ds_path = run / "ds_config.json"
     try:
-        if json.loads(ds_path.read_text()) != load_ds_config(cfg, 1):
+        saved = json.loads(ds_path.read_text())
+        if saved != load_ds_config(cfg, ds_world_size(saved)):
             diff.append(f"{ds_path} differs from {cfg.parallel.deepspeed_config} filled from the config")
     except (OSError, ValueError) as e:  # ConfigError is a ValueError
         diff.append(f"{ds_path}: {type(e).__name__}: {e}")

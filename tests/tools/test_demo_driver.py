@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from demo import Demo, run_verdict, same_checkpoint, shard_set_problem
+from demo import Demo, ds_world_size, run_verdict, same_checkpoint, shard_set_problem
 from PIL import Image
 from plot_curves import main as plot_main
 from plot_curves import read_metrics
@@ -103,6 +103,14 @@ def test_run_verdict(tmp_path, monkeypatch):
     inputs.write_text("{}")
     verdict = run_verdict(cfg, [inputs])
     assert not verdict.skip and verdict.fresh and "written after the run started" in verdict.why
+
+
+def test_ds_world_size():
+    assert ds_world_size({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                          "train_batch_size": 16}) == 2  # fmt: skip
+    assert ds_world_size({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                          "train_batch_size": 4}) == 1  # fmt: skip
+    assert ds_world_size({}) == 1 and ds_world_size({"train_micro_batch_size_per_gpu": 0}) == 1
 
 
 def test_same_checkpoint(tmp_path):
