@@ -228,8 +228,9 @@ def decode_window(spec: MaskSpec, device: str) -> DecodeWindow:
     if spec.kind == "column" and spec.transposed:
         raise ValueError("decoding runs in raster order: use the column mask with transposed=False")
     t, hw = spec.text_len, spec.height * spec.width
-    image = spec.dense()[t:, t:]  # (HW, HW)
-    if not bool(spec.dense()[t:, :t].all()):
+    dense = spec.dense()  # (N, N), built once here
+    image = dense[t:, t:]  # (HW, HW)
+    if not bool(dense[t:, :t].all()):
         raise ValueError(f"{spec}: image queries must see every text key")
     step = spec.width if spec.kind == "column" else 1
     lo = [int(row.nonzero()[0]) for row in image]  # the earliest allowed image key (the query itself at least)
