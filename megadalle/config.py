@@ -179,7 +179,8 @@ class Train:
     """Compute precision; fp16 scales gradients as `grad_scaler` says."""
     grad_scaler: Literal["auto", "per_resblock", "global", "none"] = "auto"
     """fp16 only (off in bf16 and fp32): `per_resblock` one scale per resblock of the prior (App. D,
-    engine/grad_scaler.py; DeepSpeed's static loss scale set by it, gradients accumulated in fp32, ZeRO-3 only);
+    engine/grad_scaler.py; ZeRO-3 only, run through DeepSpeed's torch_autocast: fp32 parameter storage, fp16
+    matmuls, gradients accumulated in fp32);
     `global` DeepSpeed's dynamic loss scale from the DeepSpeed JSON; `none` no scaling (loss scale 1); `auto`
     per_resblock for the prior under ZeRO-3, else global."""
     activation_checkpointing: bool = False

@@ -81,20 +81,44 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
             )
     if out.get("fp16", {}).get("enabled") and out.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{origin}: fp16 and bf16 are both enabled")
+    if out.get("torch_autocast", {}).get("enabled") and cfg.train.precision != "fp16":
+        raise ConfigError(f"{origin}: torch_autocast is enabled but train.precision is {cfg.train.precision} "
+                          "(megadalle enables it itself for fp16 with train.grad_scaler = per_resblock)")  # fmt: skip
     mode = grad_scaler_mode(cfg, out, origin)
-    if mode in ("per_resblock", "none"):
-        # the scaling is ours (or none): DeepSpeed's loss scale is static, 1 here; per_resblock then sets it to its
-        # outside scale and divides the block scales out of fp32 gradient partitions (engine/ds_grad_scaler.py)
-        out["fp16"]["loss_scale"] = 1
+    if mode == "none":
+        out["fp16"]["loss_scale"] = 1  # no scaling: DeepSpeed's loss scale static at 1
     if mode == "per_resblock":
-        out.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+        out.update(_autocast_fp16(out, origin))
     return out
+
+
+# The module classes whose parameters torch.autocast computes in fp16 and ZeRO-3 gathers in fp16: the matmul
+# weights (every other parameter, and the Linear biases, which engine/ds_grad_scaler.py takes back, stay fp32).
+FP16_MATMUL_MODULES = ["megadalle.models.layers.Linear"]
+
+
+def _autocast_fp16(ds: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The DeepSpeed tables of per-resblock scaling: App. D.2 stores gains, biases, embeddings and unembeddings
+    in fp32 under fp16, which ZeRO-3's fp16 mode cannot (it casts every parameter to one dtype), so fp16 runs
+    through DeepSpeed's `torch_autocast` instead: every parameter partition fp32 (shared with the optimizer's
+    master copy), matmuls in fp16, the matmul weights gathered and reduced in fp16; DeepSpeed's own fp16 loss
+    scaling is off and the scaler sets the loss scale (engine/ds_grad_scaler.py)."""
+    ds.pop("fp16")  # its loss-scale settings are DeepSpeed's global scaler's (train.grad_scaler = global)
+    dtype = ds.get("torch_autocast", {}).get("dtype", "torch.float16")
+    if dtype != "torch.float16":
+        raise ConfigError(f"{origin}: torch_autocast.dtype is {dtype!r} but train.precision is fp16")
+    data_types = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
+    return {"torch_autocast": {"enabled": True, "dtype": "torch.float16",
+                               "lower_precision_safe_modules": FP16_MATMUL_MODULES},
+            "data_types": data_types}  # fmt: skip
 
 
 def grad_scaler_mode(cfg: JobConfig, ds: dict[str, Any], origin: str = "<ds config>") -> str:
     """`train.grad_scaler` resolved against the filled DeepSpeed config: "off" unless fp16; `auto` is
     per_resblock for the prior under ZeRO-3, else global; per_resblock elsewhere is an error."""
-    if not ds.get("fp16", {}).get("enabled"):
+    autocast = ds.get("torch_autocast", {})
+    autocast_fp16 = bool(autocast.get("enabled")) and autocast.get("dtype", "torch.float16") == "torch.float16"
+    if not (ds.get("fp16", {}).get("enabled") or autocast_fp16):
         return "off"
     zero = ds.get("zero_optimization", {}).get("stage", 0)
     mode = cfg.train.grad_scaler
@@ -103,6 +127,9 @@ def grad_scaler_mode(cfg: JobConfig, ds: dict[str, Any], origin: str = "<ds conf
     if mode == "per_resblock" and (cfg.job.stage != "prior" or zero != 3):
         raise ConfigError(f"{origin}: train.grad_scaler = per_resblock needs the prior's resblocks and ZeRO-3's "
                           f"optimizer, got job.stage = {cfg.job.stage}, zero_optimization.stage = {zero}")  # fmt: skip
+    if autocast_fp16 and mode != "per_resblock":  # megadalle's fp16 autocast is the per-resblock scaler's route
+        raise ConfigError(f"{origin}: torch_autocast in fp16 runs only with train.grad_scaler = per_resblock "
+                          f"(resolved: {mode}); remove the torch_autocast table")  # fmt: skip
     return mode
 
 

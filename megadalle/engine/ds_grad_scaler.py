@@ -1,22 +1,30 @@
-"""The per-resblock gradient scaler (engine/grad_scaler.py) inside DeepSpeed's ZeRO-3 fp16 optimizer.
+"""The per-resblock gradient scaler (engine/grad_scaler.py) inside DeepSpeed's ZeRO-3 optimizer, under fp16.
 
-DeepSpeed's loss scale is static and set by the scaler to S, its scale for the parameters outside the
-resblocks (embeddings, final norm, heads), so DeepSpeed multiplies the loss by S and divides every gradient by
-S; its gradient partitions accumulate in fp32 (`data_types.grad_accum_dtype`, set by engine/ds_config.py). At
-each update, before DeepSpeed computes the gradient norm (for clipping) and steps,
-`_overflow_check_and_loss_scale_update` is replaced by one that
+fp16 runs through DeepSpeed's `torch_autocast` (engine/ds_config.py writes the tables): every parameter
+partition is fp32, so gains, biases, embeddings and unembeddings are stored, gathered, reduced and updated in
+fp32 (App. D.2); the matmul weights (`megadalle.models.layers.Linear`) are gathered and their gradients
+reduce-scattered in fp16, and autocast runs the matmuls in fp16. The Linear biases, which DeepSpeed would
+gather in fp16 with their weights, are taken back to fp32 here. DeepSpeed's own fp16 scaler (a
+`torch.amp.GradScaler`) is removed; the loss is multiplied by the scaler's S, its scale for the parameters
+outside the resblocks (DeepSpeed's `custom_loss_scaler`), DeepSpeed divides every gradient by S, and the
+gradient partitions accumulate in fp32 (`data_types.grad_accum_dtype`). At each update, before DeepSpeed
+computes the gradient norm (for clipping) and steps, `_overflow_check_and_loss_scale_update` is replaced by
+one that
 
-1. runs DeepSpeed's own overflow check (all-reduced over the data-parallel group);
-2. attributes non-finite gradient partitions to their resblock (or to the parameters outside the resblocks),
-   ORs in the activation-gradient flags recorded in backward, and all-reduces the flags (MAX over the
-   data-parallel group: every rank takes the same skip decision and the same scale updates);
-3. if nothing overflowed, divides each resblock parameter's fp32 gradient partition by s_i / S, in place, so
-   that every partition carries S, which DeepSpeed divides out for the norm, the clipping and the Adam step;
-4. applies App. D's update rules (`PerBlockScaler.update`) and hands DeepSpeed the new S for the next update.
+1. attributes non-finite gradient partitions (one fused max-abs norm over all of them) to their resblock (or
+   to the parameters outside the resblocks), ORs in the activation-gradient flags recorded in backward, and
+   all-reduces the flags (MAX over the data-parallel group: every rank takes the same skip decision and the
+   same scale updates);
+2. if nothing overflowed, divides each resblock parameter's fp32 gradient partition by s_i / S, in place (one
+   fused multiply), so that every partition carries S, which DeepSpeed divides out for the norm, the clipping
+   and the Adam step;
+3. once DeepSpeed has also checked the clipping norm (`_loss_scale_update_and_overflow_cleanup`), applies App.
+   D's update rules (`PerBlockScaler.update`) and hands DeepSpeed the new S for the next update.
 
 DeepSpeed 0.19.8 internals used (stage3.py): `fp16_groups`, `__param_id_to_grad_partition` (per-parameter views
-of the flat gradient partition buffer), `check_overflow`, `dp_process_group`, `_loss_scale_update_and_overflow_
-cleanup`. Optimizer offload is refused (its gradients are copied to fp32 before this point).
+of the flat gradient partition buffer), `dp_process_group`, `ipg_buckets`, `torch_autocast_gradscaler`,
+`custom_loss_scaler` / `external_loss_scale`, `_loss_scale_update_and_overflow_cleanup`. Optimizer offload is
+refused (its gradients are copied elsewhere before this point).
 """
 
 from __future__ import annotations
@@ -35,78 +43,100 @@ def _overflow_check_and_scale_update(self: Any, update_scale: bool = True) -> bo
     scaler: PerBlockScaler = self.megadalle_scaler
     block_of: dict[int, int] = self.megadalle_block_of
     self.overflow = False
-    if self.dtype == torch.float16:
-        self.check_overflow()  # DeepSpeed's global check (already agreed across ranks)
     parts = self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition  # fetched fresh: rebuilt on reloads
     device = self.grad_partitions_flat_buffer.device
     flags = torch.zeros(scaler.n_blocks + 1, dtype=torch.uint8, device=device)  # blocks..., outside
     if scaler.flags is not None:
         flags[:-1] |= scaler.flags.to(device, torch.uint8)
-    params = list(chain(*self.fp16_groups))
-    for p in params:
+    # this rank's gradient partitions and the slot each belongs to (the last: outside the resblocks)
+    grads, slots = [], []
+    for p in chain(*self.fp16_groups):
         g = parts.get(p.ds_id)
-        if g is None:
-            continue
-        bad = (~torch.isfinite(g).all()).to(torch.uint8)
-        b = block_of.get(p.ds_id, scaler.n_blocks)  # the last flag: outside the resblocks
-        flags[b] |= bad
+        if g is not None and g.numel():
+            grads.append(g)
+            slots.append(block_of.get(p.ds_id, scaler.n_blocks))
+    if grads:  # the max-abs norm is inf or nan exactly when a partition is non-finite (and cannot overflow)
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))
+        flags.scatter_reduce_(0, torch.tensor(slots, device=device), bad.to(torch.uint8), reduce="amax")
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.dp_process_group)
     flags = flags.cpu().bool()
-    blocks, outside = flags[:-1], bool(flags[-1]) or (self.overflow and not bool(flags[:-1].any()))
-    skip = bool(blocks.any()) or outside or self.overflow
-    if not skip:
-        for p in params:
-            b = block_of.get(p.ds_id)
-            g = parts.get(p.ds_id)
-            if b is not None and g is not None:
-                g.mul_(scaler.loss_scale / scaler.scale(b))  # fp32 partitions: no flush; S is left for DeepSpeed
-    scaler.update(blocks, outside)
+    blocks, outside = flags[:-1], bool(flags[-1])
+    skip = bool(blocks.any()) or outside
+    if not skip:  # fp32 partitions, so no flush: block gradients divided by s_i / S (S is left for DeepSpeed)
+        in_blocks = [i for i, b in enumerate(slots) if b < scaler.n_blocks]
+        factors = [scaler.loss_scale / scaler.scale(slots[i]) for i in in_blocks]
+        torch._foreach_mul_([grads[i] for i in in_blocks], factors)
+    self.megadalle_flags = (blocks, outside)  # the scales are updated once DeepSpeed has decided (below)
     self.overflow = skip
-    if skip:  # nothing is unscaled this update: the next backward can take the new S now (else after the step)
-        self.loss_scale = scaler.loss_scale
     if not update_scale:
         return self.overflow
     return self._loss_scale_update_and_overflow_cleanup()
 
 
+def _update_scales(self: Any) -> None:
+    """After DeepSpeed's last check (a non-finite clipping norm from finite partitions also skips the update: a
+    sum of squares that overflowed, charged to S, which every partition carries by then): App. D's rules."""
+    scaler: PerBlockScaler = self.megadalle_scaler
+    blocks, outside = self.megadalle_flags
+    outside = outside or (self.overflow and not bool(blocks.any()))
+    scaler.update(blocks, outside)
+    if self.overflow:  # nothing is unscaled this update: the next backward can take the new S now (else after the step)
+        _set_loss_scale(self, scaler.loss_scale)
+
+
+def _set_loss_scale(optimizer: Any, value: float) -> None:
+    """DeepSpeed multiplies the loss by `value` and divides the gradients by it (`override_loss_scale` without
+    its log line at every change)."""
+    optimizer.custom_loss_scaler, optimizer.external_loss_scale = True, value
+
+
 def install(optimizer: Any, model: nn.Module, scaler: PerBlockScaler) -> None:
     """Make DeepSpeed's ZeRO-3 optimizer `optimizer` apply `scaler` (the model's resblocks must already join
-    through it: `apply_grad_scaler`). Swaps the instance's class for a subclass overriding one method."""
+    through it: `apply_grad_scaler`). Swaps the instance's class for a subclass overriding three methods."""
+    from deepspeed.runtime.torch_autocast import get_autocast_dtype, is_autocast_initialized
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
         raise ValueError(f"per-resblock gradient scaling runs in ZeRO-3's optimizer, got {type(optimizer).__name__}"
                          " (set zero_optimization.stage = 3)")  # fmt: skip
+    if not (is_autocast_initialized() and get_autocast_dtype() == torch.float16) or optimizer.dtype != torch.float32:
+        raise ValueError("per-resblock gradient scaling runs fp16 through DeepSpeed's torch_autocast with fp32 "
+                         f"parameters (engine/ds_config.py writes it); parameters are {optimizer.dtype}")  # fmt: skip
     if getattr(optimizer, "offload_optimizer", False):
         raise ValueError("per-resblock gradient scaling does not support optimizer offload (gradients are copied to "
                          "fp32 before the scales could be divided out)")  # fmt: skip
     if optimizer.grad_partitions_flat_buffer.dtype != torch.float32:
         raise ValueError(f"per-resblock gradient scaling needs fp32 gradient partitions (data_types.grad_accum_dtype"
                          f" = fp32), got {optimizer.grad_partitions_flat_buffer.dtype}")  # fmt: skip
-    if optimizer.dynamic_loss_scale:
-        raise ValueError("DeepSpeed's loss scale must be static (engine/ds_config.py sets fp16.loss_scale): the "
-                         "per-resblock scaler sets it")  # fmt: skip
     block_of = {p.ds_id: i for i, block in enumerate(resblocks(model)) for p in block.parameters()}
     if len(block_of) == 0:
         raise ValueError("no resblock parameters found")
+    for p in model.parameters():  # App. D.2: biases in fp32, gathered and reduced in fp32 too
+        if hasattr(p, "comm_dtype") and len(p.ds_shape) == 1:
+            del p.comm_dtype
+    if torch.float32 not in optimizer.ipg_buckets:  # made at init for the fp32 parameters (the norms' gains)
+        raise ValueError("ZeRO-3 has no fp32 gradient bucket: the model has no parameters outside fp16 matmuls")
+    optimizer.torch_autocast_gradscaler = None  # DeepSpeed's dynamic fp16 scaler: replaced by ours
     optimizer.megadalle_scaler, optimizer.megadalle_block_of = scaler, block_of
     cls = type(optimizer)
 
     def _post_step(self: Any, timer_names: Any) -> None:
         cls._post_step(self, timer_names)
-        self.loss_scale = self.megadalle_scaler.loss_scale  # after DeepSpeed divided this update's S out
+        _set_loss_scale(self, self.megadalle_scaler.loss_scale)  # after DeepSpeed divided this update's S out
 
-    methods = {"_overflow_check_and_loss_scale_update": _overflow_check_and_scale_update, "_post_step": _post_step}
+    def _loss_scale_update_and_overflow_cleanup(self: Any) -> bool:
+        _update_scales(self)
+        return cls._loss_scale_update_and_overflow_cleanup(self)
+
+    methods = {
+        "_overflow_check_and_loss_scale_update": _overflow_check_and_scale_update,
+        "_loss_scale_update_and_overflow_cleanup": _loss_scale_update_and_overflow_cleanup,
+        "_post_step": _post_step,
+    }
     optimizer.__class__ = type(f"PerResblockScaled{cls.__name__}", (cls,), methods)
     sync(optimizer)
 
 
 def sync(optimizer: Any) -> None:
-    """Hand DeepSpeed the scaler's S as a static loss scale: at install, and after a checkpoint is loaded
-    (DeepSpeed restores the loss scaler it saved, which may be another run's dynamic one)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-
-    if getattr(optimizer.loss_scaler, "dynamic", False) or optimizer.dynamic_loss_scale:
-        optimizer.loss_scaler = LossScaler(optimizer.megadalle_scaler.loss_scale)
-        optimizer.dynamic_loss_scale = False
-    optimizer.loss_scale = optimizer.megadalle_scaler.loss_scale
+    """Hand DeepSpeed the scaler's S as its loss scale: at install, and after a checkpoint is loaded."""
+    _set_loss_scale(optimizer, optimizer.megadalle_scaler.loss_scale)

@@ -9,7 +9,7 @@ model, with
 so the block is still called through its `__call__` (ZeRO-3's hooks, activation checkpointing).
 
 The parameters outside the resblocks (embeddings, final norm, unembeddings) have a scale of their own, the last
-slot, S: the loss is multiplied by S (`scale_loss`; DeepSpeed's static loss scale under its fp16 engine), so
+slot, S: the loss is multiplied by S (`scale_loss`; DeepSpeed's loss scale under ZeRO-3), so
 their fp16 gradients are not flushed either, and the identity path carries gradients times S, in fp32 (an fp16
 stream from the embeddings is upcast at the first block). Backward through block i: the gradient entering the
 branch is multiplied by s_i / S in fp32 *before* it is cast to the branch's dtype (it then carries s_i: small
@@ -17,7 +17,7 @@ values survive the cast to fp16); the gradient leaving the branch is cast to fp3
 Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
 neither reaches the blocks before it nor shrinks their scales. So block i's parameter gradients carry s_i and
 the outside ones S: each is divided by its own before the optimizer, in fp32 (`unscale_and_check` for fp32/bf16
-parameters; under DeepSpeed's fp16 ZeRO-3, engine/ds_grad_scaler.py divides its fp32 partitions by s_i / S and
+parameters; under ZeRO-3 in fp16, engine/ds_grad_scaler.py divides its fp32 partitions by s_i / S and
 DeepSpeed divides everything by its loss scale S).
 
 Update rules (App. D): scale_0 = M * 2^13 (M data-parallel replicas); after an applied update, each block

@@ -105,7 +105,8 @@ class FP32Head(Linear):
         super().__init__(d_in, d_out, std=0.02, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp16 autocast (per-resblock scaling) would cast it
+            return F.linear(x.float(), self.weight.float())
 
 
 class AttentionBlock(nn.Module):

@@ -7,9 +7,11 @@ allowed on this CPU (it lacks the flag DeepSpeed checks; ../shared/PLATFORM.md: 
 FP16_WORKER_POISON: on rank 0 only, the gradient leaving resblock BLOCK's branch (towards the identity path)
 becomes Inf at update UPDATE (its forward count: no activation checkpointing, one micro-batch per update). The
 block's parameter gradients stay finite, so only rank 0's activation flag knows: the skip on rank 1 proves the
-flags are agreed across ranks. FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end.
+flags are agreed across ranks. FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end,
+and its parameters' stored and gathered dtypes and its modules' output dtypes to DIR/dtypes_RANK.json.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +27,30 @@ from megadalle.engine.grad_scaler import resblocks  # noqa: E402
 from megadalle.train import main  # noqa: E402
 
 SCALERS = []
+DTYPES: dict[str, list[str]] = {}  # parameter or module name -> [stored, gathered] or [computed output]
+
+
+def record_dtypes() -> None:
+    """After the scaler's install: each parameter's stored partition dtype and gathered (communication) dtype,
+    and, from the first forward, each module's output dtype."""
+    from megadalle.engine import ds_grad_scaler
+
+    original = ds_grad_scaler.install
+
+    def install(optimizer, model, scaler):
+        original(optimizer, model, scaler)
+        for name, p in model.named_parameters():
+            DTYPES[name] = [str(p.ds_tensor.dtype), str(getattr(p, "comm_dtype", p.ds_tensor.dtype))]
+
+        def record(name, out):
+            if isinstance(out, torch.Tensor):
+                DTYPES.setdefault(f"out:{name}", [str(out.dtype)])
+
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_hook(lambda m, i, out, name=name: record(name, out))
+
+    ds_grad_scaler.install = install
 
 
 def instrument(poison: str) -> None:
@@ -52,8 +78,11 @@ def instrument(poison: str) -> None:
 
 if __name__ == "__main__":
     instrument(os.environ.get("FP16_WORKER_POISON", ""))
+    record_dtypes()
     rc = main(sys.argv[1:])
     if os.environ.get("FP16_WORKER_DUMP") and SCALERS:
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        torch.save(SCALERS[-1].state_dict(), Path(os.environ["FP16_WORKER_DUMP"]) / f"scaler_{rank}.pt")
+        dump = Path(os.environ["FP16_WORKER_DUMP"])
+        torch.save(SCALERS[-1].state_dict(), dump / f"scaler_{rank}.pt")
+        (dump / f"dtypes_{rank}.json").write_text(json.dumps(DTYPES))
     sys.exit(rc)

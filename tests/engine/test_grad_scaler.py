@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -313,3 +314,19 @@ def test_per_block_scales_keep_late_block_gradients_that_one_global_scale_flushe
     assert zeros_global[-1] > 128 and zeros_global[0] == 0, zeros_global  # the late block's gradient flushed
     assert zeros_block == [0] * len(gains), zeros_block
     assert scaler.log2_scales[len(gains) - 1] > k + 8  # the late block runs at a far larger scale than the global one
+
+
+def test_deepspeed_skip_on_a_nonfinite_clipping_norm_divides_the_outside_scale() -> None:
+    """Inside ZeRO-3 (engine/ds_grad_scaler.py) the scales are updated after DeepSpeed's own last check: a clipping
+    norm that is not finite although every partition was (a sum of squares that overflowed) skips the update and
+    is charged to S, which every partition carries by then; a clean update grows every scale."""
+    from megadalle.engine.ds_grad_scaler import _update_scales
+
+    s = PerBlockScaler(2, replicas=1)
+    opt = SimpleNamespace(megadalle_scaler=s, megadalle_flags=(torch.zeros(2, dtype=torch.bool), False), overflow=True)
+    _update_scales(opt)
+    assert s.log2_scales.tolist() == [13.0, 13.0, 12.5] and opt.external_loss_scale == 2.0**12.5
+    assert s.skipped_updates == 1
+    opt.overflow = False
+    _update_scales(opt)
+    assert s.log2_scales.tolist() == pytest.approx([13 + G, 13 + G, 12.5 + G])

@@ -1,7 +1,7 @@
-"""The per-resblock gradient scaler inside DeepSpeed's ZeRO-3 fp16 engine, on 2 real processes: training tracks
-the same run in fp32, the scales follow App. D's rules and survive a checkpoint round trip, and the DeepSpeed
-config is what the scaler needs. fp16 is forced on this CPU as ../shared/PLATFORM.md says (tests/engine/
-fp16_worker.py)."""
+"""The per-resblock gradient scaler inside DeepSpeed's ZeRO-3 engine under fp16 (autocast, fp32 parameter
+storage), on 2 real processes: training tracks the same run in fp32, the scales follow App. D's rules and survive
+a checkpoint round trip, the parameters App. D.2 names are stored and gathered in fp32, and the DeepSpeed config
+is what the scaler needs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from megadalle.config import ConfigError, load_config
-from megadalle.engine.ds_config import load_ds_config
+from megadalle.engine.ds_config import fill_ds_config, grad_scaler_mode, load_ds_config
 from tests.conftest import REPO, torchrun
 
 STEPS = 20
@@ -90,6 +90,24 @@ def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
         assert torch.equal(states[0][key], states[1][key]), key  # rank 1 skipped and divided too
     assert states[1]["skips"].tolist() == [int(b == 5) for b in range(9)]  # 8 blocks, then the outside scale
 
+    # App. D.2: gains, biases, embeddings and the unembedding stored and gathered in fp32; the matmul weights
+    # gathered in fp16 and the matmuls computed in fp16; the logits and the residual stream in fp32
+    dtypes = json.loads((tmp_path / "dtypes_0.json").read_text())
+    params = {k: v for k, v in dtypes.items() if not k.startswith("out:")}
+    matmul = {k for k in params if k.endswith("weight") and any(f".{m}." in k for m in ("qkv", "proj", "fc"))}
+    assert len(matmul) == 4 * 4 and all(
+        v == ["torch.float32", "torch.float16"] for k, v in params.items() if k in matmul
+    )
+    fp32 = {k: v for k, v in params.items() if k not in matmul}
+    assert {k.rsplit(".", 1)[-1] for k in fp32} == {"weight", "bias"} and {
+        "text_head.weight",
+        "image_head.weight",
+    } <= set(fp32)
+    assert all(v == ["torch.float32", "torch.float32"] for v in fp32.values()), fp32
+    assert dtypes["out:layers.0.attn.qkv"] == dtypes["out:layers.3.mlp.fc"] == ["torch.float16"]
+    assert dtypes["out:layers.0.attn.ln"] == dtypes["out:text_emb"] == ["torch.float32"]
+    assert all(v == ["torch.float32"] for k, v in dtypes.items() if k.startswith("out:") and "head" in k)
+
     from plot_grad_scales import main as plot_main
 
     out = tmp_path / "grad_scales.png"
@@ -99,13 +117,17 @@ def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
         assert im.size[0] > 500 and len(np.unique(np.asarray(im.convert("L")))) > 10  # a drawn figure, not a blank
 
 
-def test_ds_config_holds_deepspeed_scale_at_one_and_accumulates_in_fp32():
+def test_ds_config_runs_per_resblock_fp16_through_autocast_with_fp32_parameters():
     base = ["--config", "megadalle/configs/prior_debug.toml", "--train.precision=fp16"]
-    ds = load_ds_config(load_config([*base, "--parallel.deepspeed_config=ds_configs/zero3_cpu.json"]), 2)
-    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 1 and ds["data_types"]["grad_accum_dtype"] == "fp32"
-    glob = load_config([*base, "--parallel.deepspeed_config=ds_configs/zero3_cpu.json", "--train.grad_scaler=global"])
-    ds = load_ds_config(glob, 2)
-    assert ds["fp16"]["loss_scale"] == 0 and "data_types" not in ds  # DeepSpeed's dynamic scale, as the file says
+    z3 = [*base, "--parallel.deepspeed_config=ds_configs/zero3_cpu.json"]
+    ds = load_ds_config(load_config(z3), 2)
+    assert "fp16" not in ds and ds["data_types"]["grad_accum_dtype"] == "fp32"  # DeepSpeed's fp16 mode is off
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "torch.float16",
+                                    "lower_precision_safe_modules": ["megadalle.models.layers.Linear"]}  # fmt: skip
+    assert grad_scaler_mode(load_config(z3), ds) == "per_resblock"
+    assert fill_ds_config(ds, load_config(z3), 2) == ds  # filling a filled config changes nothing
+    ds = load_ds_config(load_config([*z3, "--train.grad_scaler=global"]), 2)
+    assert ds["fp16"]["loss_scale"] == 0 and "torch_autocast" not in ds  # DeepSpeed's dynamic scale, as the file says
     z1 = load_ds_config(load_config([*base, "--parallel.deepspeed_config=ds_configs/zero1_cpu.json"]), 2)
     assert z1["fp16"]["loss_scale"] == 0  # auto: DeepSpeed's global scale where the per-block one cannot run
     explicit = [*base, "--parallel.deepspeed_config=ds_configs/zero1_cpu.json", "--train.grad_scaler=per_resblock"]
@@ -114,4 +136,13 @@ def test_ds_config_holds_deepspeed_scale_at_one_and_accumulates_in_fp32():
     dvae = ["--config", "megadalle/configs/dvae_debug.toml", "--train.precision=fp16", "--train.grad_scaler=none"]
     assert load_ds_config(load_config(dvae), 2)["fp16"]["loss_scale"] == 1
     bf16 = load_ds_config(load_config([*base[:2], "--train.precision=bf16"]), 2)
-    assert "data_types" not in bf16  # off in bf16
+    assert "data_types" not in bf16 and "torch_autocast" not in bf16  # off in bf16
+    file = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    with pytest.raises(ConfigError, match="torch_autocast is enabled but train.precision is fp32"):
+        fill_ds_config({**file, "torch_autocast": {"enabled": True}}, load_config(base[:2]), 2)
+    with pytest.raises(ConfigError, match="torch_autocast in fp16 runs only with train.grad_scaler = per_resblock"):
+        fill_ds_config(
+            {**file, "torch_autocast": {"enabled": True}}, load_config([*z3, "--train.grad_scaler=global"]), 2
+        )
+    with pytest.raises(ConfigError, match="torch_autocast.dtype is 'torch.bfloat16' but train.precision is fp16"):
+        fill_ds_config({**file, "torch_autocast": {"enabled": True, "dtype": "torch.bfloat16"}}, load_config(z3), 2)
