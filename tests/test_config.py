@@ -118,7 +118,7 @@ def test_dvae_paper_settings_are_the_defaults_and_the_run_file():
 def test_prior_paper_run_files_resolve(flavor):
     """App. B.2: AdamW 0.9 / 0.96 / 1e-8, weight decay 4.5e-2, clip 4, warm-up 5,000 to 4.5e-4 then halved on
     plateaus 5 times, EMA every 25 updates at 0.99, batch 1,024."""
-    from megadalle.engine.ds_config import load_ds_config
+    from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
     from megadalle.engine.schedules import lr_schedule
 
     cfg = load_config(["--config", str(REPO / f"megadalle/configs/prior_{flavor}.toml")])
@@ -133,7 +133,8 @@ def test_prior_paper_run_files_resolve(flavor):
         ds = load_ds_config(cfg, world_size=world)
         assert ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 3
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == 1024
-        assert ds["gradient_clipping"] == 4.0 and ds["fp16"]["enabled"] is True
+        assert ds["gradient_clipping"] == 4.0 and "fp16" not in ds  # fp16 with per-resblock scaling: autocast
+        assert ds["torch_autocast"]["dtype"] == "torch.float16" and grad_scaler_mode(cfg, ds) == "per_resblock"
     s = lr_schedule(cfg, cfg.prior.lr_decay_steps)
     assert s.lr(0) == pytest.approx(4.5e-4 / 5000) and s.lr(4999) == pytest.approx(4.5e-4) and s.lr(10**5) == 4.5e-4
 
