@@ -95,6 +95,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
 # The module classes whose parameters torch.autocast computes in fp16 and ZeRO-3 gathers in fp16: the matmul
 # weights (every other parameter, and the Linear biases, which engine/ds_grad_scaler.py takes back, stay fp32).
 FP16_MATMUL_MODULES = ["megadalle.models.layers.Linear"]
+FP16_NAMES = ("torch.float16", "torch.half", "float16", "fp16", "half")  # DeepSpeed's spellings of fp16
 
 
 def _autocast_fp16(ds: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def _autocast_fp16(ds: dict[str, Any], origin: str) -> dict[str, Any]:
     scaling is off and the scaler sets the loss scale (engine/ds_grad_scaler.py)."""
     ds.pop("fp16")  # its loss-scale settings are DeepSpeed's global scaler's (train.grad_scaler = global)
     dtype = ds.get("torch_autocast", {}).get("dtype", "torch.float16")
-    if dtype != "torch.float16":
+    if dtype not in FP16_NAMES:
         raise ConfigError(f"{origin}: torch_autocast.dtype is {dtype!r} but train.precision is fp16")
     data_types = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
     return {"torch_autocast": {"enabled": True, "dtype": "torch.float16",
@@ -117,7 +118,7 @@ def grad_scaler_mode(cfg: JobConfig, ds: dict[str, Any], origin: str = "<ds conf
     """`train.grad_scaler` resolved against the filled DeepSpeed config: "off" unless fp16; `auto` is
     per_resblock for the prior under ZeRO-3, else global; per_resblock elsewhere is an error."""
     autocast = ds.get("torch_autocast", {})
-    autocast_fp16 = bool(autocast.get("enabled")) and autocast.get("dtype", "torch.float16") == "torch.float16"
+    autocast_fp16 = bool(autocast.get("enabled")) and autocast.get("dtype", "torch.float16") in FP16_NAMES
     if not (ds.get("fp16", {}).get("enabled") or autocast_fp16):
         return "off"
     zero = ds.get("zero_optimization", {}).get("stage", 0)

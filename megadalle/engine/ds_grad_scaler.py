@@ -138,5 +138,10 @@ def install(optimizer: Any, model: nn.Module, scaler: PerBlockScaler) -> None:
 
 
 def sync(optimizer: Any) -> None:
-    """Hand DeepSpeed the scaler's S as its loss scale: at install, and after a checkpoint is loaded."""
+    """Hand DeepSpeed the scaler's S as its loss scale: at install, and after a checkpoint is loaded (which
+    restores the loss scaler DeepSpeed saved, maybe a `global` run's dynamic one: it would be updated, unused, on
+    every skip until it raised at its minimum; DeepSpeed's own is a static 1 here)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    optimizer.loss_scaler, optimizer.dynamic_loss_scale = LossScaler(1.0), False
     _set_loss_scale(optimizer, optimizer.megadalle_scaler.loss_scale)

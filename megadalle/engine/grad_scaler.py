@@ -9,9 +9,10 @@ model, with
 so the block is still called through its `__call__` (ZeRO-3's hooks, activation checkpointing).
 
 The parameters outside the resblocks (embeddings, final norm, unembeddings) have a scale of their own, the last
-slot, S: the loss is multiplied by S (`scale_loss`; DeepSpeed's loss scale under ZeRO-3), so
-their fp16 gradients are not flushed either, and the identity path carries gradients times S, in fp32 (an fp16
-stream from the embeddings is upcast at the first block). Backward through block i: the gradient entering the
+slot, S: the loss is multiplied by S (`scale_loss`; DeepSpeed's loss scale under ZeRO-3), which keeps their
+gradients from flushing where they are fp16 (a model stored in fp16; under ZeRO-3's autocast route they are
+fp32, App. D.2), and the identity path carries gradients times S, in fp32 (an fp16 stream from the embeddings
+is upcast at the first block). Backward through block i: the gradient entering the
 branch is multiplied by s_i / S in fp32 *before* it is cast to the branch's dtype (it then carries s_i: small
 values survive the cast to fp16); the gradient leaving the branch is cast to fp32, divided by s_i / S and its
 Inf/NaN entries set to 0 (UnscaleFilter), recording that this block overflowed, so that one block's overflow
@@ -235,7 +236,7 @@ def scaled_residual(block: nn.Module, scaler: PerBlockScaler, index: int) -> Res
         x = x.float()  # the identity path is fp32 (App. D): an fp16 stream (embeddings) is upcast at its first block
         s = scaler.scale(index) / scaler.loss_scale  # the identity path's gradient already carries the loss scale
         h = _UnscaleFilterGrad.apply(x, s, scaler.flags_on(x.device), index)
-        dtype = next(block.parameters()).dtype  # the branch's compute dtype (fp16 under an fp16 engine)
+        dtype = next(block.parameters()).dtype  # fp16 for fp16-stored blocks; fp32 under autocast, which casts inside
         return x + _ScaleGrad.apply(branch(h.to(dtype)).float(), s)
 
     return residual

@@ -7,6 +7,8 @@ placeholder and the model silently keeps PyTorch's default initialisation. These
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,6 +24,25 @@ class Linear(nn.Linear):
         nn.init.normal_(self.weight, std=self.std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        # fp16 autocast (App. D.2): the matmul in fp16, the fp32 bias added in fp32 and its gradient summed in fp32
+        # (F.linear would round the bias to fp16 and sum its gradient in fp16)
+        return _AddBiasFP32.apply(F.linear(x, self.weight), self.bias)
+
+
+class _AddBiasFP32(torch.autograd.Function):
+    """y (..., d) low precision + b (d,) fp32 -> y's dtype, added in fp32; db = sum of dy in fp32."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (y.float() + b.float()).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return g, g.float().sum(dim=tuple(range(g.dim() - 1)))
 
 
 class Embedding(nn.Embedding):

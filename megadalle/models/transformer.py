@@ -84,7 +84,8 @@ FLAVORS: dict[str, PriorArgs] = {
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 with fp32 gain and bias, whatever the activations' dtype."""
+    """LayerNorm computed in fp32 with fp32 gain and bias, whatever the activations' dtype; the output in the
+    input's dtype, or in autocast's (fp16 under per-resblock scaling)."""
 
     def __init__(self, d: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -94,7 +95,8 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+        device = x.device.type  # under fp16 autocast, the branch's fp16 input (the next matmul would cast it anyway)
+        return y.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype)
 
 
 class FP32Head(Linear):

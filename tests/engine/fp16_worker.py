@@ -1,14 +1,17 @@
-"""Worker for tests/engine/test_grad_scaler_zero3.py: megadalle/train.py's own `main`, with DeepSpeed's fp16
-allowed on this CPU (it lacks the flag DeepSpeed checks; ../shared/PLATFORM.md: ZeRO 1-3 then run fp16 for real).
+"""Worker for tests/engine/test_grad_scaler_zero3.py: megadalle/train.py's own `main`, instrumented.
 
-    [FP16_WORKER_POISON=BLOCK:UPDATE] [FP16_WORKER_DUMP=DIR] torchrun --nproc_per_node 2 tests/engine/fp16_worker.py
-        --config ...
+    [FP16_WORKER_POISON=BLOCK:UPDATE] [FP16_WORKER_NORM_INF=UPDATE] [FP16_WORKER_SPREAD=1] [FP16_WORKER_DUMP=DIR]
+        torchrun --nproc_per_node 2 tests/engine/fp16_worker.py --config ...
 
 FP16_WORKER_POISON: on rank 0 only, the gradient leaving resblock BLOCK's branch (towards the identity path)
 becomes Inf at update UPDATE (its forward count: no activation checkpointing, one micro-batch per update). The
 block's parameter gradients stay finite, so only rank 0's activation flag knows: the skip on rank 1 proves the
-flags are agreed across ranks. FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end,
-and its parameters' stored and gathered dtypes and its modules' output dtypes to DIR/dtypes_RANK.json.
+flags are agreed across ranks. FP16_WORKER_NORM_INF: DeepSpeed's clipping norm is Inf at update UPDATE although
+every gradient partition is finite. FP16_WORKER_SPREAD: the blocks' log2 scales start at 14 + (i - 4), not all at
+log2(M) + 13, so that a wrong or missing division of a block's scale shows in the loss and the gradient norm.
+FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end, and to DIR/dtypes_RANK.json
+its parameters' stored dtypes, the dtype each parameter's gradient was reduce-scattered in, whether the last
+gathered values of each Linear's weight and bias are fp16-representable, and its modules' output dtypes.
 """
 
 import json
@@ -18,13 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
-type(get_accelerator()).is_fp16_supported = lambda self: True
-
-import megadalle.engine.wrap as wrap  # noqa: E402  (after the accelerator is told)
-from megadalle.engine.grad_scaler import resblocks  # noqa: E402
-from megadalle.train import main  # noqa: E402
+import megadalle.engine.wrap as wrap
+from megadalle.engine.grad_scaler import resblocks
+from megadalle.train import main
 
 SCALERS = []
 DTYPES: dict[str, list[str]] = {}  # parameter or module name -> [stored, gathered] or [computed output]
@@ -39,8 +39,35 @@ def record_dtypes() -> None:
 
     def install(optimizer, model, scaler):
         original(optimizer, model, scaler)
+        names = {p.ds_id: name for name, p in model.named_parameters()}
         for name, p in model.named_parameters():
-            DTYPES[name] = [str(p.ds_tensor.dtype), str(getattr(p, "comm_dtype", p.ds_tensor.dtype))]
+            DTYPES[name] = [str(p.ds_tensor.dtype)]
+        reduce = optimizer._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads
+
+        def reduce_recorded(comm_dtype):  # the gradients in this bucket are reduce-scattered in comm_dtype
+            for p in optimizer.ipg_buckets[comm_dtype].params:
+                DTYPES[f"reduced:{names[p.ds_id]}"] = [str(comm_dtype)]
+            return reduce(comm_dtype)
+
+        optimizer._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads = reduce_recorded
+        norm_inf = int(os.environ.get("FP16_WORKER_NORM_INF", "0"))
+        norms = optimizer._get_norm_groups
+
+        def norm_groups():  # attempt k's norm is taken with scaler.updates == k - 1
+            out = norms()
+            return [torch.full_like(n, float("inf")) for n in out] if scaler.updates == norm_inf - 1 else out
+
+        optimizer._get_norm_groups = norm_groups
+        for name, module in model.named_modules():
+            if type(module).__name__ == "Linear":  # the gathered values: fp16-representable when gathered in fp16
+                module.register_forward_pre_hook(
+                    lambda m, i, name=name: DTYPES.update(
+                        {
+                            f"gathered:{name}.{k}": [bool(torch.equal(t, t.half().float()))]
+                            for k, t in (("weight", m.weight), ("bias", m.bias))
+                        }  # fmt: skip
+                    )
+                )
 
         def record(name, out):
             if isinstance(out, torch.Tensor):
@@ -59,6 +86,9 @@ def instrument(poison: str) -> None:
     def apply(model, replicas=1, **kw):
         scaler = original(model, replicas, **kw)
         SCALERS.append(scaler)
+        if os.environ.get("FP16_WORKER_SPREAD"):
+            n = scaler.n_blocks
+            scaler.log2_scales[:n] = 14 + torch.arange(n, dtype=torch.float64) - 4
         if poison:
             block_index, update = map(int, poison.split(":"))
             block = resblocks(model)[block_index]

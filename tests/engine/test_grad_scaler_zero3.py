@@ -35,8 +35,11 @@ def _run(tmp_path: Path, name: str, token_shards: Path, tokenizer_model: Path, *
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_shards, tokenizer_model):
+def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_shards, tokenizer_model, monkeypatch):
+    """The blocks' scales start spread over 2^10..2^17 (FP16_WORKER_SPREAD), so each block's gradients must be
+    divided by its own scale for the fp16 run to track the fp32 one."""
     fp32 = _run(tmp_path, "fp32", token_shards, tokenizer_model, f"--train.steps={STEPS}")
+    monkeypatch.setenv("FP16_WORKER_SPREAD", "1")
     fp16 = _run(tmp_path, "fp16", token_shards, tokenizer_model, f"--train.steps={STEPS}", "--train.precision=fp16")
     assert [r["step"] for r in fp16] == list(range(1, STEPS + 1))
     for a, b in zip(fp16, fp32):  # the same data and initial weights: fp16 rounding only
@@ -49,19 +52,25 @@ def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_sh
         )
     assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, "fp16 trains"
     n_blocks = 2 * 4  # prior_debug: 4 layers x (attention, MLP)
+    spread = [14 + i - 4 for i in range(n_blocks)]
     first, last = fp16[0], fp16[-1]
     assert len(first["grad_scale_log2"]) == n_blocks and last["grad_scale_skipped_updates"] == 0
-    # M = 2 replicas: log2 scale 1 + 13, + 1/1000 after each applied update (no overflow in this run)
-    assert last["grad_scale_log2"] == pytest.approx([1 + 13 + STEPS / 1000] * n_blocks, abs=1e-9)
+    # + 1/1000 after each applied update (no overflow in this run); S starts at M * 2^13, M = 2 replicas
+    assert last["grad_scale_log2"] == pytest.approx([s + STEPS / 1000 for s in spread], abs=1e-9)
     assert last["grad_scale_log2_outside"] == pytest.approx(1 + 13 + STEPS / 1000, abs=1e-9)  # the loss scale
     assert last["skipped_steps"] == 0 and all(r["grad_norm"] > 0 for r in fp16)
 
-    # checkpoint round trip: 10 updates, then a resumed run to 20 continues the scales (not M * 2^13 again)
-    _run(tmp_path, "resumed", token_shards, tokenizer_model, "--train.steps=10", "--train.precision=fp16")
-    resumed = _run(tmp_path, "resumed", token_shards, tokenizer_model, f"--train.steps={STEPS}",
-                   "--train.precision=fp16")  # fmt: skip
+    # checkpoint round trip, with activation checkpointing (recomputed under autocast): 10 updates, which track the
+    # run without it, then a resumed run to 20 continues the scales (not the initial ones again)
+    ckpt = ["--train.precision=fp16", "--train.activation_checkpointing=true"]
+    _run(tmp_path, "resumed", token_shards, tokenizer_model, "--train.steps=10", *ckpt)
+    resumed = _run(tmp_path, "resumed", token_shards, tokenizer_model, f"--train.steps={STEPS}", *ckpt)
     after = [r for r in resumed if r["step"] == 11]
-    assert after and after[0]["grad_scale_log2"] == pytest.approx([1 + 13 + 11 / 1000] * n_blocks, abs=1e-9)
+    assert after and after[0]["grad_scale_log2"] == pytest.approx([s + 11 / 1000 for s in spread], abs=1e-9)
+    for r in resumed[:10]:  # (after the resume the data order is not restored exactly yet: issue 14)
+        ref = fp16[r["step"] - 1]
+        assert abs(r["loss"] - ref["loss"]) <= 0.01 * ref["loss"], (r["step"], r["loss"], ref["loss"])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)) and resumed[-1]["skipped_steps"] == 0
 
 
 @pytest.mark.slow
@@ -72,47 +81,58 @@ def test_an_inf_on_one_rank_skips_the_update_on_both_and_drops_one_scale(
     """Rank 0 alone sees an Inf in the gradient leaving resblock 5's branch at update 4 (its parameter gradients
     stay finite, so DeepSpeed's own check sees nothing): both ranks skip that update (the flags are all-reduced),
     only block 5's scale is divided by sqrt(2), the ranks' scalers agree, and training goes on; the Figure 12
-    plot shows it."""
+    plot shows it. At update 6 DeepSpeed's clipping norm is Inf from finite partitions: skipped, S divided. The
+    stored, reduce-scattered, gathered and computed dtypes are App. D.2's."""
     monkeypatch.setenv("FP16_WORKER_POISON", "5:4")
+    monkeypatch.setenv("FP16_WORKER_NORM_INF", "6")  # and at update 6 DeepSpeed's clipping norm is Inf
     monkeypatch.setenv("FP16_WORKER_DUMP", str(tmp_path))
-    runs = _run(tmp_path, "poisoned", token_shards, tokenizer_model, "--train.steps=8", "--train.precision=fp16")
+    # no persistent parameters: every gather is a real fetch in the parameter's communication dtype
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    runs = _run(tmp_path, "poisoned", token_shards, tokenizer_model, "--train.steps=8", "--train.precision=fp16",
+                f"--parallel.deepspeed_config={tmp_path / 'ds.json'}")  # fmt: skip
     by_step = {r["step"]: r for r in runs}
-    assert [by_step[s]["skipped_steps"] for s in (3, 4, 8)] == [0, 1, 1]
+    assert [by_step[s]["skipped_steps"] for s in (3, 4, 5, 6, 8)] == [0, 1, 1, 2, 2]
     assert by_step[4]["grad_scale_skips"] == [int(b == 5) for b in range(8)]
     base = 1 + 13
     want = [base + 3 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 3 applied updates, then the skip
     assert by_step[4]["grad_scale_log2"] == pytest.approx(want, abs=1e-9)
-    want = [base + 7 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 4 more applied updates
+    # update 6: every partition finite, the norm not: skipped, charged to S (the outside scale), no growth
+    assert by_step[6]["grad_scale_log2_outside"] == pytest.approx(base + 4 / 1000 - 0.5, abs=1e-9)
+    want = [base + 6 / 1000 - (0.5 if b == 5 else 0) for b in range(8)]  # 6 applied updates of 8
     assert by_step[8]["grad_scale_log2"] == pytest.approx(want, abs=1e-9)
+    assert by_step[8]["grad_scale_log2_outside"] == pytest.approx(base + 6 / 1000 - 0.5, abs=1e-9)
     assert all(math.isfinite(r["loss"]) for r in runs) and by_step[8]["loss"] < by_step[1]["loss"]
     states = [torch.load(tmp_path / f"scaler_{rank}.pt") for rank in (0, 1)]
     for key in ("log2_scales", "last_division", "skips"):
         assert torch.equal(states[0][key], states[1][key]), key  # rank 1 skipped and divided too
-    assert states[1]["skips"].tolist() == [int(b == 5) for b in range(9)]  # 8 blocks, then the outside scale
+    assert states[1]["skips"].tolist() == [int(b == 5) for b in range(8)] + [1]  # 8 blocks, then the outside scale
 
     # App. D.2: gains, biases, embeddings and the unembedding stored and gathered in fp32; the matmul weights
     # gathered in fp16 and the matmuls computed in fp16; the logits and the residual stream in fp32
     dtypes = json.loads((tmp_path / "dtypes_0.json").read_text())
-    params = {k: v for k, v in dtypes.items() if not k.startswith("out:")}
+    params = {k for k in dtypes if ":" not in k}
+    assert all(dtypes[k] == ["torch.float32"] for k in params)  # every partition stored in fp32
     matmul = {k for k in params if k.endswith("weight") and any(f".{m}." in k for m in ("qkv", "proj", "fc"))}
-    assert len(matmul) == 4 * 4 and all(
-        v == ["torch.float32", "torch.float16"] for k, v in params.items() if k in matmul
-    )
-    fp32 = {k: v for k, v in params.items() if k not in matmul}
-    assert {k.rsplit(".", 1)[-1] for k in fp32} == {"weight", "bias"} and {
-        "text_head.weight",
-        "image_head.weight",
-    } <= set(fp32)
-    assert all(v == ["torch.float32", "torch.float32"] for v in fp32.values()), fp32
-    assert dtypes["out:layers.0.attn.qkv"] == dtypes["out:layers.3.mlp.fc"] == ["torch.float16"]
-    assert dtypes["out:layers.0.attn.ln"] == dtypes["out:text_emb"] == ["torch.float32"]
+    fp32 = params - matmul
+    assert len(matmul) == 4 * 4 and {k.rsplit(".", 1)[-1] for k in fp32} == {"weight", "bias"}
+    assert {"text_emb.weight", "text_head.weight", "image_head.weight", "layers.0.attn.ln.weight"} <= fp32
+    assert {k: dtypes[f"reduced:{k}"] for k in matmul} == {k: ["torch.float16"] for k in matmul}
+    assert {k: dtypes[f"reduced:{k}"] for k in fp32} == {k: ["torch.float32"] for k in fp32}
+    linears = {k.rsplit(".", 1)[0] for k in matmul}  # the last gathered values (after 6 applied updates):
+    assert all(dtypes[f"gathered:{m}.weight"] == [True] for m in linears)  # fp16 on the wire
+    assert all(dtypes[f"gathered:{m}.bias"] == [False] for m in linears)  # fp32 on the wire
+    fp16_out = ("layers.0.attn.ln", "layers.0.attn.qkv", "layers.3.mlp.fc", "layers.3.mlp.proj")
+    assert all(dtypes[f"out:{m}"] == ["torch.float16"] for m in fp16_out)  # inside the branches
+    assert dtypes["out:text_emb"] == dtypes["out:layers.0.attn"] == dtypes["out:layers.3.mlp"] == ["torch.float32"]
     assert all(v == ["torch.float32"] for k, v in dtypes.items() if k.startswith("out:") and "head" in k)
 
     from plot_grad_scales import main as plot_main
 
     out = tmp_path / "grad_scales.png"
     assert plot_main([str(tmp_path / "poisoned"), "--out", str(out)]) == 0
-    assert "8 resblocks, 8 points, skipped updates: 1" in capsys.readouterr().out
+    assert "8 resblocks, 8 points, skipped updates: 2" in capsys.readouterr().out
     with Image.open(out) as im:
         assert im.size[0] > 500 and len(np.unique(np.asarray(im.convert("L")))) > 10  # a drawn figure, not a blank
 
