@@ -1,0 +1,194 @@
+"""PowerSGD's Triton kernels against their PyTorch references: the 1-6-9 and 0-6-10 formats (every code, ties,
+saturation, NaN), Householder orthogonalisation against its reference and LAPACK's QR, and the two error-feedback
+updates; under the interpreter on the CPU at odd shapes, and at 12B shard shapes under the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels.powersgd import (
+    FMT_0610,
+    FMT_169,
+    decode,
+    decode_ref,
+    decompress_update_,
+    decompress_update_ref,
+    encode,
+    encode_ref,
+    error_feedback_add_,
+    error_feedback_add_ref,
+    orthogonalize,
+    orthogonalize_ref,
+    quantize_ref,
+)
+
+FMTS = pytest.mark.parametrize("fmt", [FMT_169, FMT_0610], ids=["1-6-9", "0-6-10"])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where the other is NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _all_codes() -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+
+
+def test_format_ranges() -> None:
+    assert FMT_169.max == (2 - 2**-9) * 2**31 and FMT_0610.max == (2 - 2**-10) * 2**31  # ~4.29e9
+    assert FMT_169.min_normal == FMT_0610.min_normal == 2**-30
+    assert FMT_169.min_subnormal == 2**-39 and FMT_0610.min_subnormal == 2**-40
+    for fmt in (FMT_169, FMT_0610):
+        values = decode_ref(_all_codes(), fmt)
+        finite = values[~values.isnan()]
+        assert float(finite.max()) == fmt.max and float(finite[finite > 0].min()) == fmt.min_subnormal
+        assert int(values.isnan().sum()) == 2**fmt.m * (2 if fmt.signed else 1)  # the top exponent only
+    signed, unsigned = decode_ref(_all_codes(), FMT_169), decode_ref(_all_codes(), FMT_0610)
+    assert float(signed[~signed.isnan()].min()) == -FMT_169.max
+    assert float(unsigned[~unsigned.isnan()].min()) == 0.0  # no sign bit
+
+
+@FMTS
+def test_every_code_decodes_as_the_reference_and_round_trips(fmt) -> None:
+    codes = _all_codes()
+    values = decode(codes, fmt)
+    assert _same(values, decode_ref(codes, fmt))
+    finite = ~values.isnan()
+    assert torch.equal(encode(values[finite], fmt), codes[finite])  # -0 included (1-6-9)
+    assert torch.equal(encode_ref(values[finite], fmt), codes[finite])
+    assert int(encode(torch.tensor([float("nan")]), fmt)) == fmt.nan_code
+
+
+@FMTS
+def test_encode_rounds_to_nearest_even_like_the_reference(fmt) -> None:
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(20011, generator=g) * torch.exp2(torch.randint(-48, 36, (20011,), generator=g).float())
+    grid = decode_ref(_all_codes(), fmt)
+    grid = grid[~grid.isnan()].unique()  # ascending representable values
+    mids = ((grid[1:].double() + grid[:-1].double()) / 2).float()  # exact ties where fp32 holds them
+    mids = mids[(mids.double() == (grid[1:].double() + grid[:-1].double()) / 2)]
+    x = torch.cat([wide, mids, torch.nextafter(mids, torch.tensor(float("inf"))), torch.nextafter(mids, grid[:-1])])
+    assert torch.equal(encode(x, fmt), encode_ref(x, fmt))
+    q = decode(encode(x, fmt), fmt).double()
+    expect = quantize_ref(x, fmt)
+    assert _same(q, expect)
+    # nearest: no representable value is closer to x than the one it encodes to
+    idx = torch.searchsorted(grid.double(), x.double().clamp(grid[0].item(), grid[-1].item()))
+    lo, hi = grid[(idx - 1).clamp(min=0)].double(), grid[idx.clamp(max=len(grid) - 1)].double()
+    best = torch.minimum((x.double() - lo).abs(), (x.double() - hi).abs())
+    inside = (x.double() >= grid[0].item()) & (x.double() <= grid[-1].item())
+    assert bool(((q - x.double()).abs()[inside] <= best[inside]).all())
+    # ties go to the even significand
+    tie_codes = encode(mids, fmt).long() & ((1 << fmt.m) - 1)
+    assert bool((tie_codes % 2 == 0).all())
+
+
+@FMTS
+def test_saturation_nan_and_signs(fmt) -> None:
+    big = torch.tensor([fmt.max, fmt.max * 1.0001, 3e38, float("inf")])
+    assert decode(encode(big, fmt), fmt).tolist() == [fmt.max] * 4  # infinities clamped to the largest value
+    neg = decode(encode(-big, fmt), fmt).tolist()
+    assert neg == ([-fmt.max] * 4 if fmt.signed else [0.0] * 4)  # keeping the sign; unsigned: negatives to 0
+    tiny = torch.tensor([fmt.min_subnormal / 2, fmt.min_subnormal * 0.5001, 1e-45, -0.0])
+    got = decode(encode(tiny, fmt), fmt)
+    assert got[:3].tolist() == [0.0, fmt.min_subnormal, 0.0]  # the tie at half the smallest goes to even (0)
+    assert torch.signbit(got[3]) == fmt.signed
+    assert decode(encode(torch.tensor([float("nan")]), fmt), fmt).isnan().all()
+
+
+@pytest.mark.parametrize("shape", [(37, 5), (8, 8), (130, 17), (3, 1), (65, 64)])
+def test_orthogonalize_matches_reference_and_lapack(shape) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    p = torch.randn(shape, generator=g) * 3
+    q = orthogonalize(p)
+    ref = orthogonalize_ref(p)
+    lapack = torch.linalg.qr(p.double() + 1e-6 * torch.eye(*shape, dtype=torch.float64)).Q
+    assert (ref.double() - lapack).abs().max() < 1e-6  # the reference is LAPACK's Q, signs included
+    assert (q - ref).abs().max() < 2e-5
+    r = shape[1]
+    assert (q.T @ q - torch.eye(r)).abs().max() < 2e-5
+
+
+def test_orthogonalize_rank_deficient_p_is_regularised_by_eps() -> None:
+    """A P with zero and repeated columns (a zero gradient, a rank-1 error buffer) still gives orthonormal Q."""
+    p = torch.zeros(29, 6)
+    p[:, 1] = torch.arange(29.0)
+    p[:, 2] = p[:, 1]
+    q = orthogonalize(p)
+    assert torch.isfinite(q).all() and (q.T @ q - torch.eye(6)).abs().max() < 2e-5
+    a = p + 1e-6 * torch.eye(29, 6)
+    assert (a - q @ (q.T @ a)).abs().max() <= 1e-5 * a.abs().max()  # Q spans p + eps I
+    # the well-conditioned columns match the reference; the ones eps alone separates are fp32 rounding noise
+    assert (q[:, :2] - orthogonalize_ref(p)[:, :2]).abs().max() < 2e-5
+
+
+def test_orthogonalize_leaves_p_and_rejects_bad_shapes() -> None:
+    p = torch.randn(10, 3)
+    before = p.clone()
+    orthogonalize(p)
+    assert torch.equal(p, before)
+    with pytest.raises(ValueError, match="min\\(n"):
+        orthogonalize(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="2-d fp32"):
+        orthogonalize(torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_error_feedback_add_matches_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    e = encode(torch.randn(33, 45, generator=g) * 1e-3)
+    grad = torch.randn(33, 45, generator=g) * 2**14  # carries a block's gradient scale
+    out = error_feedback_add_(e.clone(), grad, 2.0**14)
+    assert torch.equal(out, error_feedback_add_ref(e, grad, 2.0**14))
+    with pytest.raises(ValueError, match="fp32 of e's shape"):
+        error_feedback_add_(e, grad[:, :3], 1.0)
+
+
+def test_decompress_update_matches_reference_and_zeroes_non_finite() -> None:
+    g = torch.Generator().manual_seed(2)
+    m, n, r = 45, 33, 7
+    e = encode(torch.randn(m, n, generator=g))
+    e[3, 4] = FMT_169.nan_code  # a non-finite error entry is zeroed (App. E.2)
+    p, q = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)
+    got_e = e.clone()
+    d = decompress_update_(got_e, p, q, n_nodes=3)
+    ref_d, ref_e = decompress_update_ref(e, p, q, 3)
+    assert (d - ref_d).abs().max() <= 1e-5 * ref_d.abs().max()
+    # the new buffer: equal codes, or (d rounded differently in fp32) one step of the format apart
+    diff = (decode(got_e) - decode(ref_e)).abs()
+    assert (diff <= decode(ref_e).abs() * 2**-9 + 1e-12).all() and int(got_e[3, 4]) == 0 == int(ref_e[3, 4])
+    with pytest.raises(ValueError, match="e \\(m, n\\), p \\(m, r\\), q \\(n, r\\)"):
+        decompress_update_(e, p, p, 3)
+
+
+def test_decode_rejects_non_codes() -> None:
+    with pytest.raises(ValueError, match="int16 codes"):
+        decode(torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="expected fp32"):
+        encode(torch.zeros(4, dtype=torch.float16))
+
+
+GPU = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("MEGADALLE_REQUIRE_GPU") != "1", reason="needs a CUDA device"
+)
+
+
+@pytest.mark.gpu
+@GPU
+def test_gpu_12b_shard_shapes() -> None:
+    """The 12B model's MLP shard (3968 x 4 * 3968 / 8) at rank 112 a GPU: codec, orthogonalisation, updates."""
+    m, n, r = 3968, 1984, 112
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, n, generator=g, device="cuda") * 1e-3
+    for fmt in (FMT_169, FMT_0610):
+        assert torch.equal(encode(x, fmt).cpu(), encode_ref(x.cpu(), fmt))
+    p = torch.randn(n, r, generator=g, device="cuda")
+    q = orthogonalize(p)
+    assert (q.cpu() - orthogonalize_ref(p.cpu())).abs().max() < 1e-4
+    e = encode(x)
+    pm, qm = torch.randn(m, r, generator=g, device="cuda"), torch.randn(n, r, generator=g, device="cuda")
+    d = decompress_update_(e, pm, qm, 16)
+    ref_d, _ = decompress_update_ref(encode(x).cpu(), pm.cpu(), qm.cpu(), 16)
+    assert (d.cpu() - ref_d).abs().max() <= 1e-4 * ref_d.abs().max()
