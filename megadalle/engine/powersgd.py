@@ -1,0 +1,247 @@
+"""PowerSGD gradient compression across node groups (Ramesh et al. 2021, Sec. 2.5, App. E.1-E.2).
+
+Parameters are sharded inside a node group of `gpus_per_node` ranks and replicated across the `n_nodes` node
+groups; ranks with the same local ordinal on different nodes hold the same shards and form a cross group. Each
+update, after the gradients were reduce-scattered (and averaged) inside the node group and found finite, every
+rank calls `PowerSGD.reduce` on its shards, which averages them over its cross group:
+
+- a compressed shard G (a x b as a matrix, transposed so that a <= b) has a fixed Gaussian Q (b x r) drawn once
+  from a seed shared by all ranks (never resampled: that hurt badly, App. E.2) and an error buffer E (a x b) in
+  the 1-6-9 format (kernels/powersgd.py); E += G / s (s: the shard's gradient scale: its resblock's, or the loss
+  scale outside the resblocks); P = E Q; one all-reduce of the P of all shards of a resblock (1-6-9 on the wire,
+  infinities clamped); P <- orthogonalize(P + eps I); Q' = E^T P; one all-reduce of those Q' (1-6-9); the
+  averaged gradient is P Q'^T / n_nodes, and E -= P Q'^T / n_nodes (an E entry that is not finite is zeroed);
+- the other shards (embeddings, gains, biases, and matrices too small to gain) are unscaled and averaged in one
+  fp32 all-reduce;
+- the global norm is sqrt(sum ||Q'||^2 / n_nodes^2 + ||uncompressed||^2) summed over the node group (P is
+  orthonormal, so ||P Q'^T|| = ||Q'||).
+
+r per shard is the paper's rank divided by `gpus_per_node` ("112 a GPU" for r = 896 on 8 GPUs), so a
+transformer's shards (Table 2: d x d/m, d x 4d/m, 4d/m x d) send r (m + 2) / (2 d m) of their elements.
+The 16-bit all-reduce is an all-gather of codes decoded and summed in rank order on every rank, so all ranks
+get the same bits. `Collectives` counts the bytes each rank sends across node groups.
+
+Checkpoints (App. E.2) keep, per local ordinal, the sum of the error buffers over the node groups; a resume
+divides it by the number of node groups and gives it to every node group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from kernels.powersgd import decode, decompress_update_, encode, error_feedback_add_, orthogonalize
+
+
+@dataclass(frozen=True)
+class Topology:
+    """world = n_nodes * gpus_per_node ranks; rank = node * gpus_per_node + local."""
+
+    world: int
+    gpus_per_node: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1 or self.world % self.gpus_per_node:
+            raise ValueError(f"world size {self.world} is not a multiple of gpus_per_node {self.gpus_per_node}")
+
+    @property
+    def n_nodes(self) -> int:
+        return self.world // self.gpus_per_node
+
+    @property
+    def node(self) -> int:
+        return self.rank // self.gpus_per_node
+
+    @property
+    def local(self) -> int:
+        return self.rank % self.gpus_per_node
+
+    def node_ranks(self, node: int) -> list[int]:
+        return list(range(node * self.gpus_per_node, (node + 1) * self.gpus_per_node))
+
+    def cross_ranks(self, local: int) -> list[int]:
+        return list(range(local, self.world, self.gpus_per_node))
+
+
+def new_groups(topo: Topology) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(this rank's node group, its cross group). Every rank creates every group, in the same order."""
+    node_group = cross_group = None
+    for node in range(topo.n_nodes):
+        g = dist.new_group(topo.node_ranks(node))
+        node_group = g if node == topo.node else node_group
+    for local in range(topo.gpus_per_node):
+        g = dist.new_group(topo.cross_ranks(local))
+        cross_group = g if local == topo.local else cross_group
+    return node_group, cross_group
+
+
+@dataclass
+class Collectives:
+    """The collectives across node groups, with the bytes this rank sends (its payload to each peer)."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    bytes_sent: int = 0
+    calls: int = 0
+
+    def all_reduce_fp32(self, x: torch.Tensor) -> None:
+        self._count(x, self.size - 1)
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+
+    def all_reduce_169(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group of fp32 `x`, sent as 1-6-9 codes; the same bits on every rank."""
+        codes = encode(x.contiguous())
+        self._count(codes, self.size - 1)
+        if self.size == 1:
+            return decode(codes)
+        wire = codes.view(torch.uint8)  # the bytes (gloo has no int16)
+        gathered = [torch.empty_like(wire) for _ in range(self.size)]
+        dist.all_gather(gathered, wire, group=self.group)
+        out = decode(gathered[0].view(torch.int16))
+        for c in gathered[1:]:
+            out += decode(c.view(torch.int16))
+        return out
+
+    def _count(self, x: torch.Tensor, peers: int) -> None:
+        self.bytes_sent += x.numel() * x.element_size() * peers
+        self.calls += 1
+
+
+@dataclass
+class Shard:
+    """One gradient shard this rank reduces: `numel` elements, as a (rows, cols) matrix when it may be compressed
+    (None: never), and its gradient-scale slot (a resblock's index; any other index: outside the resblocks)."""
+
+    name: str
+    numel: int
+    matrix: tuple[int, int] | None
+    slot: int
+
+
+@dataclass
+class _Compressed:
+    index: int
+    rows: int
+    cols: int
+    transposed: bool
+    q: torch.Tensor  # (cols, r) fixed
+    e: torch.Tensor  # (rows, cols) 1-6-9 codes
+    p: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
+
+
+class PowerSGD:
+    """Compressed cross-node averaging of this rank's gradient shards (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        rank: int,
+        comm: Collectives,
+        seed: int = 0,
+        eps: float = 1e-6,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"powersgd rank must be >= 1, got {rank}")
+        self.shards, self.comm, self.eps = shards, comm, eps
+        self.compressed: list[_Compressed] = []
+        for i, s in enumerate(shards):
+            if s.matrix is None:
+                continue
+            a, b = s.matrix
+            if a * b != s.numel:
+                raise ValueError(f"shard {s.name}: matrix {s.matrix} does not hold its {s.numel} elements")
+            transposed = a > b
+            rows, cols = (b, a) if transposed else (a, b)
+            r = min(rank, rows)
+            if r * (rows + cols) >= rows * cols:  # P and Q' would not be smaller than the shard
+                continue
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)  # the same on every rank holding this shard
+            q = torch.randn(cols, r, generator=g).to(device)
+            e = torch.zeros(rows, cols, dtype=torch.int16, device=device)  # 1-6-9 zero
+            self.compressed.append(_Compressed(i, rows, cols, transposed, q, e))
+        self._is_compressed = {c.index for c in self.compressed}
+
+    @property
+    def n_nodes(self) -> int:
+        return self.comm.size
+
+    def element_rate(self) -> float:
+        """Elements sent for P and Q' over the elements of the compressed shards."""
+        sent = sum(c.rank * (c.rows + c.cols) for c in self.compressed)
+        full = sum(c.rows * c.cols for c in self.compressed)
+        return sent / full if full else 1.0
+
+    def reduce(self, grads: list[torch.Tensor], scales: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """grads: this rank's finite shards (flat, fp32, averaged inside the node, carrying scales[i]) -> (the
+        shards averaged over node groups and unscaled, fp32; this rank's part of the squared global norm)."""
+        if len(grads) != len(self.shards) or len(scales) != len(self.shards):
+            raise ValueError(f"expected {len(self.shards)} shards and scales, got {len(grads)} and {len(scales)}")
+        n = self.n_nodes
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        # uncompressed: unscaled, one fp32 all-reduce
+        plain = [i for i in range(len(grads)) if i not in self._is_compressed]
+        sq = torch.zeros((), dtype=torch.float64)
+        if plain:
+            flat = torch.cat([grads[i].float().reshape(-1) / scales[i] for i in plain])
+            self.comm.all_reduce_fp32(flat)
+            flat /= n
+            sq += flat.double().square().sum()
+            for i, part in zip(plain, flat.split([self.shards[i].numel for i in plain])):
+                out[i] = part
+        # compressed, one all-reduce of P and one of Q' per resblock
+        by_slot: dict[int, list[_Compressed]] = {}
+        for c in self.compressed:
+            g = grads[c.index].float().view(c.cols, c.rows).T if c.transposed else grads[c.index].float().view(
+                c.rows, c.cols)  # fmt: skip
+            error_feedback_add_(c.e, g.contiguous(), scales[c.index])
+            c.p = decode(c.e) @ c.q  # (rows, r)
+            by_slot.setdefault(self.shards[c.index].slot, []).append(c)
+        for group in by_slot.values():
+            summed = self.comm.all_reduce_169(torch.cat([c.p.reshape(-1) for c in group]))
+            for c, p in zip(group, summed.split([c.p.numel() for c in group])):
+                c.p = orthogonalize(p.view(c.rows, c.rank), self.eps)
+            qs = [decode(c.e).T @ c.p for c in group]  # Q' (cols, r)
+            summed = self.comm.all_reduce_169(torch.cat([q.reshape(-1) for q in qs]))
+            for c, q in zip(group, summed.split([q.numel() for q in qs])):
+                q = q.view(c.cols, c.rank)
+                sq += q.double().square().sum() / n**2
+                d = decompress_update_(c.e, c.p, q, n)  # (rows, cols): the average; E -= it
+                out[c.index] = (d.T if c.transposed else d).reshape(-1)
+        assert all(o is not None for o in out)
+        return out, sq  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's error buffers, decoded (fp32)."""
+        return {self.shards[c.index].name: decode(c.e) for c in self.compressed}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        names = {self.shards[c.index].name: c for c in self.compressed}
+        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+        if missing or unexpected:
+            raise ValueError(f"PowerSGD state: missing error buffers {missing}, unexpected {unexpected}")
+        for name, c in names.items():
+            if state[name].shape != c.e.shape:
+                raise ValueError(f"PowerSGD state: {name} has shape {tuple(state[name].shape)}, expected "
+                                 f"{tuple(c.e.shape)}")  # fmt: skip
+            c.e.copy_(encode(state[name].float().to(c.e.device)))
+
+    def summed_state(self) -> dict[str, torch.Tensor]:
+        """App. E.2's checkpoint: the sum of the error buffers over the node groups (every rank gets it; one per
+        local ordinal needs to be saved)."""
+        state = self.state_dict()
+        for t in state.values():
+            self.comm.all_reduce_fp32(t)
+        return state
+
+    def load_summed_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Resume from `summed_state`: each node group takes the sum divided by the number of node groups."""
+        self.load_state_dict({k: v / self.n_nodes for k, v in state.items()})
