@@ -386,3 +386,43 @@ def orthogonalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     block_r = triton.next_power_of_2(r)
     _householder_kernel[(1,)](a, v, tau, out, n, r, BLOCK_N=max(1, min(64, 4096 // block_r)), BLOCK_R=block_r)
     return out
+
+
+# --- dispatch: the kernels on a GPU, the references on the CPU ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One implementation of the five operations, with the launchers' signatures (the `_` ones in place)."""
+
+    encode: object
+    decode: object
+    orthogonalize: object
+    error_feedback_add_: object
+    decompress_update_: object
+
+
+def _ref_error_feedback_add_(e: torch.Tensor, g: torch.Tensor, scale: float, fmt: Fmt = FMT_169) -> torch.Tensor:
+    return e.copy_(error_feedback_add_ref(e, g, scale, fmt))
+
+
+def _ref_decompress_update_(e: torch.Tensor, p: torch.Tensor, q: torch.Tensor, n_nodes: int, fmt: Fmt = FMT_169):
+    d, new = decompress_update_ref(e, p, q, n_nodes, fmt)
+    e.copy_(new)
+    return d
+
+
+KERNELS = Ops(encode, decode, orthogonalize, error_feedback_add_, decompress_update_)
+REFERENCE = Ops(
+    lambda x, fmt=FMT_169: encode_ref(x, fmt),
+    lambda c, fmt=FMT_169: decode_ref(c, fmt),
+    orthogonalize_ref,
+    _ref_error_feedback_add_,
+    _ref_decompress_update_,
+)
+
+
+def ops_for(device: torch.device | str) -> Ops:
+    """The Triton kernels on a CUDA device; on the CPU, which has no Triton backend, the references (the kernel
+    tests hold the codec bit-identical to them and the rest within fp32 rounding, under the interpreter)."""
+    return KERNELS if torch.device(device).type == "cuda" else REFERENCE

@@ -19,7 +19,8 @@ rank calls `PowerSGD.reduce` on its shards, which averages them over its cross g
 r per shard is the paper's rank divided by `gpus_per_node` ("112 a GPU" for r = 896 on 8 GPUs), so a
 transformer's shards (Table 2: d x d/m, d x 4d/m, 4d/m x d) send r (m + 2) / (2 d m) of their elements.
 The 16-bit all-reduce is an all-gather of codes decoded and summed in rank order on every rank, so all ranks
-get the same bits. `Collectives` counts the bytes each rank sends across node groups.
+get the same bits. `Collectives` counts the bytes each rank sends across node groups. The operations are
+kernels/powersgd.py's Triton kernels on a GPU and their PyTorch references on the CPU (`ops_for`).
 
 Checkpoints (App. E.2) keep, per local ordinal, the sum of the error buffers over the node groups; a resume
 divides it by the number of node groups and gives it to every node group.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from kernels.powersgd import decode, decompress_update_, encode, error_feedback_add_, orthogonalize
+from kernels.powersgd import Ops, ops_for
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class Collectives:
 
     def all_reduce_169(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the group of fp32 `x`, sent as 1-6-9 codes; the same bits on every rank."""
+        ops = ops_for(x.device)
+        encode, decode = ops.encode, ops.decode
         codes = encode(x.contiguous())
         self._count(codes, self.size - 1)
         if self.size == 1:
@@ -148,10 +151,12 @@ class PowerSGD:
         seed: int = 0,
         eps: float = 1e-6,
         device: torch.device | str = "cpu",
+        ops: Ops | None = None,
     ) -> None:
         if rank < 1:
             raise ValueError(f"powersgd rank must be >= 1, got {rank}")
         self.shards, self.comm, self.eps = shards, comm, eps
+        self.ops: Ops = ops or ops_for(device)  # (tests give the CPU the Triton kernels, under the interpreter)
         self.compressed: list[_Compressed] = []
         for i, s in enumerate(shards):
             if s.matrix is None:
@@ -185,7 +190,7 @@ class PowerSGD:
         shards averaged over node groups and unscaled, fp32; this rank's part of the squared global norm)."""
         if len(grads) != len(self.shards) or len(scales) != len(self.shards):
             raise ValueError(f"expected {len(self.shards)} shards and scales, got {len(grads)} and {len(scales)}")
-        n = self.n_nodes
+        n, ops = self.n_nodes, self.ops
         out: list[torch.Tensor | None] = [None] * len(grads)
         # uncompressed: unscaled, one fp32 all-reduce
         plain = [i for i in range(len(grads)) if i not in self._is_compressed]
@@ -202,26 +207,26 @@ class PowerSGD:
         for c in self.compressed:
             g = grads[c.index].float().view(c.cols, c.rows).T if c.transposed else grads[c.index].float().view(
                 c.rows, c.cols)  # fmt: skip
-            error_feedback_add_(c.e, g.contiguous(), scales[c.index])
-            c.p = decode(c.e) @ c.q  # (rows, r)
+            ops.error_feedback_add_(c.e, g.contiguous(), scales[c.index])
+            c.p = ops.decode(c.e) @ c.q  # (rows, r)
             by_slot.setdefault(self.shards[c.index].slot, []).append(c)
         for group in by_slot.values():
             summed = self.comm.all_reduce_169(torch.cat([c.p.reshape(-1) for c in group]))
             for c, p in zip(group, summed.split([c.p.numel() for c in group])):
-                c.p = orthogonalize(p.view(c.rows, c.rank), self.eps)
-            qs = [decode(c.e).T @ c.p for c in group]  # Q' (cols, r)
+                c.p = ops.orthogonalize(p.view(c.rows, c.rank), self.eps)
+            qs = [ops.decode(c.e).T @ c.p for c in group]  # Q' (cols, r)
             summed = self.comm.all_reduce_169(torch.cat([q.reshape(-1) for q in qs]))
             for c, q in zip(group, summed.split([q.numel() for q in qs])):
                 q = q.view(c.cols, c.rank)
                 sq += q.double().square().sum() / n**2
-                d = decompress_update_(c.e, c.p, q, n)  # (rows, cols): the average; E -= it
+                d = ops.decompress_update_(c.e, c.p, q, n)  # (rows, cols): the average; E -= it
                 out[c.index] = (d.T if c.transposed else d).reshape(-1)
         assert all(o is not None for o in out)
         return out, sq  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's error buffers, decoded (fp32)."""
-        return {self.shards[c.index].name: decode(c.e) for c in self.compressed}
+        return {self.shards[c.index].name: self.ops.decode(c.e) for c in self.compressed}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         names = {self.shards[c.index].name: c for c in self.compressed}
@@ -232,7 +237,7 @@ class PowerSGD:
             if state[name].shape != c.e.shape:
                 raise ValueError(f"PowerSGD state: {name} has shape {tuple(state[name].shape)}, expected "
                                  f"{tuple(c.e.shape)}")  # fmt: skip
-            c.e.copy_(encode(state[name].float().to(c.e.device)))
+            c.e.copy_(self.ops.encode(state[name].float().to(c.e.device)))
 
     def summed_state(self) -> dict[str, torch.Tensor]:
         """App. E.2's checkpoint: the sum of the error buffers over the node groups (every rank gets it; one per
