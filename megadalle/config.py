@@ -162,6 +162,9 @@ class Optim:
     """Decay of the parameter exponential moving average (0: no EMA)."""
     ema_every: int = 1
     """Update the EMA every this many updates (the prior: 25)."""
+    moments: Literal["fp32", "paper16"] = "fp32"
+    """Adam's moments: fp32 (torch's AdamW), or the paper's 16-bit formats (App. D/E: the first moment in 1-6-9,
+    the second in 0-6-10 clipped to 5; engine/adam16.py)."""
 
 
 @dataclass
@@ -213,6 +216,21 @@ class Checkpoint:
 class Parallel:
     deepspeed_config: str = "ds_configs/zero0_cpu.json"
     """DeepSpeed JSON; the values the JobConfig owns are "auto" there and filled from this tree."""
+    gpus_per_node: int = 8
+    """Ranks of one node group: with powersgd.enabled, ZeRO-3 shards the parameters inside a node group and the
+    node groups average their gradients by PowerSGD (the paper: the 8 GPUs of a machine)."""
+
+
+@dataclass
+class PowerSGD:
+    enabled: bool = False
+    """Compress the gradient averaging between node groups (Sec. 2.5, App. E.2; engine/powersgd.py)."""
+    rank: int = 896
+    """The paper's r (896 for the 12B model, 640 at 5.6B, 512 at 2.8B); each GPU's shards get r / gpus_per_node."""
+    start_iter: int = 0
+    """Updates averaged uncompressed (one fp32 all-reduce between node groups) before the compression starts."""
+    eps: float = 1e-6
+    """Added to P's diagonal before the Householder orthogonalisation."""
 
 
 @dataclass
@@ -238,6 +256,7 @@ class JobConfig:
     train: Train = field(default_factory=Train)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     parallel: Parallel = field(default_factory=Parallel)
+    powersgd: PowerSGD = field(default_factory=PowerSGD)
     logging: Logging = field(default_factory=Logging)
 
     @property

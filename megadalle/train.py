@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
+from megadalle.engine.adam16 import make_optimizer
 from megadalle.engine.checkpoint import (
     CheckpointError,
     gathered_state,
@@ -70,7 +71,7 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.
         model = stage.build_model()
     apply_wrappers(model, cfg, grad_scaler_mode(cfg, ds))
     o = cfg.optim
-    optimizer = torch.optim.AdamW(stage.param_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    optimizer = make_optimizer(stage.param_groups(model), o.moments, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     if getattr(model, "grad_scaler", None) is not None:
         from megadalle.engine import ds_grad_scaler

@@ -84,6 +84,8 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
     if out.get("torch_autocast", {}).get("enabled") and cfg.train.precision != "fp16":
         raise ConfigError(f"{origin}: torch_autocast is enabled but train.precision is {cfg.train.precision} "
                           "(megadalle enables it itself for fp16 with train.grad_scaler = per_resblock)")  # fmt: skip
+    if cfg.optim.moments == "paper16":  # engine/adam16.py, a client optimizer ZeRO has not been told of
+        out["zero_allow_untested_optimizer"] = True
     mode = grad_scaler_mode(cfg, out, origin)
     if mode == "none":
         out["fp16"]["loss_scale"] = 1  # no scaling: DeepSpeed's loss scale static at 1

@@ -1,0 +1,81 @@
+"""AdamW with the paper's 16-bit moments (Ramesh et al. 2021, App. D and E): the first moment stored in the 1-6-9
+format, the second in 0-6-10 (no sign bit), clipped to `v_clip` (5) before it is stored; 4 bytes of optimizer
+state per parameter instead of fp32 Adam's 8. The update itself is computed in fp32 from the fresh moments, then
+they are encoded (kernels/powersgd.py's codec: Triton on a GPU, its bit-identical reference on the CPU).
+
+Decoupled weight decay and bias correction as torch.optim.AdamW. Plain torch.optim.Optimizer, so DeepSpeed's
+ZeRO stages take it as a client optimizer (they hand it their fp32 partitions as parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from kernels.powersgd import FMT_0610, FMT_169, ops_for
+
+
+class AdamW16(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        v_clip: float = 5.0,
+    ) -> None:
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"AdamW16: betas must be in [0, 1), got {betas}")
+        if v_clip <= 0:
+            raise ValueError(f"AdamW16: v_clip must be positive, got {v_clip}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, v_clip=v_clip))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW16 does not support sparse gradients")
+                ops = ops_for(p.device)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)  # 1-6-9 codes
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)  # 0-6-10 codes
+                state["step"] += 1
+                t = state["step"]
+                g = p.grad.float()
+                m = ops.decode(state["exp_avg"], FMT_169).mul_(b1).add_(g, alpha=1 - b1)
+                v = ops.decode(state["exp_avg_sq"], FMT_0610).mul_(b2).addcmul_(g, g, value=1 - b2)
+                v.clamp_(max=group["v_clip"])
+                state["exp_avg"] = ops.encode(m, FMT_169)
+                state["exp_avg_sq"] = ops.encode(v, FMT_0610)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - b1**t)).div_(denom)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensor state the optimizer holds (moments), for the memory per parameter."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def make_optimizer(groups: list[dict[str, Any]], moments: str, lr: float, betas: tuple[float, float], eps: float):
+    """AdamW over `groups` (each with its weight decay), with fp32 moments (torch's) or the paper's 16-bit ones."""
+    if moments == "fp32":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if moments == "paper16":
+        return AdamW16(groups, lr=lr, betas=betas, eps=eps)
+    raise ValueError(f"optim.moments must be fp32 or paper16, got {moments!r}")
