@@ -33,6 +33,7 @@ from megadalle.engine.checkpoint import (
     save_checkpoint,
 )
 from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown, sum_over_ranks, world_size
+from megadalle.engine.distributed import rank as global_rank
 from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import MetricsLogger, log, setup_logging
@@ -67,7 +68,8 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.
 
     torch.manual_seed(cfg.job.seed)
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero3):
+    groups = _powersgd_groups(cfg, zero3)  # (topology, node group, cross group) or None
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero3, data_parallel_group=groups and groups[1]):
         model = stage.build_model()
     apply_wrappers(model, cfg, grad_scaler_mode(cfg, ds))
     o = cfg.optim
@@ -77,7 +79,29 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.
         from megadalle.engine import ds_grad_scaler
 
         ds_grad_scaler.install(engine.optimizer, engine.module, model.grad_scaler)
+    if groups is not None:
+        from megadalle.engine import ds_powersgd
+
+        p = cfg.powersgd
+        ds_powersgd.install(engine.optimizer, engine.module, *groups, p.rank, p.start_iter, p.eps, cfg.job.seed)
     return engine, optimizer
+
+
+def _powersgd_groups(cfg: JobConfig, zero3: bool) -> tuple[Any, Any, Any] | None:
+    """With powersgd.enabled: the node groups of parallel.gpus_per_node ranks (ZeRO-3 shards inside them) and the
+    cross groups PowerSGD averages over (engine/ds_powersgd.py)."""
+    if not cfg.powersgd.enabled:
+        return None
+    from megadalle.engine.powersgd import Topology, new_groups
+
+    if not zero3:
+        raise ConfigError("powersgd.enabled needs ZeRO-3 (zero_optimization.stage = 3): it shards parameters inside "
+                          "node groups and compresses the averaging between them")  # fmt: skip
+    try:
+        topo = Topology(world_size(), cfg.parallel.gpus_per_node, global_rank())
+    except ValueError as e:
+        raise ConfigError(f"parallel.gpus_per_node: {e}") from None
+    return (topo, *new_groups(topo))
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -159,6 +183,14 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             else:
                 log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
             ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
+        psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+        if psgd is not None:
+            path = resume / _powersgd_file(engine)
+            if path.is_file():
+                psgd.load_summed_state(torch.load(path, map_location="cpu", weights_only=True))
+                psgd.updates = int(loop.get("powersgd_updates", 0))
+            else:
+                log.warning(f"{resume} holds no PowerSGD error buffers ({path.name}): starting them at zero")
         log.info(f"resumed from {resume} at step {step}")
         break
 
@@ -180,6 +212,10 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     )
     batches = stage.batches(rank)
     start_step = step
+    if step:  # the loader does not save its position yet (issue 13): replay the deterministic stream up to it
+        log.info(f"resume: skipping the {step * accum} micro-batches this rank read before step {step}")
+        for _ in range(step * accum):
+            next(batches)
     samples_per_step = t.micro_batch_size * accum * world
     last_eval: dict[str, float] = {}
 
@@ -212,10 +248,10 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             if t.eval_every and step % t.eval_every == 0:
                 last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage, engine))
+                _save(engine, ckpt_root, step, ema, cfg, stage)
 
     if step > start_step and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-        save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, _client_state(stage, engine))
+        _save(engine, ckpt_root, step, ema, cfg, stage)
     if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
         last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
     logger.close()
@@ -225,13 +261,35 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
 
 
 def _client_state(stage: Stage, engine: Any) -> dict[str, Any]:
-    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA: the lr schedule's state
-    and the per-resblock gradient scales (identical on every rank: their updates are agreed)."""
+    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA: the lr schedule's state,
+    the per-resblock gradient scales (identical on every rank: their updates are agreed) and PowerSGD's count."""
     state: dict[str, Any] = {"lr_schedule": stage.lr_schedule.state_dict()}
     scaler = getattr(engine.module, "grad_scaler", None)
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
+    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+    if psgd is not None:
+        state["powersgd_updates"] = psgd.updates
     return state
+
+
+def _powersgd_file(engine: Any) -> str:
+    return f"powersgd_local{engine.optimizer.megadalle_powersgd_local}.pt"
+
+
+def _rank_files(engine: Any) -> dict[str, Any]:
+    """Collective. PowerSGD's error buffers as App. E.2 checkpoints them: summed over the node groups, one file
+    per local ordinal (written by node group 0)."""
+    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+    if psgd is None:
+        return {}
+    summed = psgd.summed_state()
+    return {_powersgd_file(engine): summed} if engine.optimizer.megadalle_powersgd_node == 0 else {}
+
+
+def _save(engine, ckpt_root: Path, step: int, ema, cfg: JobConfig, stage: Stage) -> None:
+    loop, files = _client_state(stage, engine), _rank_files(engine)
+    save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, loop, files)
 
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:

@@ -209,11 +209,19 @@ def prepare_resume(root: Path, ckpt: Checkpoint, outputs: list[Path]) -> Path | 
 
 
 def save_checkpoint(
-    engine, root: Path, step: int, ema: ShardedEMA | None, cfg: JobConfig, keep: int, loop: dict | None = None
+    engine,
+    root: Path,
+    step: int,
+    ema: ShardedEMA | None,
+    cfg: JobConfig,
+    keep: int,
+    loop: dict | None = None,
+    rank_files: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. `loop`: the training loop's own state (plain values: the lr schedule's),
-    stored in extra.pt. The marker comes last; rotation (`keep` > 0) then removes only complete checkpoints older
-    than the newest `keep` complete ones."""
+    stored in extra.pt. `rank_files`: file name -> object this rank writes into the folder (PowerSGD's summed
+    error buffers, one file per local ordinal). The marker comes last; rotation (`keep` > 0) then removes only
+    complete checkpoints older than the newest `keep` complete ones."""
     tag = tag_of(step)
     folder = root / tag
     # the weights for evaluation, encoding and sampling: the EMA, or the live weights when there is none
@@ -229,6 +237,8 @@ def save_checkpoint(
         extra = {"step": step, "weights": weights, "weights_kind": kind, "config": dump_toml(cfg), "loop": loop or {}}
         save_atomic(extra, folder / EXTRA)
     barrier()
+    for name, obj in (rank_files or {}).items():
+        save_atomic(obj, folder / name)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     barrier()  # every rank's files are written
     if is_main():

@@ -174,6 +174,8 @@ class PowerSGD:
             e = torch.zeros(rows, cols, dtype=torch.int16, device=device)  # 1-6-9 zero
             self.compressed.append(_Compressed(i, rows, cols, transposed, q, e))
         self._is_compressed = {c.index for c in self.compressed}
+        self.updates = 0
+        """Averagings done (the caller counts them, for `powersgd.start_iter`; checkpointed with the buffers)."""
 
     @property
     def n_nodes(self) -> int:
@@ -185,15 +187,18 @@ class PowerSGD:
         full = sum(c.rows * c.cols for c in self.compressed)
         return sent / full if full else 1.0
 
-    def reduce(self, grads: list[torch.Tensor], scales: list[float]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def reduce(
+        self, grads: list[torch.Tensor], scales: list[float], compress: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """grads: this rank's finite shards (flat, fp32, averaged inside the node, carrying scales[i]) -> (the
-        shards averaged over node groups and unscaled, fp32; this rank's part of the squared global norm)."""
+        shards averaged over node groups and unscaled, fp32; this rank's part of the squared global norm). With
+        `compress` False every shard goes through the fp32 all-reduce and the error buffers are left alone."""
         if len(grads) != len(self.shards) or len(scales) != len(self.shards):
             raise ValueError(f"expected {len(self.shards)} shards and scales, got {len(grads)} and {len(scales)}")
         n, ops = self.n_nodes, self.ops
         out: list[torch.Tensor | None] = [None] * len(grads)
         # uncompressed: unscaled, one fp32 all-reduce
-        plain = [i for i in range(len(grads)) if i not in self._is_compressed]
+        plain = [i for i in range(len(grads)) if i not in self._is_compressed or not compress]
         sq = torch.zeros((), dtype=torch.float64)
         if plain:
             flat = torch.cat([grads[i].float().reshape(-1) / scales[i] for i in plain])
@@ -204,7 +209,7 @@ class PowerSGD:
                 out[i] = part
         # compressed, one all-reduce of P and one of Q' per resblock
         by_slot: dict[int, list[_Compressed]] = {}
-        for c in self.compressed:
+        for c in self.compressed if compress else []:
             g = grads[c.index].float().view(c.cols, c.rows).T if c.transposed else grads[c.index].float().view(
                 c.rows, c.cols)  # fmt: skip
             ops.error_feedback_add_(c.e, g.contiguous(), scales[c.index])
