@@ -388,7 +388,41 @@ def orthogonalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return out
 
 
-# --- dispatch: the kernels on a GPU, the references on the CPU ------------------------------------------------------
+# --- dispatch: the kernels on a GPU, PyTorch on the CPU ----------------------------------------------------------
+
+
+def _rne_shift(v: torch.Tensor, sh: torch.Tensor | int) -> torch.Tensor:
+    """v >> sh rounded to nearest, ties to even (int32 v >= 0, 1 <= sh <= 31)."""
+    return (v + ((1 << (sh - 1)) - 1) + ((v >> sh) & 1)) >> sh
+
+
+def encode_torch(x: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
+    """The kernels' integer algorithm in PyTorch (the CPU has no Triton backend): bit-identical to encode_ref."""
+    m = fmt.m
+    bits = x.float().contiguous().view(torch.int32)
+    sign = (bits >> 31) & 1
+    a = bits & 0x7FFFFFFF
+    big_e = a >> 23
+    normal = _rne_shift(a, 23 - m) - (96 << m)
+    sig = (a & 0x7FFFFF) | torch.where(big_e > 0, 0x800000, 0)
+    sh = (120 - m - big_e.clamp(min=1)).clamp(1, 31)
+    code = torch.where(big_e >= 97, normal, _rne_shift(sig, sh)).clamp(max=(63 << m) - 1)
+    code = code | (sign << 15) if fmt.signed else torch.where(sign == 1, 0, code)
+    code = torch.where(a > 0x7F800000, (1 << (6 + m)) - 1, code)
+    return (code - ((code >= 1 << 15).int() << 16)).to(torch.int16)
+
+
+def decode_torch(codes: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
+    """The kernels' decoding in PyTorch: bit-identical to decode_ref."""
+    m = fmt.m
+    c = codes.int() & 0xFFFF
+    sign = (c >> 15) & 1 if fmt.signed else torch.zeros_like(c)
+    c = c & 0x7FFF if fmt.signed else c
+    exp, mant = c >> m, c & ((1 << m) - 1)
+    normal = ((sign << 31) | ((exp + 96) << 23) | (mant << (23 - m))).view(torch.float32)
+    sub = (mant.float() * 2.0 ** (-30 - m)).view(torch.int32) | (sign << 31)
+    value = torch.where(exp == 0, sub.view(torch.float32), normal)
+    return torch.where(exp == 63, torch.nan, value)
 
 
 @dataclass(frozen=True)
@@ -402,27 +436,28 @@ class Ops:
     decompress_update_: object
 
 
-def _ref_error_feedback_add_(e: torch.Tensor, g: torch.Tensor, scale: float, fmt: Fmt = FMT_169) -> torch.Tensor:
-    return e.copy_(error_feedback_add_ref(e, g, scale, fmt))
+def _torch_error_feedback_add_(e: torch.Tensor, g: torch.Tensor, scale: float, fmt: Fmt = FMT_169) -> torch.Tensor:
+    return e.copy_(encode_torch(decode_torch(e, fmt) + g.float() / scale, fmt))
 
 
-def _ref_decompress_update_(e: torch.Tensor, p: torch.Tensor, q: torch.Tensor, n_nodes: int, fmt: Fmt = FMT_169):
-    d, new = decompress_update_ref(e, p, q, n_nodes, fmt)
-    e.copy_(new)
+def _torch_decompress_update_(e: torch.Tensor, p: torch.Tensor, q: torch.Tensor, n_nodes: int, fmt: Fmt = FMT_169):
+    d = (p.float() @ q.float().T) / n_nodes
+    new = decode_torch(e, fmt) - d
+    e.copy_(encode_torch(torch.where(torch.isfinite(new), new, 0.0), fmt))
     return d
 
 
+def _torch_orthogonalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LAPACK's Householder QR (geqrf + orgqr): the same Q as orthogonalize_ref (tested), in fp32."""
+    n, r = p.shape
+    return torch.linalg.qr(p.float() + eps * torch.eye(n, r, dtype=torch.float32, device=p.device)).Q
+
+
 KERNELS = Ops(encode, decode, orthogonalize, error_feedback_add_, decompress_update_)
-REFERENCE = Ops(
-    lambda x, fmt=FMT_169: encode_ref(x, fmt),
-    lambda c, fmt=FMT_169: decode_ref(c, fmt),
-    orthogonalize_ref,
-    _ref_error_feedback_add_,
-    _ref_decompress_update_,
-)
+TORCH = Ops(encode_torch, decode_torch, _torch_orthogonalize, _torch_error_feedback_add_, _torch_decompress_update_)
 
 
 def ops_for(device: torch.device | str) -> Ops:
-    """The Triton kernels on a CUDA device; on the CPU, which has no Triton backend, the references (the kernel
-    tests hold the codec bit-identical to them and the rest within fp32 rounding, under the interpreter)."""
-    return KERNELS if torch.device(device).type == "cuda" else REFERENCE
+    """The Triton kernels on a CUDA device; on the CPU, which has no Triton backend, PyTorch (the kernels'
+    integer codec, LAPACK's QR): the tests hold both to the references, the codecs bit for bit."""
+    return KERNELS if torch.device(device).type == "cuda" else TORCH

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.powersgd import FMT_169, KERNELS, REFERENCE, orthogonalize_ref, quantize_ref
+from kernels.powersgd import FMT_169, KERNELS, TORCH, orthogonalize_ref, quantize_ref
 from megadalle.engine.powersgd import Collectives, PowerSGD, Shard, Topology
 from tests.conftest import REPO, torchrun
 
@@ -193,12 +193,12 @@ def test_topology_and_bad_input() -> None:
 
 
 def test_the_triton_kernels_and_the_references_give_the_same_reduction() -> None:
-    """On the CPU the engine runs the references; the kernels (here under the interpreter) agree with them."""
+    """On the CPU the engine runs PyTorch; the kernels (here under the interpreter) agree with it."""
     shards = shards_for(32, 2)
-    runs = [PowerSGD(shards, 4, Collectives(None, 1), seed=5, ops=ops) for ops in (KERNELS, REFERENCE)]
+    runs = [PowerSGD(shards, 4, Collectives(None, 1), seed=5, ops=ops) for ops in (KERNELS, TORCH)]
     for t in range(3):
         grads = [node_gradient(0, 1, j, t, s) for j, s in enumerate(shards)]
         (a, sq_a), (b, sq_b) = (p.reduce(grads, [SCALES[s.slot] for s in shards]) for p in runs)
-        assert all(_rel(x, y) <= 1e-4 for x, y in zip(a, b)) and float(sq_a) == pytest.approx(float(sq_b), rel=1e-4)
+        assert all(_rel(x, y) <= 1e-3 for x, y in zip(a, b)) and float(sq_a) == pytest.approx(float(sq_b), rel=1e-3)
     ea, eb = runs[0].state_dict(), runs[1].state_dict()
     assert all(_rel(ea[k], eb[k]) <= 1e-3 for k in ea)

@@ -12,12 +12,15 @@ import torch
 from kernels.powersgd import (
     FMT_0610,
     FMT_169,
+    TORCH,
     decode,
     decode_ref,
+    decode_torch,
     decompress_update_,
     decompress_update_ref,
     encode,
     encode_ref,
+    encode_torch,
     error_feedback_add_,
     error_feedback_add_ref,
     orthogonalize,
@@ -26,6 +29,9 @@ from kernels.powersgd import (
 )
 
 FMTS = pytest.mark.parametrize("fmt", [FMT_169, FMT_0610], ids=["1-6-9", "0-6-10"])
+CODECS = pytest.mark.parametrize(
+    "encode, decode", [(encode, decode), (encode_torch, decode_torch)], ids=["triton", "torch (the CPU's)"]
+)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -51,8 +57,9 @@ def test_format_ranges() -> None:
     assert float(unsigned[~unsigned.isnan()].min()) == 0.0  # no sign bit
 
 
+@CODECS
 @FMTS
-def test_every_code_decodes_as_the_reference_and_round_trips(fmt) -> None:
+def test_every_code_decodes_as_the_reference_and_round_trips(fmt, encode, decode) -> None:
     codes = _all_codes()
     values = decode(codes, fmt)
     assert _same(values, decode_ref(codes, fmt))
@@ -62,8 +69,9 @@ def test_every_code_decodes_as_the_reference_and_round_trips(fmt) -> None:
     assert int(encode(torch.tensor([float("nan")]), fmt)) == fmt.nan_code
 
 
+@CODECS
 @FMTS
-def test_encode_rounds_to_nearest_even_like_the_reference(fmt) -> None:
+def test_encode_rounds_to_nearest_even_like_the_reference(fmt, encode, decode) -> None:
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(20011, generator=g) * torch.exp2(torch.randint(-48, 36, (20011,), generator=g).float())
     grid = decode_ref(_all_codes(), fmt)
@@ -86,8 +94,9 @@ def test_encode_rounds_to_nearest_even_like_the_reference(fmt) -> None:
     assert bool((tie_codes % 2 == 0).all())
 
 
+@CODECS
 @FMTS
-def test_saturation_nan_and_signs(fmt) -> None:
+def test_saturation_nan_and_signs(fmt, encode, decode) -> None:
     big = torch.tensor([fmt.max, fmt.max * 1.0001, 3e38, float("inf")])
     assert decode(encode(big, fmt), fmt).tolist() == [fmt.max] * 4  # infinities clamped to the largest value
     neg = decode(encode(-big, fmt), fmt).tolist()
@@ -108,6 +117,7 @@ def test_orthogonalize_matches_reference_and_lapack(shape) -> None:
     lapack = torch.linalg.qr(p.double() + 1e-6 * torch.eye(*shape, dtype=torch.float64)).Q
     assert (ref.double() - lapack).abs().max() < 1e-6  # the reference is LAPACK's Q, signs included
     assert (q - ref).abs().max() < 2e-5
+    assert (TORCH.orthogonalize(p) - ref).abs().max() < 2e-5  # the CPU's (LAPACK's) Q
     r = shape[1]
     assert (q.T @ q - torch.eye(r)).abs().max() < 2e-5
 
@@ -142,6 +152,7 @@ def test_error_feedback_add_matches_reference() -> None:
     grad = torch.randn(33, 45, generator=g) * 2**14  # carries a block's gradient scale
     out = error_feedback_add_(e.clone(), grad, 2.0**14)
     assert torch.equal(out, error_feedback_add_ref(e, grad, 2.0**14))
+    assert torch.equal(TORCH.error_feedback_add_(e.clone(), grad, 2.0**14), out)
     with pytest.raises(ValueError, match="fp32 of e's shape"):
         error_feedback_add_(e, grad[:, :3], 1.0)
 
@@ -159,6 +170,9 @@ def test_decompress_update_matches_reference_and_zeroes_non_finite() -> None:
     # the new buffer: equal codes, or (d rounded differently in fp32) one step of the format apart
     diff = (decode(got_e) - decode(ref_e)).abs()
     assert (diff <= decode(ref_e).abs() * 2**-9 + 1e-12).all() and int(got_e[3, 4]) == 0 == int(ref_e[3, 4])
+    cpu_e = e.clone()
+    assert (TORCH.decompress_update_(cpu_e, p, q, 3) - ref_d).abs().max() <= 1e-5 * ref_d.abs().max()
+    assert (decode(cpu_e) - decode(ref_e)).abs().max() <= float(decode(ref_e).abs().max()) * 2**-9
     with pytest.raises(ValueError, match="e \\(m, n\\), p \\(m, r\\), q \\(n, r\\)"):
         decompress_update_(e, p, p, 3)
 
