@@ -397,19 +397,24 @@ def _rne_shift(v: torch.Tensor, sh: torch.Tensor | int) -> torch.Tensor:
 
 
 def encode_torch(x: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
-    """The kernels' integer algorithm in PyTorch (the CPU has no Triton backend): bit-identical to encode_ref."""
+    """The kernels' integer algorithm in PyTorch (the CPU has no Triton backend): bit-identical to encode_ref.
+    In place where it can: the normal path on every element, the subnormal one on the few that need it."""
     m = fmt.m
     bits = x.float().contiguous().view(torch.int32)
-    sign = (bits >> 31) & 1
     a = bits & 0x7FFFFFFF
-    big_e = a >> 23
-    normal = _rne_shift(a, 23 - m) - (96 << m)
-    sig = (a & 0x7FFFFF) | torch.where(big_e > 0, 0x800000, 0)
-    sh = (120 - m - big_e.clamp(min=1)).clamp(1, 31)
-    code = torch.where(big_e >= 97, normal, _rne_shift(sig, sh)).clamp(max=(63 << m) - 1)
-    code = code | (sign << 15) if fmt.signed else torch.where(sign == 1, 0, code)
-    code = torch.where(a > 0x7F800000, (1 << (6 + m)) - 1, code)
-    return (code - ((code >= 1 << 15).int() << 16)).to(torch.int16)
+    code = _rne_shift(a, 23 - m).sub_(96 << m).clamp_(max=(63 << m) - 1)  # normal targets; saturated
+    small = a < (97 << 23)  # below 2^-30 (zeros included): subnormal targets
+    if bool(small.any()):
+        s_a = a[small]
+        big_e = s_a >> 23
+        sig = (s_a & 0x7FFFFF) | ((big_e > 0).int() << 23)
+        code[small] = _rne_shift(sig, (120 - m - big_e.clamp(min=1)).clamp(1, 31))
+    if fmt.signed:
+        code |= (bits >> 16) & 0x8000  # the sign bit, moved from bit 31 to bit 15
+    else:
+        code.masked_fill_(bits < 0, 0)
+    code.masked_fill_(a > 0x7F800000, (1 << (6 + m)) - 1)  # NaN
+    return code.to(torch.int16)  # (patterns >= 2^15 wrap to the negative int16 of the same bits)
 
 
 def decode_torch(codes: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:

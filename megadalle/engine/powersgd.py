@@ -28,7 +28,7 @@ divides it by the number of node groups and gives it to every node group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -133,7 +133,6 @@ class _Compressed:
     transposed: bool
     q: torch.Tensor  # (cols, r) fixed
     e: torch.Tensor  # (rows, cols) 1-6-9 codes
-    p: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @property
     def rank(self) -> int:
@@ -207,24 +206,27 @@ class PowerSGD:
             sq += flat.double().square().sum()
             for i, part in zip(plain, flat.split([self.shards[i].numel for i in plain])):
                 out[i] = part
-        # compressed, one all-reduce of P and one of Q' per resblock
+        # compressed, one resblock at a time (one all-reduce of P and one of Q' each; E decoded once)
         by_slot: dict[int, list[_Compressed]] = {}
         for c in self.compressed if compress else []:
-            g = grads[c.index].float().view(c.cols, c.rows).T if c.transposed else grads[c.index].float().view(
-                c.rows, c.cols)  # fmt: skip
-            ops.error_feedback_add_(c.e, g.contiguous(), scales[c.index])
-            c.p = ops.decode(c.e) @ c.q  # (rows, r)
             by_slot.setdefault(self.shards[c.index].slot, []).append(c)
         for group in by_slot.values():
-            summed = self.comm.all_reduce_169(torch.cat([c.p.reshape(-1) for c in group]))
-            for c, p in zip(group, summed.split([c.p.numel() for c in group])):
-                c.p = ops.orthogonalize(p.view(c.rows, c.rank), self.eps)
-            qs = [ops.decode(c.e).T @ c.p for c in group]  # Q' (cols, r)
+            es = []
+            for c in group:
+                g = grads[c.index].float()
+                g = g.view(c.cols, c.rows).T if c.transposed else g.view(c.rows, c.cols)
+                ops.error_feedback_add_(c.e, g.contiguous(), scales[c.index])
+                es.append(ops.decode(c.e))  # (rows, cols): E as stored
+            ps = [e @ c.q for e, c in zip(es, group)]  # P (rows, r)
+            summed = self.comm.all_reduce_169(torch.cat([p.reshape(-1) for p in ps]))
+            ps = [ops.orthogonalize(p.view(c.rows, c.rank), self.eps) for c, p in zip(group, summed.split(
+                [p.numel() for p in ps]))]  # fmt: skip
+            qs = [e.T @ p for e, p in zip(es, ps)]  # Q' (cols, r)
             summed = self.comm.all_reduce_169(torch.cat([q.reshape(-1) for q in qs]))
-            for c, q in zip(group, summed.split([q.numel() for q in qs])):
+            for c, p, q in zip(group, ps, summed.split([q.numel() for q in qs])):
                 q = q.view(c.cols, c.rank)
                 sq += q.double().square().sum() / n**2
-                d = ops.decompress_update_(c.e, c.p, q, n)  # (rows, cols): the average; E -= it
+                d = ops.decompress_update_(c.e, p, q, n)  # (rows, cols): the average; E -= it
                 out[c.index] = (d.T if c.transposed else d).reshape(-1)
         assert all(o is not None for o in out)
         return out, sq  # type: ignore[return-value]
