@@ -9,8 +9,8 @@ rate limit, two processes in each (2 node groups x 2 GPUs, gloo), the intra-node
    --d and --layers scale it to this machine), uncompressed (one fp32 all-reduce) against PowerSGD at the paper's
    rank scaled to the width (r = 896 d / 3968, as for 12B); and the same PowerSGD step without the link (its
    compute alone). Median of --iters after a warm-up.
-2. train: the debug prior, --steps updates through train.py across the namespaces, PowerSGD (rank 16) against
-   uncompressed averaging; both loss curves in OUT/loss_curves.png.
+2. train: the debug prior, --steps updates through train.py across the namespaces, PowerSGD (--train-rank,
+   --start-iter) against uncompressed averaging; both loss curves in OUT/loss_curves.png.
 
 Needs root (ip netns, tc). Writes OUT/summary.json and prints it. The ratios are what to read: this CPU computes a
 PowerSGD step about 100x slower than a GPU, so the link is the lever (--rate 100mbit shows the GPU's balance).
@@ -158,11 +158,11 @@ def debug_data(root: Path) -> tuple[Path, Path]:
     return tokens, tok / "bpe.model"
 
 
-def train_runs(out: Path, steps: int, port: int) -> dict:
+def train_runs(out: Path, steps: int, port: int, rank: int, start_iter: int) -> dict:
     tokens, bpe = debug_data(out / "data")
     curves = {}
     for name, extra in (("uncompressed", ["--powersgd.start_iter=1000000000"]),
-                        ("powersgd", ["--powersgd.rank=16"])):  # fmt: skip
+                        ("powersgd", [f"--powersgd.rank={rank}", f"--powersgd.start_iter={start_iter}"])):  # fmt: skip
         shutil.rmtree(out / "runs" / name, ignore_errors=True)
         argv = [sys.executable, "megadalle/train.py", "--config", "megadalle/configs/prior_debug.toml",
                 f"--prior.tokens={tokens}", f"--tokenizer.model_path={bpe}", f"--job.run_root={out / 'runs'}",
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers of synthetic shards (1p3b: 24)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--steps", type=int, default=200, help="updates of the debug prior (0: no training part)")
+    ap.add_argument("--train-rank", type=int, default=32,
+                    help="powersgd.rank of the debug prior's run (d 64; 16 is the 12B model's r/d)")  # fmt: skip
+    ap.add_argument("--start-iter", type=int, default=0, help="powersgd.start_iter of the debug prior's run")
     ap.add_argument("--out", default="build/bench_powersgd")
     ap.add_argument("--worker-sync", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -224,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"--iters={a.iters}", f"--out={out}"]  # fmt: skip
         launch(argv_sync, free_port(), out, "sync")
         sync = json.loads((out / "sync.json").read_text())
-        curves = train_runs(out, a.steps, free_port()) if a.steps else {}
+        curves = train_runs(out, a.steps, free_port(), a.train_rank, a.start_iter) if a.steps else {}
     finally:
         netns_down()
     summary = {"rate": a.rate, "d": a.d, "layers": a.layers, "rank": rank_r, "sync": sync,
                "sync_speedup": sync["uncompressed"] / sync["powersgd"]}  # fmt: skip
     if curves:
         tail = {k: sum(c["loss"][-10:]) / 10 for k, c in curves.items()}
-        summary["train"] = {"steps": a.steps, "final_loss_mean_last10": tail,
+        summary["train"] = {"steps": a.steps, "rank": a.train_rank, "start_iter": a.start_iter,
+                            "final_loss_mean_last10": tail,
                             "relative_difference": tail["powersgd"] / tail["uncompressed"] - 1,
                             "seconds": {k: c["seconds"] for k, c in curves.items()}}  # fmt: skip
         plot(curves, out / "loss_curves.png", a.rate)

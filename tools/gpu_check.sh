@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a GPU machine: in under 8 minutes on one H200 it runs the `gpu`-marked tests (the
-# Triton kernels at full size, the transformer with `triton` against `dense`) and tools/bench_attention.py, then
+# Triton kernels at full size: attention and PowerSGD's; the transformer with `triton` against `dense`) and
+# tools/bench_attention.py, then
 # prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
 # selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a failure).
 # Later issues add their benchmarks to the summary.
@@ -24,7 +25,7 @@ status=0
 echo "== gpu-marked tests"
 # the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels/test_block_sparse_attention.py \
-    tests/models/test_blocked_attention.py \
+    tests/models/test_blocked_attention.py tests/kernels/test_powersgd.py \
     --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
 if grep -q "skipped" <<<"$summary"; then
