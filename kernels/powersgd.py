@@ -22,6 +22,7 @@ there is no autograd wrapper. Interpreter (TRITON_INTERPRET=1, CPU): plain point
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -434,11 +435,11 @@ def decode_torch(codes: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
 class Ops:
     """One implementation of the five operations, with the launchers' signatures (the `_` ones in place)."""
 
-    encode: object
-    decode: object
-    orthogonalize: object
-    error_feedback_add_: object
-    decompress_update_: object
+    encode: Callable[..., torch.Tensor]
+    decode: Callable[..., torch.Tensor]
+    orthogonalize: Callable[..., torch.Tensor]
+    error_feedback_add_: Callable[..., torch.Tensor]
+    decompress_update_: Callable[..., torch.Tensor]
 
 
 def _torch_error_feedback_add_(e: torch.Tensor, g: torch.Tensor, scale: float, fmt: Fmt = FMT_169) -> torch.Tensor:

@@ -101,6 +101,11 @@ def _powersgd_groups(cfg: JobConfig, zero3: bool) -> tuple[Any, Any, Any] | None
         topo = Topology(world_size(), cfg.parallel.gpus_per_node, global_rank())
     except ValueError as e:
         raise ConfigError(f"parallel.gpus_per_node: {e}") from None
+    if cfg.powersgd.rank % topo.gpus_per_node:
+        raise ConfigError(f"powersgd.rank {cfg.powersgd.rank} is not a multiple of parallel.gpus_per_node "
+                          f"{topo.gpus_per_node} (each GPU's shards get rank / gpus_per_node)")  # fmt: skip
+    if topo.n_nodes == 1:
+        log.warning("powersgd.enabled with one node group: nothing to average between node groups")
     return (topo, *new_groups(topo))
 
 
@@ -185,12 +190,13 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
         psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
         if psgd is not None:
+            psgd.updates = int(loop.get("powersgd_updates", 0))  # the same on every rank: one compress decision
             path = resume / _powersgd_file(engine)
-            if path.is_file():
+            if sum_over_ranks({"missing": float(not path.is_file())})["missing"] == 0:  # every rank reads its file
                 psgd.load_summed_state(torch.load(path, map_location="cpu", weights_only=True))
-                psgd.updates = int(loop.get("powersgd_updates", 0))
             else:
-                log.warning(f"{resume} holds no PowerSGD error buffers ({path.name}): starting them at zero")
+                log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
+                            "them at zero")  # fmt: skip
         log.info(f"resumed from {resume} at step {step}")
         break
 

@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers of synthetic shards (1p3b: 24)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--steps", type=int, default=200, help="updates of the debug prior (0: no training part)")
-    ap.add_argument("--train-rank", type=int, default=32,
-                    help="powersgd.rank of the debug prior's run (d 64; 16 is the 12B model's r/d)")  # fmt: skip
+    ap.add_argument("--train-rank", type=int, default=16,
+                    help="powersgd.rank of the debug prior's run (d 64: 16 is the 12B model's r/d)")  # fmt: skip
     ap.add_argument("--start-iter", type=int, default=0, help="powersgd.start_iter of the debug prior's run")
     ap.add_argument("--out", default="build/bench_powersgd")
     ap.add_argument("--worker-sync", action="store_true", help=argparse.SUPPRESS)

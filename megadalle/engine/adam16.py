@@ -1,7 +1,9 @@
 """AdamW with the paper's 16-bit moments (Ramesh et al. 2021, App. D and E): the first moment stored in the 1-6-9
-format, the second in 0-6-10 (no sign bit), clipped to `v_clip` (5) before it is stored; 4 bytes of optimizer
-state per parameter instead of fp32 Adam's 8. The update itself is computed in fp32 from the fresh moments, then
-they are encoded (kernels/powersgd.py's codec: Triton on a GPU, its bit-identical reference on the CPU).
+format, the second in 0-6-10 (no sign bit), clipped to `v_clip` (5) before it is stored (and used clipped); 4
+bytes of optimizer state per parameter instead of fp32 Adam's 8. A group with `moments16 = False` keeps fp32
+moments (`make_optimizer` gives that to gains, biases, embeddings and unembeddings, App. D.2). The update is
+computed in fp32 from the fresh moments, which are then encoded (kernels/powersgd.py's codec: Triton on a GPU,
+its bit-identical PyTorch twin on the CPU).
 
 Decoupled weight decay and bias correction as torch.optim.AdamW. Plain torch.optim.Optimizer, so DeepSpeed's
 ZeRO stages take it as a client optimizer (they hand it their fp32 partitions as parameters).
@@ -46,20 +48,25 @@ class AdamW16(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW16 does not support sparse gradients")
-                ops = ops_for(p.device)
+                ops, paper16 = ops_for(p.device), group.get("moments16", True)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)  # 1-6-9 codes
-                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.int16, device=p.device)  # 0-6-10 codes
+                    dtype = torch.int16 if paper16 else torch.float32  # 1-6-9 / 0-6-10 codes, or fp32
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 state["step"] += 1
                 t = state["step"]
                 g = p.grad.float()
-                m = ops.decode(state["exp_avg"], FMT_169).mul_(b1).add_(g, alpha=1 - b1)
-                v = ops.decode(state["exp_avg_sq"], FMT_0610).mul_(b2).addcmul_(g, g, value=1 - b2)
-                v.clamp_(max=group["v_clip"])
-                state["exp_avg"] = ops.encode(m, FMT_169)
-                state["exp_avg_sq"] = ops.encode(v, FMT_0610)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if paper16:
+                    m, v = ops.decode(m, FMT_169), ops.decode(v, FMT_0610)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                if paper16:
+                    v.clamp_(max=group["v_clip"])  # before storage; the update uses the clipped value too
+                    state["exp_avg"] = ops.encode(m, FMT_169)
+                    state["exp_avg_sq"] = ops.encode(v, FMT_0610)
                 denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 update = (m / (1 - b1**t)).div_(denom)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -76,6 +83,8 @@ def make_optimizer(groups: list[dict[str, Any]], moments: str, lr: float, betas:
     """AdamW over `groups` (each with its weight decay), with fp32 moments (torch's) or the paper's 16-bit ones."""
     if moments == "fp32":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if moments == "paper16":
+    if moments == "paper16":  # 16-bit moments for the decayed matmul weights; gains, biases, embeddings and
+        # unembeddings (the group without weight decay) keep fp32 moments (App. D.2)
+        groups = [{**g, "moments16": g.get("weight_decay", 0.0) > 0} for g in groups]
         return AdamW16(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"optim.moments must be fp32 or paper16, got {moments!r}")

@@ -14,9 +14,12 @@ clips and steps. The replacement
 3. returns the global norm (App. E.2: from the Q' norms and the uncompressed ones, summed over the node group)
    in DeepSpeed's units (times S), which DeepSpeed clips with.
 
-A parameter partition is compressed as a matrix when its rows divide evenly over the node group (ZeRO-3 slices the
-flattened parameter, so rank j then holds rows [j R/m, (j+1) R/m) of an R x C weight); other partitions (1-D
-parameters, and the padding of uneven ones) go uncompressed. The shard's resblock (its gradient-scale slot) groups
+A resblock's matmul weight is compressed, as a matrix, when its rows divide evenly over the node group (ZeRO-3
+slices the flattened parameter, so rank j then holds rows [j R/m, (j+1) R/m) of an R x C weight); every other
+partition (embeddings, unembeddings, gains, biases, uneven weights) goes uncompressed, as App. E.2 says. ZeRO's
+row slices of PyTorch's (out, in) weights are qkv 3d/m x d, proj d/m x d, fc 4d/m x d and the MLP's proj
+d/m x 4d, not quite Table 2's shapes: they send r (7m + 9) / (12 d m) of their elements (0.153 for 12B) where
+Table 2's shards send r (m + 2) / (2 d m) (0.141). The shard's resblock (its gradient-scale slot) groups
 the P and Q' all-reduces. DeepSpeed 0.19.8 internals used (stage3.py): `fp16_groups`,
 `__param_id_to_grad_partition`, `_get_norm_groups`, `loss_scale`.
 """
@@ -46,8 +49,8 @@ def shards_of(optimizer: Any, model: nn.Module, m: int) -> tuple[list[Shard], li
     for p in chain(*optimizer.fp16_groups):
         numel = parts[p.ds_id].numel()
         shape = tuple(p.ds_shape)
-        matrix = None
-        if len(shape) == 2 and shape[0] % m == 0 and numel * m == shape[0] * shape[1]:
+        matrix = None  # compressed: a resblock's matmul weight whose rows split evenly over the node group
+        if p.ds_id in slot_of and len(shape) == 2 and shape[0] % m == 0 and numel * m == shape[0] * shape[1]:
             matrix = (shape[0] // m, shape[1])
         shards.append(Shard(names.get(p.ds_id, f"ds_id {p.ds_id}"), numel, matrix, slot_of.get(p.ds_id, len(blocks))))
         params.append(p)
@@ -96,7 +99,7 @@ def install(
         compress = psgd.updates >= self.megadalle_start_iter
         avg, sq = psgd.reduce(grads, [s] * len(grads), compress=compress)
         for g, a in zip(grads, avg):
-            g.copy_(a.view_as(g)).mul_(s)
+            g.copy_(a.view_as(g) * s)  # in fp32, then into the partition's dtype (S back on: DeepSpeed divides)
         psgd.updates += 1
         sq = sq.to(device=device, dtype=torch.float64)
         dist.all_reduce(sq, group=self.megadalle_node_group)

@@ -42,8 +42,9 @@ class ShardedEMA:
         out = {}
         for s, (name, p) in zip(self.shadow, self.named):
             if _is_sharded(p):
-                parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, s)
+                group = p.ds_process_group  # the ranks p is partitioned over (a node group under PowerSGD)
+                parts = [torch.empty_like(s) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, s, group=group)
                 out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).clone()  # drop the end padding
             else:
                 out[name] = s.clone()
@@ -60,10 +61,11 @@ class ShardedEMA:
             if _is_sharded(p):
                 if tuple(full.shape) != tuple(p.ds_shape):
                     raise ValueError(f"EMA {name}: shape {tuple(full.shape)} != parameter {tuple(p.ds_shape)}")
-                n = s.numel()
-                flat = torch.zeros(n * dist.get_world_size())
+                n, group = s.numel(), p.ds_process_group
+                flat = torch.zeros(n * dist.get_world_size(group))
                 flat[: full.numel()] = full.flatten()
-                s.copy_(flat[dist.get_rank() * n : (dist.get_rank() + 1) * n])
+                rank = dist.get_rank(group)
+                s.copy_(flat[rank * n : (rank + 1) * n])
             else:
                 if full.shape != s.shape:
                     raise ValueError(f"EMA {name}: shape {tuple(full.shape)} != parameter {tuple(s.shape)}")

@@ -9,7 +9,8 @@ rank calls `PowerSGD.reduce` on its shards, which averages them over its cross g
   from a seed shared by all ranks (never resampled: that hurt badly, App. E.2) and an error buffer E (a x b) in
   the 1-6-9 format (kernels/powersgd.py); E += G / s (s: the shard's gradient scale: its resblock's, or the loss
   scale outside the resblocks); P = E Q; one all-reduce of the P of all shards of a resblock (1-6-9 on the wire,
-  infinities clamped); P <- orthogonalize(P + eps I); Q' = E^T P; one all-reduce of those Q' (1-6-9); the
+  infinities clamped: a reduce-scatter of codes and an all-gather of their re-encoded sums); P <-
+  orthogonalize(P + eps I); Q' = E^T P; one all-reduce of those Q' (1-6-9); the
   averaged gradient is P Q'^T / n_nodes, and E -= P Q'^T / n_nodes (an E entry that is not finite is zeroed);
 - the other shards (embeddings, gains, biases, and matrices too small to gain) are unscaled and averaged in one
   fp32 all-reduce;
@@ -18,8 +19,8 @@ rank calls `PowerSGD.reduce` on its shards, which averages them over its cross g
 
 r per shard is the paper's rank divided by `gpus_per_node` ("112 a GPU" for r = 896 on 8 GPUs), so a
 transformer's shards (Table 2: d x d/m, d x 4d/m, 4d/m x d) send r (m + 2) / (2 d m) of their elements.
-The 16-bit all-reduce is an all-gather of codes decoded and summed in rank order on every rank, so all ranks
-get the same bits. `Collectives` counts the bytes each rank sends across node groups. The operations are
+In the 16-bit all-reduce each rank sums one chunk of everyone's codes in rank order and re-encodes it, so all
+ranks get the same bits. `Collectives` counts the bytes each rank sends across node groups. The operations are
 kernels/powersgd.py's Triton kernels on a GPU and their PyTorch references on the CPU (`ops_for`).
 
 Checkpoints (App. E.2) keep, per local ordinal, the sum of the error buffers over the node groups; a resume
@@ -81,36 +82,46 @@ def new_groups(topo: Topology) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
 
 @dataclass
 class Collectives:
-    """The collectives across node groups, with the bytes this rank sends (its payload to each peer)."""
+    """The collectives across node groups, counting the bytes this rank sends: a reduce-scatter followed by an
+    all-gather (the bandwidth-optimal all-reduce) sends 2 (n - 1) / n of the payload."""
 
     group: dist.ProcessGroup | None
     size: int
     bytes_sent: int = 0
     calls: int = 0
 
-    def all_reduce_fp32(self, x: torch.Tensor) -> None:
-        self._count(x, self.size - 1)
+    def all_reduce_fp32(self, x: torch.Tensor, count: bool = True) -> None:
+        if count:
+            self._count(x.numel() * x.element_size())
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
 
     def all_reduce_169(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over the group of fp32 `x`, sent as 1-6-9 codes; the same bits on every rank."""
+        """The sum over the group of fp32 `x`, 16 bits on the wire: the codes are reduce-scattered (all_to_all:
+        rank j receives chunk j of every rank's codes, decodes them and sums them in rank order), the sums encoded
+        again and all-gathered, so every rank decodes the same bits."""
         ops = ops_for(x.device)
-        encode, decode = ops.encode, ops.decode
-        codes = encode(x.contiguous())
-        self._count(codes, self.size - 1)
-        if self.size == 1:
-            return decode(codes)
-        wire = codes.view(torch.uint8)  # the bytes (gloo has no int16)
-        gathered = [torch.empty_like(wire) for _ in range(self.size)]
-        dist.all_gather(gathered, wire, group=self.group)
-        out = decode(gathered[0].view(torch.int16))
-        for c in gathered[1:]:
-            out += decode(c.view(torch.int16))
-        return out
+        codes = ops.encode(x.contiguous().reshape(-1))
+        n = self.size
+        self._count(codes.numel() * codes.element_size())
+        if n == 1:
+            return ops.decode(codes)
+        chunk = -(-codes.numel() // n)
+        padded = torch.zeros(chunk * n, dtype=torch.int16, device=codes.device)
+        padded[: codes.numel()] = codes
+        received = torch.empty_like(padded)
+        dist.all_to_all_single(received.view(torch.uint8), padded.view(torch.uint8), group=self.group)
+        parts = received.view(n, chunk)  # (sender, chunk): my chunk from every rank
+        total = ops.decode(parts[0].contiguous())
+        for r in range(1, n):
+            total += ops.decode(parts[r].contiguous())
+        mine = ops.encode(total)
+        gathered = torch.empty(n * chunk, dtype=torch.int16, device=codes.device)
+        dist.all_gather_into_tensor(gathered.view(torch.uint8), mine.view(torch.uint8), group=self.group)
+        return ops.decode(gathered[: codes.numel()]).view_as(x)
 
-    def _count(self, x: torch.Tensor, peers: int) -> None:
-        self.bytes_sent += x.numel() * x.element_size() * peers
+    def _count(self, payload_bytes: int) -> None:
+        self.bytes_sent += 2 * (self.size - 1) * payload_bytes // self.size if self.size > 1 else 0
         self.calls += 1
 
 
@@ -198,7 +209,7 @@ class PowerSGD:
         out: list[torch.Tensor | None] = [None] * len(grads)
         # uncompressed: unscaled, one fp32 all-reduce
         plain = [i for i in range(len(grads)) if i not in self._is_compressed or not compress]
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
         if plain:
             flat = torch.cat([grads[i].float().reshape(-1) / scales[i] for i in plain])
             self.comm.all_reduce_fp32(flat)
@@ -251,7 +262,7 @@ class PowerSGD:
         local ordinal needs to be saved)."""
         state = self.state_dict()
         for t in state.values():
-            self.comm.all_reduce_fp32(t)
+            self.comm.all_reduce_fp32(t, count=False)  # (not gradient traffic)
         return state
 
     def load_summed_state(self, state: dict[str, torch.Tensor]) -> None:

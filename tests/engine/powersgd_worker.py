@@ -1,8 +1,10 @@
 """Worker for tests/engine/test_powersgd.py: engine/powersgd.py on 4 real processes as 2 node groups x 2 GPUs.
 
-    torchrun --nproc_per_node 4 tests/engine/powersgd_worker.py OUT_DIR D R STEPS
+    torchrun --nproc_per_node N tests/engine/powersgd_worker.py OUT_DIR D R STEPS M
 
-Each rank holds the shards of a transformer layer of width D as the paper shards them over m = 2 GPUs (Table 2:
+N ranks as N / M node groups of M GPUs.
+
+Each rank holds the shards of a transformer layer of width D as the paper shards them over M GPUs (Table 2:
 three qkv and the post-attention d x d/m, MLP1 d x 4d/m, MLP2 4d/m x d), a gain and an embedding shard. Node k's
 gradient of shard j at step t is `tests.engine.test_powersgd.node_gradient(...)`: low rank plus noise, times the
 shard's gradient scale. Each rank writes OUT_DIR/rank_R.pt: the averaged shards of every step, the error buffers
@@ -22,9 +24,9 @@ from tests.engine.test_powersgd import SCALES, node_gradient, shards_for  # noqa
 
 
 def main() -> None:
-    out_dir, d, r, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    out_dir, d, r, steps, m = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     dist.init_process_group("gloo")
-    topo = Topology(dist.get_world_size(), 2, dist.get_rank())
+    topo = Topology(dist.get_world_size(), m, dist.get_rank())
     node_group, cross_group = new_groups(topo)
     shards = shards_for(d, topo.gpus_per_node)
     comm = Collectives(cross_group, topo.n_nodes)

@@ -72,6 +72,23 @@ def test_second_moment_clipped_to_5_and_state_round_trips() -> None:
         make_optimizer([{"params": [p]}], "bf16", 1e-3, (0.9, 0.99), 1e-8)
 
 
+def test_paper16_keeps_fp32_moments_for_gains_biases_and_embeddings() -> None:
+    """App. D.2: the group without weight decay (gains, biases, embeddings, unembeddings) keeps fp32 moments."""
+    from megadalle.engine.optim import param_groups
+    from megadalle.models.transformer import FLAVORS, DallePrior
+
+    model = DallePrior(FLAVORS["debug"])
+    groups = param_groups(model, 0.045)
+    opt = make_optimizer(groups, "paper16", 1e-3, (0.9, 0.96), 1e-8)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    n_decay, n_rest = (sum(p.numel() for p in g["params"]) for g in groups)
+    assert n_decay > 0 and n_rest > 0 and state_bytes(opt) == 4 * n_decay + 8 * n_rest
+    dtypes = {g["name"]: {opt.state[p]["exp_avg"].dtype for p in g["params"]} for g in opt.param_groups}
+    assert dtypes == {"decay": {torch.int16}, "no_decay": {torch.float32}}
+
+
 def _train(tmp_path, name, token_shards, tokenizer_model, *extra) -> list[dict]:
     proc = subprocess.run(
         [python(), "megadalle/train.py", "--config", "megadalle/configs/prior_debug.toml",

@@ -5,6 +5,9 @@ feedback; the summed error-buffer checkpoint."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,9 +68,9 @@ def reference(d: int, m: int, n_nodes: int, r: int, steps: int, local: int, seed
             for k, g in enumerate(grads):
                 g = g.view(a, b).T if tr else g.view(a, b)
                 es.append(_q(errors.get((k, j), torch.zeros(rows, cols, dtype=torch.float64)) + g))
-            p = sum(_q(e @ q) for e in es)  # the all-reduce of P, 1-6-9 on the wire
+            p = _q(sum(_q(e @ q) for e in es))  # the all-reduce of P: 1-6-9 codes summed, the sum re-encoded
             p = orthogonalize_ref(p.float()).double()
-            qp = sum(_q(e.T @ p) for e in es)  # the all-reduce of Q'
+            qp = _q(sum(_q(e.T @ p) for e in es))  # the all-reduce of Q'
             dec = p @ qp.T / n_nodes
             for k, e in enumerate(es):
                 new = e - dec
@@ -86,16 +89,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 D, R, STEPS, M, NODES = 64, 16, 6, 2, 2
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("powersgd")
-    proc = torchrun(REPO / "tests" / "engine" / "powersgd_worker.py", nproc=4,
-                    args=[str(out), str(D), str(R), str(STEPS)], timeout=600)  # fmt: skip
+def _ranks(out: Path, nproc: int, m: int) -> list[dict]:
+    proc = torchrun(REPO / "tests" / "engine" / "powersgd_worker.py", nproc=nproc,
+                    args=[str(out), str(D), str(R), str(STEPS), str(m)], timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank_{i}.pt") for i in range(4)]
-    for i in range(4):
+    ranks = [torch.load(out / f"rank_{i}.pt") for i in range(nproc)]
+    for i in range(nproc):
         ranks[i]["resumed"] = torch.load(out / f"resumed_{i}.pt")
     return ranks
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> list[dict]:
+    """2 node groups x 2 GPUs."""
+    return _ranks(tmp_path_factory.mktemp("powersgd"), 4, M)
+
+
+@pytest.mark.distributed
+def test_three_node_groups_get_the_same_bits_and_match_the_reference(tmp_path) -> None:
+    """3 node groups of 1 GPU: the 16-bit all-reduce's reduce-scatter and all-gather with more than two parties;
+    each rank sends 2 (n - 1) / n of the P and Q' payload."""
+    ranks = _ranks(tmp_path, 3, 1)
+    for other in ranks[1:]:
+        for step_a, step_b in zip(ranks[0]["outs"], other["outs"]):
+            assert all(torch.equal(x, y) for x, y in zip(step_a, step_b))
+    ref = reference(D, 1, 3, R, STEPS, 0)
+    for t, (got, want) in enumerate(zip(ranks[0]["outs"], ref["outs"])):
+        for s, x, y in zip(ref["shards"], got, want):
+            assert _rel(x, y) <= (5e-3 if s.matrix is not None else 1e-6), (t, s.name, _rel(x, y))
+    rate = R * (1 + 2) / (2 * D * 1)
+    full = sum(s.numel for s in shards_for(D, 1) if s.matrix is not None)
+    assert ranks[0]["rate"] == pytest.approx(rate, abs=1e-12)
+    assert ranks[0]["bytes"] == pytest.approx(rate * full * 2 * 2 * 2 / 3, abs=8)  # (chunk padding: a few bytes)
 
 
 @pytest.mark.distributed
@@ -107,7 +132,7 @@ def test_ranks_of_a_cross_group_get_the_same_bits_and_match_the_reference(four_r
         ref = reference(D, M, NODES, R, STEPS, local)
         for t, (got, want) in enumerate(zip(a["outs"], ref["outs"])):
             for s, x, y in zip(ref["shards"], got, want):
-                tol = 2e-3 if s.matrix is not None else 1e-6
+                tol = 5e-3 if s.matrix is not None else 1e-6  # (fp32 vs float64 sums, each rounded to 1-6-9 twice)
                 assert _rel(x, y) <= tol, (t, s.name, _rel(x, y))
         # the error buffers each node keeps (a difference of two near sums: fp32 rounding shows more)
         for k, rank in ((0, a), (1, b)):
@@ -117,7 +142,7 @@ def test_ranks_of_a_cross_group_get_the_same_bits_and_match_the_reference(four_r
     # the squared global norm: every shard of the node group, from the Q' norms
     ref_sq = [sum(reference(D, M, NODES, R, STEPS, local)["sqs"][t] for local in range(M)) for t in range(STEPS)]
     for rank in four_ranks:
-        assert rank["sqs"] == pytest.approx(ref_sq, rel=2e-3)
+        assert rank["sqs"] == pytest.approx(ref_sq, rel=5e-3)
         flat = [sum(float(x.double().square().sum()) for x in step) for step in rank["outs"]]
         assert sum(flat) > 0
 
@@ -128,8 +153,8 @@ def test_bytes_across_node_groups_match_the_papers_rate(four_ranks) -> None:
     full = sum(s.numel for s in shards_for(D, M) if s.matrix is not None)
     for rank in four_ranks:
         assert rank["n_compressed"] == 6 and rank["rate"] == pytest.approx(rate, abs=1e-12)
-        # P and Q' in 16 bits to the one other node group, against the same shards sent in 16 bits
-        assert rank["bytes"] == pytest.approx(rate * full * 2 * (NODES - 1), abs=0)
+        # P and Q' in 16 bits, reduce-scattered and all-gathered, against the same shards sent so in 16 bits
+        assert rank["bytes"] == pytest.approx(rate * full * 2 * 2 * (NODES - 1) / NODES, abs=0)
 
 
 @pytest.mark.distributed
@@ -202,3 +227,19 @@ def test_the_triton_kernels_and_the_references_give_the_same_reduction() -> None
         assert all(_rel(x, y) <= 1e-3 for x, y in zip(a, b)) and float(sq_a) == pytest.approx(float(sq_b), rel=1e-3)
     ea, eb = runs[0].state_dict(), runs[1].state_dict()
     assert all(_rel(ea[k], eb[k]) <= 1e-3 for k in ea)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("MEGADALLE_REQUIRE_GPU") != "1", reason="needs a CUDA device"
+)
+def test_gpu_reduce_runs_on_the_device() -> None:
+    """The engine on CUDA (Triton kernels, device tensors throughout) agrees with the CPU's PyTorch path."""
+    shards = shards_for(256, 8)
+    gpu = PowerSGD(shards, 16, Collectives(None, 1), seed=5, device="cuda")
+    cpu = PowerSGD(shards, 16, Collectives(None, 1), seed=5)
+    grads = [node_gradient(0, 0, j, 0, s) for j, s in enumerate(shards)]
+    scales = [SCALES[s.slot] for s in shards]
+    (a, sq_a), (b, sq_b) = gpu.reduce([g.cuda() for g in grads], scales), cpu.reduce(grads, scales)
+    assert all(x.is_cuda for x in a) and sq_a.is_cuda
+    assert all(_rel(x.cpu(), y) <= 1e-3 for x, y in zip(a, b)) and float(sq_a) == pytest.approx(float(sq_b), rel=1e-3)
