@@ -25,7 +25,7 @@ status=0
 echo "== gpu-marked tests"
 # the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels/test_block_sparse_attention.py \
-    tests/models/test_blocked_attention.py tests/kernels/test_powersgd.py \
+    tests/models/test_blocked_attention.py tests/kernels/test_powersgd.py tests/engine/test_powersgd.py \
     --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
 if grep -q "skipped" <<<"$summary"; then
