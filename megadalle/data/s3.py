@@ -1,0 +1,199 @@
+"""Shards on S3 (and local disk): naming, listing, opening with retries, and the split by rank and worker.
+
+A shard set is named by a URL: `s3://bucket/prefix/shard-{000000..000099}.tar` (brace-expanded),
+`s3://bucket/prefix/` (every `.tar` under the prefix, sorted), `file:///path/...` or a plain path, with the same
+two forms. S3 is reached with boto3's standard credential chain (environment, shared files, instance roles);
+the endpoint comes from `endpoint_url` (the config) or `AWS_ENDPOINT_URL`.
+
+`open_shard` streams an object and survives a server that drops the connection or goes away for a while: a read
+that fails re-opens the object at the byte it stopped at (a Range GET) with exponential backoff, until
+`max_retry_s` of failed attempts; then it raises `S3Error` naming the endpoint, bucket and key. Credentials that
+the server rejects raise at once, naming the endpoint and bucket but never the secret.
+
+`epoch_shards` gives each (rank, worker) its disjoint share of one epoch's shuffled shard list.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from braceexpand import braceexpand
+
+AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+
+
+class S3Error(RuntimeError):
+    """A shard that cannot be listed or read, named by endpoint, bucket and key (never by credentials)."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    """S3 endpoint (None: AWS_ENDPOINT_URL, else AWS's own)."""
+    region: str = "us-east-1"
+    max_retry_s: float = 60.0
+    """Seconds of failed attempts after which a read gives up."""
+    backoff_s: float = 0.2
+    """First pause between attempts, doubled each time up to 5 s."""
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@lru_cache(maxsize=8)
+def _client(endpoint: str | None, region: str, pid: int) -> Any:
+    """One boto3 client per process (`pid`: a DataLoader worker forked from a parent builds its own)."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+
+
+def client(settings: S3Settings) -> Any:
+    return _client(settings.endpoint, settings.region, os.getpid())
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    u = urlparse(url)
+    return u.netloc, u.path.lstrip("/")
+
+
+def _where(settings: S3Settings, bucket: str, key: str = "") -> str:
+    return f"endpoint {settings.endpoint or 'AWS default'}, bucket {bucket!r}" + (f", key {key!r}" if key else "")
+
+
+def _code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def list_shards(url: str, settings: S3Settings = S3Settings()) -> list[str]:
+    """The shard URLs (or paths) a shard-set URL names, in order."""
+    if url.startswith("s3://"):
+        if url.endswith("/"):
+            bucket, prefix = _split_s3(url)
+            keys: list[str] = []
+            try:
+                for page in client(settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                    keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".tar")]
+            except Exception as e:
+                why = _code(e) or type(e).__name__
+                raise S3Error(f"cannot list {url} ({_where(settings, bucket)}): {why}") from None
+            if not keys:
+                raise S3Error(f"no .tar objects under {url} ({_where(settings, bucket)})")
+            return [f"s3://{bucket}/{k}" for k in sorted(keys)]
+        return list(braceexpand(url))
+    path = url[len("file://") :] if url.startswith("file://") else url
+    if path.endswith("/") or Path(path).is_dir():
+        found = sorted(str(p) for p in Path(path).glob("*.tar"))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in {path}")
+        return found
+    return list(braceexpand(path))
+
+
+class _S3Stream(io.RawIOBase):
+    """A readable object body that re-opens at its current offset when a read fails."""
+
+    def __init__(self, url: str, settings: S3Settings) -> None:
+        self.url, self.settings = url, settings
+        self.bucket, self.key = _split_s3(url)
+        self.pos, self.body = 0, None
+        self.retries = 0
+        self._open()
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        started, pause = time.monotonic(), self.settings.backoff_s
+        while True:
+            try:
+                rng = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+                self.body = client(self.settings).get_object(Bucket=self.bucket, Key=self.key, **rng)["Body"]
+                return
+            except Exception as e:
+                self._give_up_or_wait(e, started, pause)
+                pause = min(2 * pause, 5.0)
+
+    def _give_up_or_wait(self, e: Exception, started: float, pause: float) -> None:
+        code = _code(e)
+        where = _where(self.settings, self.bucket, self.key)
+        if code in AUTH_ERRORS:
+            raise S3Error(f"credentials rejected ({code}) by {where}") from None
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            raise S3Error(f"no such object ({code}): {where}") from None
+        if time.monotonic() - started + pause > self.settings.max_retry_s:
+            raise S3Error(f"cannot read {where} at byte {self.pos} after {self.settings.max_retry_s:.0f} s of "
+                          f"retries: {code or type(e).__name__}") from None  # fmt: skip
+        self.retries += 1
+        time.sleep(pause)
+
+    def readinto(self, buf: Any) -> int:
+        started, pause = time.monotonic(), self.settings.backoff_s
+        while True:
+            try:
+                data = self.body.read(len(buf))
+                n = len(data)
+                buf[:n] = data
+                self.pos += n
+                return n
+            except Exception as e:
+                self._give_up_or_wait(e, started, pause)
+                pause = min(2 * pause, 5.0)
+                try:
+                    self._open()
+                except S3Error:
+                    raise
+                except Exception:  # the next read retries
+                    pass
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        super().close()
+
+
+def open_shard(url: str, settings: S3Settings = S3Settings()) -> io.BufferedReader:
+    """A binary stream of a shard: an S3 object (retried, resumed at its offset) or a local file."""
+    if url.startswith("s3://"):
+        return io.BufferedReader(_S3Stream(url, settings), buffer_size=1 << 20)
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return open(path, "rb")
+
+
+def epoch_shards(urls: list[str], epoch: int, seed: int, rank: int, world: int, worker: int = 0, workers: int = 1):
+    """This (rank, worker)'s shards of one epoch: the list shuffled by (seed, epoch), dealt round-robin to the
+    world's ranks, then to the rank's DataLoader workers. Disjoint, and together the whole list."""
+    if not 0 <= rank < world or not 0 <= worker < workers:
+        raise ValueError(f"rank {rank} of {world}, worker {worker} of {workers}")
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world][worker::workers]
+
+
+def samples(urls: list[str], settings: S3Settings = S3Settings(), handler: Any = None):
+    """The samples ({"__key__": ..., "png": bytes, ...}) of `urls`, in order, one shard open at a time."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    handler = handler or wds.reraise_exception
+
+    def streams():
+        for url in urls:
+            stream = open_shard(url, settings)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
