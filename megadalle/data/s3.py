@@ -197,3 +197,67 @@ def samples(urls: list[str], settings: S3Settings = S3Settings(), handler: Any =
                 stream.close()
 
     return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
+
+
+def upload_shard_set(root: str | os.PathLike, url: str, settings: S3Settings = S3Settings(),
+                     part_mb: int = 64) -> dict[str, Any]:  # fmt: skip
+    """Upload a local shard set (its manifest's shards, then the manifest last, so a reader never finds a
+    manifest whose shards are missing) under `url` (s3://bucket/prefix/); objects larger than `part_mb` go up
+    in multipart uploads. Each shard's size is checked on the server. Returns the manifest."""
+    from boto3.s3.transfer import TransferConfig
+
+    from megadalle.data.shards import MANIFEST, read_manifest
+
+    if not url.startswith("s3://"):
+        raise ValueError(f"upload target must be s3://bucket/prefix/, got {url!r}")
+    manifest = read_manifest(root)
+    bucket, prefix = _split_s3(url.rstrip("/") + "/")
+    c = client(settings)
+    transfer = TransferConfig(multipart_threshold=part_mb << 20, multipart_chunksize=part_mb << 20)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            key = prefix + shard["path"]
+            try:
+                c.upload_file(str(Path(root) / shard["path"]), bucket, key, Config=transfer)
+                size = c.head_object(Bucket=bucket, Key=key)["ContentLength"]
+            except Exception as e:
+                raise S3Error(f"cannot upload {shard['path']} ({_where(settings, bucket, key)}): "
+                              f"{_code(e) or type(e).__name__}") from None  # fmt: skip
+            if size != shard["bytes"]:
+                raise S3Error(f"{_where(settings, bucket, key)} holds {size} bytes, the manifest says {shard['bytes']}")
+    c.upload_file(str(Path(root) / MANIFEST), bucket, prefix + MANIFEST)
+    return manifest
+
+
+def read_remote_manifest(url: str, settings: S3Settings = S3Settings()) -> dict[str, Any]:
+    """The manifest of a shard set under s3://bucket/prefix/."""
+    import json
+
+    from megadalle.data.shards import FORMAT, MANIFEST
+
+    bucket, prefix = _split_s3(url.rstrip("/") + "/")
+    with open_shard(f"s3://{bucket}/{prefix}{MANIFEST}", settings) as f:
+        manifest = json.loads(f.read())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{url}{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify_remote(url: str, settings: S3Settings = S3Settings()) -> int:
+    """Stream every shard of the set under `url` and check its sha256 against the manifest; the sample count."""
+    import hashlib
+
+    manifest = read_remote_manifest(url, settings)
+    bucket, prefix = _split_s3(url.rstrip("/") + "/")
+    total = 0
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            h = hashlib.sha256()
+            with open_shard(f"s3://{bucket}/{prefix}{shard['path']}", settings) as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != shard["sha256"]:
+                raise S3Error(f"{_where(settings, bucket, prefix + shard['path'])}: sha256 {h.hexdigest()[:12]}... "
+                              f"differs from the manifest's {shard['sha256'][:12]}...")  # fmt: skip
+            total += shard["samples"]
+    return total
