@@ -244,10 +244,32 @@ def _decompress_update_kernel(
 
 
 @triton.jit
+def _reflect(M, V, k, tau, n, r, col0, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """M[k:, col0:] -= tau v (v^T M[k:, :]) for the reflection vector v in column k of V (M, V (n, r) row-major):
+    one pass for w = v^T M, one for the update, each ending at a barrier (the same program reads what it wrote)."""
+    cols = tl.arange(0, BLOCK_R)
+    w = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for i0 in range(k, n, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        v = tl.load(V + rows * r + k, mask=rows < n, other=0.0)
+        tile = tl.load(M + rows[:, None] * r + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < r),
+                       other=0.0)  # fmt: skip
+        w += tl.sum(v[:, None] * tile, axis=0)
+    tl.debug_barrier()
+    for i0 in range(k, n, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        v = tl.load(V + rows * r + k, mask=rows < n, other=0.0)
+        ptrs = M + rows[:, None] * r + cols[None, :]
+        tmask = (rows[:, None] < n) & (cols[None, :] < r) & (cols[None, :] >= col0)
+        tile = tl.load(ptrs, mask=tmask, other=0.0)
+        tl.store(ptrs, tile - tau * v[:, None] * w[None, :], mask=tmask)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _householder_kernel(A, V, TAU, Q, n, r, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """In place on A (n, r) fp32 row-major (p + eps I): the reflections' vectors into V (n, r) and factors into
     TAU (r,), then Q (n, r) = H_0 ... H_{r-1} I. One program; the columns are one tile of BLOCK_R >= r."""
-    cols = tl.arange(0, BLOCK_R)
     for k in range(0, r):
         # column k below the diagonal: sigma = sum of squares under the diagonal element x0
         x0 = tl.load(A + k * r + k)
@@ -262,45 +284,17 @@ def _householder_kernel(A, V, TAU, Q, n, r, BLOCK_N: tl.constexpr, BLOCK_R: tl.c
         denom = v0 * v0 + sigma
         tau = tl.where(sigma == 0.0, 0.0, 2.0 / tl.where(denom > 0.0, denom, 1.0))
         tl.store(TAU + k, tau)
-        # v = (v0, x[1:]); w = v^T A[k:, :] over the columns; A[k:, :] -= tau v w
-        w = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        # v = (v0, x[1:]) into V; then A[k:, k:] -= tau v (v^T A[k:, :])
         for i0 in range(k, n, BLOCK_N):
             rows = i0 + tl.arange(0, BLOCK_N)
             v = tl.load(A + rows * r + k, mask=rows < n, other=0.0)
-            v = tl.where(rows == k, v0, v)
-            tl.store(V + rows * r + k, v, mask=rows < n)
-            tile = tl.load(A + rows[:, None] * r + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < r),
-                           other=0.0)  # fmt: skip
-            w += tl.sum(v[:, None] * tile, axis=0)
+            tl.store(V + rows * r + k, tl.where(rows == k, v0, v), mask=rows < n)
         tl.debug_barrier()
-        for i0 in range(k, n, BLOCK_N):
-            rows = i0 + tl.arange(0, BLOCK_N)
-            v = tl.load(V + rows * r + k, mask=rows < n, other=0.0)
-            ptrs = A + rows[:, None] * r + cols[None, :]
-            tmask = (rows[:, None] < n) & (cols[None, :] < r) & (cols[None, :] >= k)
-            tile = tl.load(ptrs, mask=tmask, other=0.0)
-            tl.store(ptrs, tile - tau * v[:, None] * w[None, :], mask=tmask)
-        tl.debug_barrier()
+        _reflect(A, V, k, tau, n, r, k, BLOCK_N, BLOCK_R)
     # Q = H_0 (H_1 (... (H_{r-1} I))): Q starts as I (n, r), written by the launcher
     for kk in range(0, r):
         k = r - 1 - kk
-        tau = tl.load(TAU + k)
-        w = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for i0 in range(k, n, BLOCK_N):
-            rows = i0 + tl.arange(0, BLOCK_N)
-            v = tl.load(V + rows * r + k, mask=rows < n, other=0.0)
-            tile = tl.load(Q + rows[:, None] * r + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < r),
-                           other=0.0)  # fmt: skip
-            w += tl.sum(v[:, None] * tile, axis=0)
-        tl.debug_barrier()
-        for i0 in range(k, n, BLOCK_N):
-            rows = i0 + tl.arange(0, BLOCK_N)
-            v = tl.load(V + rows * r + k, mask=rows < n, other=0.0)
-            ptrs = Q + rows[:, None] * r + cols[None, :]
-            tmask = (rows[:, None] < n) & (cols[None, :] < r)
-            tile = tl.load(ptrs, mask=tmask, other=0.0)
-            tl.store(ptrs, tile - tau * v[:, None] * w[None, :], mask=tmask)
-        tl.debug_barrier()
+        _reflect(Q, V, k, tl.load(TAU + k), n, r, 0, BLOCK_N, BLOCK_R)
 
 
 # --- launchers ----------------------------------------------------------------------------------------------------
