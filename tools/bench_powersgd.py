@@ -167,7 +167,7 @@ def train_runs(out: Path, steps: int, port: int, rank: int, start_iter: int) -> 
         argv = [sys.executable, "megadalle/train.py", "--config", "megadalle/configs/prior_debug.toml",
                 f"--prior.tokens={tokens}", f"--tokenizer.model_path={bpe}", f"--job.run_root={out / 'runs'}",
                 f"--job.name={name}", f"--train.steps={steps}", "--train.micro_batch_size=2", "--train.eval_every=0",
-                "--optim.ema_decay=0", "--logging.progress=off", "--tokenizer.dropout=0", "--checkpoint.every=0",
+                "--optim.ema_decay=0", "--logging.progress=off", "--checkpoint.every=0",
                 "--optim.lr_min=1e-4", f"--prior.lr_decay_steps={steps}",
                 "--parallel.deepspeed_config=ds_configs/zero3_cpu.json", "--powersgd.enabled=true",
                 "--parallel.gpus_per_node=2", *extra]  # fmt: skip

@@ -7,6 +7,7 @@ the prior's stream gives each text position a learned padding token where there 
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 import sentencepiece as spm
@@ -39,6 +40,13 @@ class BPETokenizer:
         self.lowercase = lowercase
         self.training = False
         self.stats = EncodeStats()
+        self.rng = random.Random(0)
+        self._merged: dict[str, int] = {}  # piece -> id, for the pieces BPE-dropout looks up
+
+    def seed(self, seed: int) -> None:
+        """Seed BPE-dropout: a run, and a run resumed by replaying its data, draws the same tokenisations
+        (sentencepiece's own sampling cannot be seeded: `set_random_generator_seed` does not reach it)."""
+        self.rng = random.Random(seed)
 
     @property
     def vocab_size(self) -> int:
@@ -63,7 +71,7 @@ class BPETokenizer:
         if not norm:
             raise ValueError(f"empty caption {text!r}: every sample needs text")
         if self.training and self.dropout > 0:
-            ids = self.sp.encode(norm, out_type=int, enable_sampling=True, alpha=self.dropout, nbest_size=-1)
+            ids = self._encode_dropout(norm)
         else:
             ids = self.sp.encode(norm, out_type=int)
         self.stats.encoded += 1
@@ -71,6 +79,37 @@ class BPETokenizer:
             self.stats.truncated += 1
             self.stats.dropped_tokens += len(ids) - self.max_len
             ids = ids[: self.max_len]
+        return ids
+
+    def _piece_id(self, piece: str) -> int | None:
+        """The id of `piece`, or None when it is not in the vocabulary."""
+        pid = self._merged.get(piece)
+        if pid is None:
+            pid = self.sp.piece_to_id(piece)
+            pid = -1 if pid == self.sp.unk_id() and piece != self.sp.id_to_piece(pid) else pid
+            self._merged[piece] = pid
+        return None if pid < 0 else pid
+
+    def _encode_dropout(self, norm: str) -> list[int]:
+        """BPE with dropout (Provilkov et al. 2020): at every merge step each candidate merge is dropped with
+        probability `dropout`, then the best-scoring remaining one (the leftmost on ties) is made; with dropout 0
+        this is sentencepiece's BPE, id for id (tested). Words are merged separately (pieces never span a space)."""
+        ids: list[int] = []
+        for word in self.sp.normalize(norm).replace("\u2581", " \u2581").split(" "):
+            symbols = list(word)
+            while len(symbols) > 1:
+                best, best_score = -1, 0.0
+                for i in range(len(symbols) - 1):
+                    pid = self._piece_id(symbols[i] + symbols[i + 1])
+                    if pid is None or self.rng.random() < self.dropout:
+                        continue
+                    score = self.sp.get_score(pid)
+                    if best < 0 or score > best_score:
+                        best, best_score = i, score
+                if best < 0:
+                    break
+                symbols[best : best + 2] = [symbols[best] + symbols[best + 1]]
+            ids += [self.sp.piece_to_id(sym) for sym in symbols]  # an unknown character: the unk id
         return ids
 
     def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,7 @@ class ClipStage:
         """(images (B, 3, S, S) in [0, 1], BPE ids (B, T)) micro-batches with BPE-dropout."""
         c = self.cfg
         self.tokenizer.train()
+        self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         for images, captions in train_images(  # Listing 2's crops: no flip for a model that reads captions
             c.data.shards,
             self.args.image_size,

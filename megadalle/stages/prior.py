@@ -85,6 +85,7 @@ class PriorStage:
         """(BPE ids (B, T) with BPE-dropout, image codes (B, H W)) micro-batches."""
         c = self.cfg
         self.tokenizer.train()  # BPE-dropout on training captions
+        self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         if self.dvae is None:
             stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips)
         else:

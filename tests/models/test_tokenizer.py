@@ -52,3 +52,24 @@ def test_bad_input(tok, tmp_path):
         BPETokenizer(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="Lower tokenizer.vocab_size"):
         train_bpe(["a b c"] * 10, tmp_path / "tiny", vocab_size=5000)
+
+
+def test_bpe_dropout_is_sentencepieces_bpe_at_zero_and_seeded(tokenizer_model, emoji_shards) -> None:
+    """Our BPE-dropout: with dropout 0 it is sentencepiece's BPE id for id on every caption; with dropout it keeps
+    the text, splits more, and draws the same tokenisations from the same seed (sentencepiece's cannot be seeded)."""
+    from train_tokenizer import captions
+
+    caps = captions(str(emoji_shards))
+    tok = BPETokenizer(tokenizer_model, max_len=64, dropout=0.1)
+    tok.dropout = 0.0  # (the constructor's check allows 0; the path is the training one)
+    assert all(tok._encode_dropout(tok.normalize(c)) == tok.sp.encode(tok.normalize(c), out_type=int) for c in caps)
+    tok.dropout = 0.1
+    tok.train()
+    runs = []
+    for seed in (5, 5, 6):
+        tok.seed(seed)
+        runs.append([tok.encode(c) for c in caps])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    plain = [tok.sp.encode(tok.normalize(c), out_type=int) for c in caps]
+    assert sum(map(len, runs[0])) > 1.05 * sum(map(len, plain))  # merges were dropped
+    assert [tok.decode(ids) for ids in runs[0]] == [tok.normalize(c) for c in caps]  # the text is kept
