@@ -95,3 +95,27 @@ def token_shards(dvae_checkpoint: Path, emoji_shards: Path, tmp_path_factory: py
     _run([python(), "tools/encode_shards.py", "--checkpoint", str(dvae_checkpoint), "--shards", str(emoji_shards),
           "--out", str(out)])  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS, tests/s3server.py) holding the emoji train shards under s3://shards/emoji/train/;
+    this process's environment points boto3 at it (AWS_ENDPOINT_URL and keys) while the session runs."""
+    from megadalle.data import s3 as s3mod
+    from megadalle.data.shards import split_urls
+    from tests.s3server import BUCKET, SeaweedS3
+
+    srv = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    saved = dict(os.environ)
+    os.environ.update(srv.env())
+    s3mod._client.cache_clear()
+    c = srv.client()
+    local = split_urls(emoji_shards, "train")
+    for path in local:
+        c.upload_file(path, BUCKET, f"emoji/train/{Path(path).name}")
+    srv.local = local
+    yield srv
+    os.environ.clear()
+    os.environ.update(saved)
+    s3mod._client.cache_clear()
+    srv.kill()

@@ -15,28 +15,14 @@ import torch
 
 from megadalle.data import s3 as s3mod
 from megadalle.data.s3 import S3Error, S3Settings, epoch_shards, list_shards, open_shard, samples
-from megadalle.data.shards import split_urls
-from tests.s3server import BUCKET, SECRET_KEY, SeaweedS3
+from tests.s3server import BUCKET, SECRET_KEY
 
 pytestmark = pytest.mark.distributed  # a server process, and DataLoader worker processes
 
 
-@pytest.fixture(scope="module")
-def server(emoji_shards: Path, tmp_path_factory):
-    srv = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
-    saved = dict(os.environ)
-    os.environ.update(srv.env())
-    s3mod._client.cache_clear()
-    c = srv.client()
-    local = split_urls(emoji_shards, "train")
-    for path in local:
-        c.upload_file(path, BUCKET, f"emoji/train/{Path(path).name}")
-    srv.local = local
-    yield srv
-    os.environ.clear()
-    os.environ.update(saved)
-    s3mod._client.cache_clear()
-    srv.kill()
+@pytest.fixture
+def server(s3_server):
+    return s3_server
 
 
 def _keys(urls: list[str]) -> list[str]:
