@@ -43,7 +43,8 @@ class Job:
 @dataclass
 class Data:
     shards: str = "outputs/shards"
-    """Local folder holding `manifest.json` and the `<split>/*.tar` shards (s3:// URLs come with issue 13)."""
+    """The shard set: a folder, or s3://bucket/prefix/, holding `manifest.json` and the `<split>/*.tar` shards
+    (training reads either; evaluation and encoding read local folders)."""
     image_size: int = 256
     """Side of the square images, in pixels: 256 for the paper, 64 or 32 for CPU runs."""
     sources: list[str] = field(default_factory=lambda: ["twemoji", "openmoji"])
@@ -60,9 +61,12 @@ class Data:
     limit_per_source: int = 0
     """Use at most this many images of each source (0: all); for fast tests."""
     num_workers: int = 2
-    """Worker processes for rendering emoji in tools/make_shards.py. The training loaders read in the training
-    process itself (webdataset pipelines, one per rank) until the streaming loader (issue 13) adds DataLoader
-    workers."""
+    """Worker processes for rendering emoji in tools/make_shards.py."""
+    loader_workers: int = 0
+    """DataLoader worker processes per rank feeding training batches (0: read in the training process, the best on
+    a 2-core CPU); with fewer train shards than ranks x workers, every reader reads every shard (split by sample)."""
+    shuffle_buffer: int = 1000
+    """Each shard's samples are permuted in chunks of this many (data/stream.py: exactly resumable)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import random
 import sys
@@ -168,6 +169,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     ema = ShardedEMA(engine.module, o.ema_decay) if o.ema_decay > 0 else None
 
     step = 0
+    loader_state = None
     while resume is not None:
         try:
             step, loop = load_checkpoint(engine, resume, ema)
@@ -197,6 +199,9 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             else:
                 log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
                             "them at zero")  # fmt: skip
+        loader_path = resume / _loader_file()
+        if loader_path.is_file():
+            loader_state = torch.load(loader_path, map_location="cpu", weights_only=True)
         log.info(f"resumed from {resume} at step {step}")
         break
 
@@ -216,12 +221,15 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         f"ZeRO {engine.zero_optimization_stage()}, precision {t.precision}, "
         f"micro-batch {t.micro_batch_size} x accum {accum} x world {world}"
     )
-    batches = stage.batches(rank)
+    if step and loader_state is None:
+        log.warning(f"{resume} holds no data position for this rank: its stream restarts from the beginning")
+    try:
+        batches = stage.batches(rank, loader_state)
+        batches = itertools.chain([next(batches)], batches)  # (a generator: the position is applied here)
+    except ValueError as e:  # a position saved by another world size or worker count
+        log.warning(f"the data position in the checkpoint does not apply ({e}): the stream restarts")
+        batches = stage.batches(rank)
     start_step = step
-    if step:  # the loader does not save its position yet (issue 13): replay the deterministic stream up to it
-        log.info(f"resume: skipping the {step * accum} micro-batches this rank read before step {step}")
-        for _ in range(step * accum):
-            next(batches)
     samples_per_step = t.micro_batch_size * accum * world
     last_eval: dict[str, float] = {}
 
@@ -293,8 +301,13 @@ def _rank_files(engine: Any) -> dict[str, Any]:
     return {_powersgd_file(engine): summed} if engine.optimizer.megadalle_powersgd_node == 0 else {}
 
 
+def _loader_file() -> str:
+    return f"loader_rank{global_rank()}.pt"
+
+
 def _save(engine, ckpt_root: Path, step: int, ema, cfg: JobConfig, stage: Stage) -> None:
     loop, files = _client_state(stage, engine), _rank_files(engine)
+    files[_loader_file()] = stage.loader_state()  # every rank's stream position (data/stream.py)
     save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, loop, files)
 
 

@@ -1,8 +1,9 @@
-"""Streaming loaders over the webdataset shards: an endless, per-rank-seeded training stream and a finite
-evaluation pass. Samples that fail to decode are counted, never silently dropped."""
+"""Loaders over the webdataset shards: the endless, resumable training streams (data/stream.py; local or s3://
+shard sets) and finite evaluation passes. Samples that fail are counted per shard, never silently dropped."""
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -10,8 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 
-from megadalle.data.shards import split_urls
+from megadalle.data.shards import shard_urls, split_urls
+from megadalle.data.stream import Stream
 from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
 
@@ -40,21 +43,21 @@ def train_images(
     skips: SkipCounter,
     shuffle_buffer: int = 1000,
     augment: Callable[[np.ndarray, int, random.Random], np.ndarray] = dvae_augment,
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (images (B, 3, S, S) in [0, 1], captions) batches; shards resampled with a rank-specific seed so
-    every rank draws a different stream and no rank runs dry before another. `augment(img, S, rng)` is the
-    paper's listing of the stage: dvae_augment (Listing 1) for the dVAE, prior_augment (Listing 2) for the prior."""
-    rng = random.Random(seed * 1_000_003 + rank)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(split_urls(root, "train"), seed=seed, worker_seed=lambda: rank, deterministic=True),
-        wds.tarfile_to_samples(handler=skips.handler),
-        wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
-        wds.decode("rgb8", handler=skips.handler),
-        wds.to_tuple("png", "txt", handler=skips.handler),
-        wds.map_tuple(lambda im: to_tensor(augment(im, image_size, rng)), lambda t: t),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-    )
-    yield from pipeline
+    world: int | None = None,
+    workers: int = 0,
+) -> Stream:
+    """Endless (images (B, 3, S, S) in [0, 1], captions) batches of the train split, epoch after epoch, this rank's
+    share of each (data/stream.py: resumable, `state()` / `load_state()`). `augment(img, S, rng)` is the paper's
+    listing of the stage: dvae_augment (Listing 1) for the dVAE, prior_augment (Listing 2) for the prior; its rng
+    is seeded by (seed, rank, epoch, sample key), so a resumed stream augments as the first run did."""
+
+    def item(sample: dict) -> tuple[torch.Tensor, str]:
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            img = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+        rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
+        return to_tensor(augment(img, image_size, rng)), sample["txt"].decode("utf-8")
+
+    return _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers)
 
 
 def eval_images(root: str, split: str, image_size: int, batch_size: int, limit: int = 0) -> Iterator[tuple]:
@@ -100,21 +103,32 @@ def _collate(samples: list[tuple]) -> tuple:
 
 
 def train_tokens(
-    root: str, batch_size: int, rank: int, seed: int, skips: SkipCounter, shuffle_buffer: int = 1000
-) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (image codes (B, h*w) int64 in raster order, captions) batches from token shards. A sample holding
-    K augmented encodings (K, h, w) contributes one of them, drawn uniformly with a rank-seeded rng."""
-    rng = random.Random(seed * 1_000_003 + rank)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(split_urls(root, "train"), seed=seed, worker_seed=lambda: rank, deterministic=True),
-        wds.tarfile_to_samples(handler=skips.handler),
-        wds.shuffle(shuffle_buffer, rng=random.Random(seed + 7919 * rank)),
-        wds.decode(handler=skips.handler),
-        wds.to_tuple("tokens.npy", "txt", handler=skips.handler),
-        wds.map_tuple(lambda tokens: _codes(tokens, rng), lambda t: t),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-    )
-    yield from pipeline
+    root: str,
+    batch_size: int,
+    rank: int,
+    seed: int,
+    skips: SkipCounter,
+    shuffle_buffer: int = 1000,
+    world: int | None = None,
+    workers: int = 0,
+) -> Stream:
+    """Endless (image codes (B, h*w) int64 in raster order, captions) batches from token shards, as train_images.
+    A sample holding K augmented encodings (K, h, w) contributes one of them, drawn with a per-sample rng."""
+
+    def item(sample: dict) -> tuple[torch.Tensor, str]:
+        rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
+        return _codes(np.load(io.BytesIO(sample["tokens.npy"])), rng), sample["txt"].decode("utf-8")
+
+    return _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers)
+
+
+def _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers) -> Stream:
+    from megadalle.engine.distributed import world_size
+
+    world = world or world_size()
+    urls = shard_urls(root, "train")
+    return Stream(urls, item, batch_size, rank=rank, world=world, seed=seed, workers=workers,
+                  shuffle_buffer=shuffle_buffer, collate=_collate, skips_out=skips.counts)  # fmt: skip
 
 
 def eval_tokens(root: str, split: str, batch_size: int, limit: int = 0) -> Iterator[tuple]:

@@ -102,6 +102,21 @@ def split_urls(root: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(root) / s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
+def shard_urls(root: str | os.PathLike, split: str) -> list[str]:
+    """A split's shards, in manifest order: local paths, or s3:// URLs when `root` is s3://bucket/prefix/ (its
+    manifest.json read from there)."""
+    root = str(root)
+    if not root.startswith("s3://"):
+        return split_urls(root, split)
+    from megadalle.data.s3 import read_remote_manifest
+
+    manifest = read_remote_manifest(root)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{root}: no split {split!r} (has {sorted(manifest['splits'])})")
+    base = root.rstrip("/") + "/"
+    return [base + s["path"] for s in manifest["splits"][split]["shards"]]
+
+
 def verify_shards(root: str | os.PathLike, checksums: bool = True) -> int:
     """Check every shard's size and (with `checksums`) sha256 against the manifest; return the number of samples.
     Sizes alone are the quick check (tools/demo.py makes it on every run)."""

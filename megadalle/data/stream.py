@@ -1,18 +1,21 @@
 """A resumable stream of training batches from shards anywhere (issue 13): local paths, file:// or s3://.
 
 Every epoch, the shard list is shuffled by (seed, epoch) and dealt to the world's ranks and then to each rank's
-DataLoader workers (`s3.epoch_shards`), so an epoch reads every sample once. Inside a worker, samples are turned
-into items (`make_item`: decode, augment, tokenise; an item that fails is skipped and counted against its
-shard), shuffled through a buffer, and batched; each batch carries the position its worker had read to: (epoch,
-shard index in that worker's epoch list, samples read from the shard). `Stream` keeps the latest position of
-each worker and restarts every worker there.
+DataLoader workers (`s3.epoch_shards`), so an epoch reads every sample once; a set with fewer shards than readers
+is split by sample instead (every reader reads every shard and keeps its own residue of the sample index). Inside
+a worker, samples become items (`make_item(sample)`, where sample["__epoch__"] is the epoch: decode, augment; an
+item that fails is skipped and counted against its shard), are shuffled and batched; each batch carries the
+position its worker had read to: (epoch, shard index in that worker's epoch list, samples of the shard
+delivered). `Stream` keeps the latest position of each worker and restarts every worker there.
 
-The window (stated here and in the README): a resume repeats no sample; it skips at most `shuffle_buffer +
-batch_size - 1` samples per worker (those read but not yet delivered when the position was saved).
+Shuffling permutes each shard's samples in chunks of `shuffle_buffer`, each chunk by a generator seeded from
+its place (seed, rank, epoch, shard, chunk), so a resume re-reads the chunk it stopped in and delivers exactly the
+rest: no sample is repeated or skipped (the window is zero). Skip counts are part of the state.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,41 +45,67 @@ class _Worker(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         start = s.positions.get(worker, Position())
-        rng = random.Random(hash((s.seed, s.rank, worker, start.epoch, start.shard, start.sample)))
-        skips: Counter = Counter()
-        buffer: list[Any] = []
+        skips: Counter = Counter(s.skips)
         batch: list[Any] = []
         epoch = start.epoch
+        parts, slot = s.world * workers, s.rank * workers + worker
+        by_shard = len(s.urls) >= parts  # else every slot reads every shard and keeps every parts-th sample
         while s.max_epochs is None or epoch < s.max_epochs:
-            shards = epoch_shards(s.urls, epoch, s.seed, s.rank, s.world, worker, workers)
+            if by_shard:
+                shards = epoch_shards(s.urls, epoch, s.seed, s.rank, s.world, worker, workers)
+            else:
+                shards = epoch_shards(s.urls, epoch, s.seed, 0, 1)
             first = start.shard if epoch == start.epoch else 0
             for index in range(first, len(shards)):
-                url, done = shards[index], start.sample if (epoch, index) == (start.epoch, start.shard) else 0
-
-                def skip(exn: Exception, url: str = url) -> bool:  # a corrupt member: counted, the shard goes on
-                    skips[url] += 1
-                    return True
-
-                for n, sample in enumerate(samples([url], s.settings, handler=skip), start=1):
-                    if n <= done:
-                        continue  # read before the saved position
-                    try:
-                        item = s.make_item(sample)
-                    except Exception:
-                        skips[url] += 1
-                        continue
-                    buffer.append(item)
-                    if len(buffer) <= s.shuffle_buffer:
-                        continue
-                    batch.append(buffer.pop(rng.randrange(len(buffer))))
+                done = start.sample if (epoch, index) == (start.epoch, start.shard) else 0
+                keep = (1, 0) if by_shard else (parts, slot)
+                for n, item in self._shard(shards[index], epoch, index, done, skips, keep):
+                    batch.append(item)
                     if len(batch) == s.batch_size:
                         yield s.collate(batch), worker, Position(epoch, index, n), dict(skips)
                         batch = []
             epoch += 1
-        rng.shuffle(buffer)  # a finite stream (max_epochs) delivers everything, the last batch maybe short
-        rest = batch + buffer
-        for i in range(0, len(rest), s.batch_size):
-            yield s.collate(rest[i : i + s.batch_size]), worker, Position(epoch, 0, 0), dict(skips)
+        if batch:  # a finite stream (max_epochs) delivers everything: the last batch may be short
+            yield s.collate(batch), worker, Position(epoch, 0, 0), dict(skips)
+
+    def _shard(
+        self, url: str, epoch: int, index: int, done: int, skips: Counter, keep: tuple[int, int]
+    ) -> Iterator[tuple[int, Any]]:
+        """(samples of the shard delivered so far, item) in delivery order: the shard's samples in chunks of
+        `shuffle_buffer`, each chunk permuted by a generator seeded from its place, so a resume after `done`
+        delivers exactly the rest; a sample whose item fails is skipped and counted. keep = (parts, slot): only
+        the samples whose index in the shard is slot modulo parts (a set with fewer shards than readers)."""
+        s, size = self.s, max(1, self.s.shuffle_buffer)
+
+        def corrupt(exn: Exception) -> bool:  # a corrupt member: counted, the shard goes on
+            skips[url] += 1
+            return True
+
+        chunk: list[dict] = []
+        chunks = 0
+        stream = samples([url], s.settings, handler=corrupt)
+        while True:
+            chunk = list(itertools.islice(stream, size))
+            if not chunk:
+                return
+            base = chunks * size
+            chunks += 1
+            if base + len(chunk) <= done:
+                continue  # delivered before the saved position
+            order = list(range(len(chunk)))
+            random.Random(f"{s.seed}/{s.rank}/{epoch}/{index}/{chunks}").shuffle(order)
+            for k, j in enumerate(order):
+                n = base + k + 1
+                if n <= done or (base + j) % keep[0] != keep[1]:
+                    continue
+                sample = chunk[j]
+                sample["__epoch__"] = epoch
+                try:
+                    item = s.make_item(sample)
+                except Exception:
+                    skips[url] += 1
+                    continue
+                yield n, item
 
 
 class Stream:
@@ -97,6 +126,7 @@ class Stream:
         max_epochs: int | None = None,
         settings: S3Settings | None = None,
         prefetch: int = 2,
+        skips_out: dict[str, int] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards to stream")
@@ -105,11 +135,11 @@ class Stream:
         self.shuffle_buffer, self.max_epochs, self.prefetch = shuffle_buffer, max_epochs, prefetch
         self.settings = settings or S3Settings()
         self.positions: dict[int, Position] = {}
-        self.skips: dict[str, int] = {}
+        self.skips: dict[str, int] = skips_out if skips_out is not None else {}  # shard URL -> samples skipped
 
     def state(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "workers": self.workers, "seed": self.seed,
-                "positions": {w: asdict(p) for w, p in self.positions.items()}}  # fmt: skip
+                "positions": {w: asdict(p) for w, p in self.positions.items()}, "skips": dict(self.skips)}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = (state["rank"], state["world"], state["workers"], state["seed"])
@@ -118,6 +148,7 @@ class Stream:
                              f"seed {saved[3]}; this run is rank {self.rank} of {self.world} with {self.workers} "
                              f"workers and seed {self.seed}")  # fmt: skip
         self.positions = {int(w): Position(**p) for w, p in state["positions"].items()}
+        self.skips.update(state.get("skips", {}))
 
     def __iter__(self) -> Iterator[Any]:
         kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}

@@ -36,8 +36,12 @@ class Stage(Protocol):
     def schedules(self, step: int) -> dict[str, float]:
         """Every scheduled quantity of update `step` (0-based), "lr" included."""
 
-    def batches(self, rank: int) -> Iterator[Any]:
-        """Endless training micro-batches for this rank, on the CPU."""
+    def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[Any]:
+        """Endless training micro-batches for this rank, on the CPU, from `state` (a `loader_state()`) when given."""
+
+    def loader_state(self) -> dict[str, Any]:
+        """Where the training stream stands (each loader worker's position, the BPE-dropout rng): checkpointed per
+        rank, so that a resume neither repeats nor skips data beyond data/stream.py's window."""
 
     def counts(self, batch: Any) -> dict[str, torch.Tensor | float]:
         """This micro-batch's normalisers ("samples", ...), summed over the update by train.py."""
@@ -52,3 +56,27 @@ class Stage(Protocol):
 
     def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
         """Validation metrics with the given (EMA) weights, on rank 0."""
+
+
+class StreamedData:
+    """The training stream's state for a stage whose `batches` sets `self.stream` (and maybe has a tokenizer)."""
+
+    stream: Any = None
+
+    def loader_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"stream": self.stream.state() if self.stream is not None else None}
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            state["tokenizer_rng"] = tokenizer.rng.getstate()
+        return state
+
+    def _restore(self, state: dict[str, Any] | None) -> None:
+        """Apply `state` to the stream just built (and the tokenizer): a resume."""
+        if not state:
+            return
+        if state.get("stream") is not None:
+            self.stream.load_state(state["stream"])
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None and state.get("tokenizer_rng") is not None:
+            version, internal, gauss = state["tokenizer_rng"]
+            tokenizer.rng.setstate((version, tuple(internal), gauss))

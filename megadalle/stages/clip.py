@@ -16,6 +16,7 @@ from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
 from megadalle.models.clip import FLAVORS, ClipArgs, ContrastiveModel, recall_at_k
 from megadalle.models.tokenizer import BPETokenizer
+from megadalle.stages.base import StreamedData
 
 READABLE = ["loss", "logit_scale", "lr", "grad_norm", "images_per_s"]
 
@@ -29,7 +30,7 @@ def clip_args(cfg: JobConfig) -> ClipArgs:
     return a
 
 
-class ClipStage:
+class ClipStage(StreamedData):
     readable = READABLE
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -54,20 +55,17 @@ class ClipStage:
     def schedules(self, step: int) -> dict[str, float]:
         return {"lr": self.lr_schedule.lr(step)}
 
-    def batches(self, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images (B, 3, S, S) in [0, 1], BPE ids (B, T)) micro-batches with BPE-dropout."""
         c = self.cfg
         self.tokenizer.train()
         self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
-        for images, captions in train_images(  # Listing 2's crops: no flip for a model that reads captions
-            c.data.shards,
-            self.args.image_size,
-            c.train.micro_batch_size,
-            rank,
-            c.job.seed,
-            self.skips,
-            augment=prior_augment,
-        ):
+        # Listing 2's crops: no flip for a model that reads captions
+        self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
+                                   self.skips, c.data.shuffle_buffer, prior_augment,
+                                   workers=c.data.loader_workers)  # fmt: skip
+        self._restore(state)
+        for images, captions in self.stream:
             yield images, self.tokenizer.encode_batch(captions)[0]
 
     def counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:

@@ -19,6 +19,7 @@ from megadalle.engine.schedules import LRSchedule, cosine
 from megadalle.evaluation import perplexity
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
+from megadalle.stages.base import StreamedData
 
 READABLE = ["loss", "recon_nats", "kl_nats", "tau", "beta", "lr", "grad_norm", "images_per_s"]
 
@@ -29,7 +30,7 @@ def dvae_args(cfg: JobConfig) -> DVAEArgs:
     return FLAVORS[cfg.model.dvae_flavor]
 
 
-class DVAEStage:
+class DVAEStage(StreamedData):
     readable = READABLE
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -55,12 +56,13 @@ class DVAEStage:
             "lr": self.lr_schedule.lr(step),
         }
 
-    def batches(self, rank: int) -> Iterator[torch.Tensor]:
+    def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
         """Mapped pixels (B, 3, S, S) augmented by Listing 1."""
         c = self.cfg
-        for images, _captions in train_images(
-            c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips
-        ):
+        self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
+                                   self.skips, c.data.shuffle_buffer, workers=c.data.loader_workers)  # fmt: skip
+        self._restore(state)
+        for images, _captions in self.stream:
             yield map_pixels(images)
 
     def counts(self, x: torch.Tensor) -> dict[str, float]:

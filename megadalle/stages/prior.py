@@ -19,6 +19,7 @@ from megadalle.models.dvae_loss import map_pixels
 from megadalle.models.sparsity import attended_pairs, layer_kinds
 from megadalle.models.tokenizer import PAD_ID, BPETokenizer
 from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, check_token_ranges, flops_per_sample
+from megadalle.stages.base import StreamedData
 from megadalle.stages.load import load_trained
 
 READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
@@ -48,7 +49,7 @@ def check_data(a: PriorArgs, manifest: dict[str, Any], tokens: str, tok: BPEToke
         )
 
 
-class PriorStage:
+class PriorStage(StreamedData):
     readable = READABLE
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -81,15 +82,18 @@ class PriorStage:
     def schedules(self, step: int) -> dict[str, float]:
         return {"lr": self.lr_schedule.lr(step)}
 
-    def batches(self, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(BPE ids (B, T) with BPE-dropout, image codes (B, H W)) micro-batches."""
         c = self.cfg
         self.tokenizer.train()  # BPE-dropout on training captions
         self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         if self.dvae is None:
-            stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips)
+            self.stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips,
+                                       c.data.shuffle_buffer, workers=c.data.loader_workers)  # fmt: skip
+            stream: Iterator = iter(self.stream)
         else:
             stream = self._encoded(rank)
+        self._restore(state)
         for codes, captions in stream:
             text, _ = self.tokenizer.encode_batch(captions)
             check_token_ranges(self.args, text, codes)  # on the CPU, before the batch reaches a device
@@ -99,8 +103,9 @@ class PriorStage:
         """(codes (B, h*w), captions) from image shards through the frozen dVAE (argmax, no gumbel noise)."""
         c, d = self.cfg, self.dvae
         size = d.args.image_size
-        for images, captions in train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed,
-                                             self.skips, augment=prior_augment):  # fmt: skip
+        self.stream = train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
+                                   c.data.shuffle_buffer, prior_augment, workers=c.data.loader_workers)  # fmt: skip
+        for images, captions in self.stream:
             with torch.no_grad():
                 codes = d.encode_codes(map_pixels(images)).flatten(1)  # (B, h*w)
             yield codes, captions

@@ -104,7 +104,7 @@ def test_augmented_train_encodings(dvae_checkpoint, emoji_shards_36, tmp_path):
     firsts = {(tuple(t[0].reshape(-1)), c) for t, c, _ in train3.values()}
 
     def draw(seed: int) -> list[tuple[tuple[int, ...], str]]:
-        stream = train_tokens(str(three), 8, rank=0, seed=seed, skips=SkipCounter(), shuffle_buffer=10)
+        stream = iter(train_tokens(str(three), 8, rank=0, seed=seed, skips=SkipCounter(), shuffle_buffer=10))
         rows = []
         for _ in range(12):
             codes, captions = next(stream)
