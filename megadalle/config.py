@@ -60,11 +60,12 @@ class Data:
     """Samples per tar shard."""
     limit_per_source: int = 0
     """Use at most this many images of each source (0: all); for fast tests."""
-    num_workers: int = 2
+    render_workers: int = 2
     """Worker processes for rendering emoji in tools/make_shards.py."""
-    loader_workers: int = 0
-    """DataLoader worker processes per rank feeding training batches (0: read in the training process, the best on
-    a 2-core CPU); with fewer train shards than ranks x workers, every reader reads every shard (split by sample)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank feeding training batches, each prefetching 2 (0: read in the training
+    process, the best on a 2-core CPU); with fewer train shards than ranks x workers, every reader reads every
+    shard (split by sample)."""
     shuffle_buffer: int = 1000
     """Each shard's samples are permuted in chunks of this many (data/stream.py: exactly resumable)."""
 

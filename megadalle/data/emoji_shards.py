@@ -45,7 +45,7 @@ def build_emoji_shards(data: Data, out: str | Path, seed: int = 0, progress: boo
     per_source: Counter[str] = Counter()
     key = 0
     jobs = [(items[i], data.image_size) for i in order]
-    with get_context("fork").Pool(max(1, data.num_workers)) as pool:
+    with get_context("fork").Pool(max(1, data.render_workers)) as pool:
         results = pool.imap(_render_job, jobs, chunksize=16)
         for i, (png, reason) in tqdm(
             zip(order, results), total=len(order), desc=f"rendering {data.image_size}px", disable=not progress

@@ -63,7 +63,7 @@ class ClipStage(StreamedData):
         # Listing 2's crops: no flip for a model that reads captions
         self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
                                    self.skips, c.data.shuffle_buffer, prior_augment,
-                                   workers=c.data.loader_workers)  # fmt: skip
+                                   workers=c.data.num_workers)  # fmt: skip
         self._restore(state)
         for images, captions in self.stream:
             yield images, self.tokenizer.encode_batch(captions)[0]

@@ -60,7 +60,7 @@ class DVAEStage(StreamedData):
         """Mapped pixels (B, 3, S, S) augmented by Listing 1."""
         c = self.cfg
         self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
-                                   self.skips, c.data.shuffle_buffer, workers=c.data.loader_workers)  # fmt: skip
+                                   self.skips, c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
         self._restore(state)
         for images, _captions in self.stream:
             yield map_pixels(images)

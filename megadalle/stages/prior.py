@@ -89,7 +89,7 @@ class PriorStage(StreamedData):
         self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         if self.dvae is None:
             self.stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips,
-                                       c.data.shuffle_buffer, workers=c.data.loader_workers)  # fmt: skip
+                                       c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
             stream: Iterator = iter(self.stream)
         else:
             stream = self._encoded(rank)
@@ -104,7 +104,7 @@ class PriorStage(StreamedData):
         c, d = self.cfg, self.dvae
         size = d.args.image_size
         self.stream = train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
-                                   c.data.shuffle_buffer, prior_augment, workers=c.data.loader_workers)  # fmt: skip
+                                   c.data.shuffle_buffer, prior_augment, workers=c.data.num_workers)  # fmt: skip
         for images, captions in self.stream:
             with torch.no_grad():
                 codes = d.encode_codes(map_pixels(images)).flatten(1)  # (B, h*w)

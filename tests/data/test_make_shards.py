@@ -88,7 +88,7 @@ def curated_sources(tmp_path) -> list[str]:
 
 def test_captions_by_hand_and_skips_counted(curated_sources, tmp_path):
     out = tmp_path / "out"
-    data = Data(image_size=48, sources=curated_sources, val_percent=0, zeroshot_percent=0, num_workers=1)
+    data = Data(image_size=48, sources=curated_sources, val_percent=0, zeroshot_percent=0, render_workers=1)
     manifest = build_emoji_shards(data, out, progress=False)
     got = sorted((s["json"]["style"], s["txt"]) for s in samples(out, "train"))
     want = sorted((st, f"{c} in {st} style") for st in ("twemoji", "openmoji") for c in TWEMOJI.values())
