@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import random
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
+from megadalle.data.stream import StreamStateMismatchError
 from megadalle.engine.adam16 import make_optimizer
 from megadalle.engine.checkpoint import (
     CheckpointError,
@@ -225,8 +225,7 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
         log.warning(f"{resume} holds no data position for this rank: its stream restarts from the beginning")
     try:
         batches = stage.batches(rank, loader_state)
-        batches = itertools.chain([next(batches)], batches)  # (a generator: the position is applied here)
-    except ValueError as e:  # a position saved by another world size or worker count
+    except StreamStateMismatchError as e:  # a position saved by another world size or worker count
         log.warning(f"the data position in the checkpoint does not apply ({e}): the stream restarts")
         batches = stage.batches(rank)
     start_step = step

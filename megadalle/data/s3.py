@@ -102,44 +102,64 @@ def list_shards(url: str, settings: S3Settings = S3Settings()) -> list[str]:
 
 
 class _S3Stream(io.RawIOBase):
-    """A readable object body that re-opens at its current offset when a read fails."""
+    """A readable object body that re-opens at its current offset when a read fails. One deadline covers a run of
+    failures (`max_retry_s`, pauses doubling from `backoff_s` with jitter); a re-open must answer with the range
+    asked for, of the same object (its ETag), or the read fails instead of stitching other bytes in."""
 
     def __init__(self, url: str, settings: S3Settings) -> None:
         self.url, self.settings = url, settings
         self.bucket, self.key = _split_s3(url)
-        self.pos, self.body = 0, None
+        self.pos, self.body, self.etag, self.size = 0, None, None, None
         self.retries = 0
-        self._open()
+        self._open(time.monotonic())
 
     def readable(self) -> bool:
         return True
 
-    def _open(self) -> None:
-        started, pause = time.monotonic(), self.settings.backoff_s
+    def _open(self, started: float) -> None:
+        pause = self.settings.backoff_s
         while True:
             try:
-                rng = {"Range": f"bytes={self.pos}-"} if self.pos else {}
-                self.body = client(self.settings).get_object(Bucket=self.bucket, Key=self.key, **rng)["Body"]
+                extra: dict[str, str] = {}
+                if self.pos:
+                    extra = {"Range": f"bytes={self.pos}-", **({"IfMatch": self.etag} if self.etag else {})}
+                reply = client(self.settings).get_object(Bucket=self.bucket, Key=self.key, **extra)
+                if self.pos and not str(reply.get("ContentRange", "")).startswith(f"bytes {self.pos}-"):
+                    reply["Body"].close()
+                    raise S3Error(f"{_where(self.settings, self.bucket, self.key)} answered a read from byte "
+                                  f"{self.pos} with {reply.get('ContentRange') or 'the whole object'}")  # fmt: skip
+                if self.body is not None:
+                    self.body.close()
+                self.body = reply["Body"]
+                self.etag = self.etag or reply.get("ETag")
+                self.size = self.size if self.size is not None else reply.get("ContentLength")
                 return
+            except S3Error:
+                raise
             except Exception as e:
+                if _code(e) in ("InvalidRange", "416") and self.size is not None and self.pos >= self.size:
+                    self.body = io.BytesIO(b"")  # the object was read to its end
+                    return
                 self._give_up_or_wait(e, started, pause)
                 pause = min(2 * pause, 5.0)
 
     def _give_up_or_wait(self, e: Exception, started: float, pause: float) -> None:
         code = _code(e)
         where = _where(self.settings, self.bucket, self.key)
-        if code in AUTH_ERRORS:
-            raise S3Error(f"credentials rejected ({code}) by {where}") from None
+        if code in AUTH_ERRORS or type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise S3Error(f"credentials rejected or missing ({code or type(e).__name__}) by {where}") from None
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
             raise S3Error(f"no such object ({code}): {where}") from None
+        if code in ("PreconditionFailed", "412"):
+            raise S3Error(f"{where} changed while it was being read") from None
         if time.monotonic() - started + pause > self.settings.max_retry_s:
             raise S3Error(f"cannot read {where} at byte {self.pos} after {self.settings.max_retry_s:.0f} s of "
                           f"retries: {code or type(e).__name__}") from None  # fmt: skip
         self.retries += 1
-        time.sleep(pause)
+        time.sleep(pause * random.uniform(0.5, 1.5))  # jitter: readers do not retry in lockstep
 
     def readinto(self, buf: Any) -> int:
-        started, pause = time.monotonic(), self.settings.backoff_s
+        started = None
         while True:
             try:
                 data = self.body.read(len(buf))
@@ -148,14 +168,9 @@ class _S3Stream(io.RawIOBase):
                 self.pos += n
                 return n
             except Exception as e:
-                self._give_up_or_wait(e, started, pause)
-                pause = min(2 * pause, 5.0)
-                try:
-                    self._open()
-                except S3Error:
-                    raise
-                except Exception:  # the next read retries
-                    pass
+                started = started if started is not None else time.monotonic()
+                self._give_up_or_wait(e, started, self.settings.backoff_s)
+                self._open(started)
 
     def close(self) -> None:
         if self.body is not None:

@@ -102,6 +102,15 @@ def split_urls(root: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(root) / s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
+def read_any_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a local shard set or of one under s3://bucket/prefix/."""
+    if str(root).startswith("s3://"):
+        from megadalle.data.s3 import read_remote_manifest
+
+        return read_remote_manifest(str(root))
+    return read_manifest(root)
+
+
 def shard_urls(root: str | os.PathLike, split: str) -> list[str]:
     """A split's shards, in manifest order: local paths, or s3:// URLs when `root` is s3://bucket/prefix/ (its
     manifest.json read from there)."""

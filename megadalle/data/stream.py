@@ -24,7 +24,11 @@ from typing import Any
 
 import torch
 
-from megadalle.data.s3 import S3Settings, epoch_shards, samples
+from megadalle.data.s3 import S3Error, S3Settings, epoch_shards, samples
+
+
+class StreamStateMismatchError(ValueError):
+    """A saved position that does not apply to this stream (another rank, world, worker count or seed)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,10 @@ class _Worker(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int, Position, dict[str, int]]]:
         s = self.s
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        # the logical worker: a fresh DataLoader asks worker 0 first, but the batch due next (after `delivered`
+        # batches dealt round-robin) is logical worker delivered % workers's
+        worker = ((info.id if info else 0) + s.delivered) % workers
         start = s.positions.get(worker, Position())
         skips: Counter = Counter(s.skips)
         batch: list[Any] = []
@@ -78,6 +85,8 @@ class _Worker(torch.utils.data.IterableDataset):
         s, size = self.s, max(1, self.s.shuffle_buffer)
 
         def corrupt(exn: Exception) -> bool:  # a corrupt member: counted, the shard goes on
+            if isinstance(exn, S3Error):  # not corruption: the object could not be read (retries exhausted)
+                raise exn
             skips[url] += 1
             return True
 
@@ -135,26 +144,32 @@ class Stream:
         self.shuffle_buffer, self.max_epochs, self.prefetch = shuffle_buffer, max_epochs, prefetch
         self.settings = settings or S3Settings()
         self.positions: dict[int, Position] = {}
+        self.delivered = 0  # batches handed out (which worker's turn it is)
         self.skips: dict[str, int] = skips_out if skips_out is not None else {}  # shard URL -> samples skipped
 
     def state(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "workers": self.workers, "seed": self.seed,
-                "positions": {w: asdict(p) for w, p in self.positions.items()}, "skips": dict(self.skips)}  # fmt: skip
+                "positions": {w: asdict(p) for w, p in self.positions.items()}, "skips": dict(self.skips),
+                "delivered": self.delivered}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = (state["rank"], state["world"], state["workers"], state["seed"])
         if saved != (self.rank, self.world, self.workers, self.seed):
-            raise ValueError(f"loader position saved for rank {saved[0]} of {saved[1]} with {saved[2]} workers and "
-                             f"seed {saved[3]}; this run is rank {self.rank} of {self.world} with {self.workers} "
-                             f"workers and seed {self.seed}")  # fmt: skip
+            raise StreamStateMismatchError(
+                f"loader position saved for rank {saved[0]} of {saved[1]} with {saved[2]} workers and seed "
+                f"{saved[3]}; this run is rank {self.rank} of {self.world} with {self.workers} workers and seed "
+                f"{self.seed}"
+            )
         self.positions = {int(w): Position(**p) for w, p in state["positions"].items()}
         self.skips.update(state.get("skips", {}))
+        self.delivered = int(state.get("delivered", 0))
 
     def __iter__(self) -> Iterator[Any]:
         kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
         loader = torch.utils.data.DataLoader(_Worker(self), batch_size=None, num_workers=self.workers, **kwargs)
         for batch, worker, position, skips in loader:
             self.positions[worker] = position
+            self.delivered += 1
             for url, n in skips.items():
                 self.skips[url] = max(self.skips.get(url, 0), n)
             yield batch

@@ -64,9 +64,8 @@ class ClipStage(StreamedData):
         self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
                                    self.skips, c.data.shuffle_buffer, prior_augment,
                                    workers=c.data.num_workers)  # fmt: skip
-        self._restore(state)
-        for images, captions in self.stream:
-            yield images, self.tokenizer.encode_batch(captions)[0]
+        self._restore(state)  # now, not at the first batch: a position that does not apply raises here
+        return ((images, self.tokenizer.encode_batch(captions)[0]) for images, captions in self.stream)
 
     def counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         return {"samples": len(batch[0])}

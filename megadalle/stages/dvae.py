@@ -61,9 +61,8 @@ class DVAEStage(StreamedData):
         c = self.cfg
         self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
                                    self.skips, c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
-        self._restore(state)
-        for images, _captions in self.stream:
-            yield map_pixels(images)
+        self._restore(state)  # now, not at the first batch: a position that does not apply raises here
+        return (map_pixels(images) for images, _captions in self.stream)
 
     def counts(self, x: torch.Tensor) -> dict[str, float]:
         return {"samples": len(x)}

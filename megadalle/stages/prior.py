@@ -11,7 +11,7 @@ from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
-from megadalle.data.shards import read_manifest
+from megadalle.data.shards import read_any_manifest
 from megadalle.data.transforms import prior_augment
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
@@ -65,7 +65,7 @@ class PriorStage(StreamedData):
             manifest = {"content": "tokens", "grid": [d.grid_size] * 2, "vocab_size": d.vocab_size}
             check_data(self.args, manifest, f"{cfg.model.dvae_checkpoint} (frozen dVAE)", self.tokenizer, cfg)
         else:
-            check_data(self.args, read_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
+            check_data(self.args, read_any_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
         a = self.args
         self.flops = flops_per_sample(
             a, attended_pairs(layer_kinds(a.n_layers), a.text_len, a.grid, a.grid, a.conv_kernel)
@@ -92,19 +92,22 @@ class PriorStage(StreamedData):
                                        c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
             stream: Iterator = iter(self.stream)
         else:
-            stream = self._encoded(rank)
-        self._restore(state)
+            size = self.dvae.args.image_size
+            self.stream = train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
+                                       c.data.shuffle_buffer, prior_augment, workers=c.data.num_workers)  # fmt: skip
+            stream = self._encoded()
+        self._restore(state)  # now, not at the first batch: a position that does not apply raises here
+        return self._tokenized(stream)
+
+    def _tokenized(self, stream: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for codes, captions in stream:
             text, _ = self.tokenizer.encode_batch(captions)
             check_token_ranges(self.args, text, codes)  # on the CPU, before the batch reaches a device
             yield text, codes
 
-    def _encoded(self, rank: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def _encoded(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """(codes (B, h*w), captions) from image shards through the frozen dVAE (argmax, no gumbel noise)."""
-        c, d = self.cfg, self.dvae
-        size = d.args.image_size
-        self.stream = train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
-                                   c.data.shuffle_buffer, prior_augment, workers=c.data.num_workers)  # fmt: skip
+        d = self.dvae
         for images, captions in self.stream:
             with torch.no_grad():
                 codes = d.encode_codes(map_pixels(images)).flatten(1)  # (B, h*w)

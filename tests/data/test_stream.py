@@ -60,9 +60,8 @@ def test_stop_and_resume_delivers_exactly_the_rest_of_the_epoch(emoji_shards) ->
     after = list(itertools.chain.from_iterable(second))
     seen = collections.Counter(before + after)
     assert max(seen.values()) == 1 and set(seen) == epoch  # nothing repeated, nothing skipped: the window is 0
-    again = Stream(urls, _key, 8, **kw)
-    again.load_state(state)
-    assert list(itertools.chain.from_iterable(again)) == after  # and the same order
+    uninterrupted = list(itertools.chain.from_iterable(Stream(urls, _key, 8, **kw)))
+    assert before + after == uninterrupted  # the same order, across the 2 workers' turns (7 batches: an odd count)
     with pytest.raises(ValueError, match="saved for rank 0 of 1 with 2 workers and seed 5; this run is rank 0 of 1"
                                          " with 1 workers"):  # fmt: skip
         Stream(urls, _key, 8, rank=0, world=1, seed=5, workers=1).load_state(state)
@@ -101,3 +100,17 @@ def test_fewer_shards_than_readers_split_by_sample(emoji_shards) -> None:
     for rank in range(2):
         got.update(itertools.chain.from_iterable(Stream(urls, _key, 4, rank=rank, world=2, workers=2, max_epochs=1)))
     assert got == want
+
+
+def test_an_s3_outage_longer_than_the_retries_is_an_error_not_a_skip(s3_server) -> None:
+    from megadalle.data.s3 import S3Error, S3Settings
+
+    urls = list_shards(f"s3://{BUCKET}/emoji/train/")
+    s3_server.kill()
+    try:
+        stream = Stream(urls, _key, 4, settings=S3Settings(max_retry_s=1.0, backoff_s=0.1), max_epochs=1)
+        with pytest.raises(S3Error, match="cannot read endpoint .* after 1 s of retries"):
+            next(iter(stream))
+        assert stream.skips == {}
+    finally:
+        s3_server.start()

@@ -117,3 +117,10 @@ def test_prior_encodes_images_on_the_fly_with_a_frozen_dvae(tmp_path, emoji_shar
     lines = [json.loads(x) for x in (tmp_path / "prior_debug" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2]
     assert any("val_image_loss" in m for m in lines if m["kind"] == "eval")
+    # resumed (its data position restored through the frozen dVAE's image stream) to 3 updates
+    proc = subprocess.run(proc.args[:-3] + ["--train.steps=3", *proc.args[-2:]], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data position" not in proc.stdout + proc.stderr  # it applied
+    lines = [json.loads(x) for x in (tmp_path / "prior_debug" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2, 3]
