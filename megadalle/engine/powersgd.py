@@ -88,7 +88,6 @@ class Collectives:
     group: dist.ProcessGroup | None
     size: int
     bytes_sent: int = 0
-    calls: int = 0
 
     def all_reduce_fp32(self, x: torch.Tensor, count: bool = True) -> None:
         if count:
@@ -122,7 +121,6 @@ class Collectives:
 
     def _count(self, payload_bytes: int) -> None:
         self.bytes_sent += 2 * (self.size - 1) * payload_bytes // self.size if self.size > 1 else 0
-        self.calls += 1
 
 
 @dataclass

@@ -41,7 +41,7 @@ class BPETokenizer:
         self.training = False
         self.stats = EncodeStats()
         self.rng = random.Random(0)
-        self._merged: dict[str, int] = {}  # piece -> id, for the pieces BPE-dropout looks up
+        self._piece_ids: dict[str, int] = {}  # piece -> id, for the pieces BPE-dropout looks up
 
     def seed(self, seed: int) -> None:
         """Seed BPE-dropout: a run, and a run resumed by replaying its data, draws the same tokenisations
@@ -83,11 +83,11 @@ class BPETokenizer:
 
     def _piece_id(self, piece: str) -> int | None:
         """The id of `piece`, or None when it is not in the vocabulary."""
-        pid = self._merged.get(piece)
+        pid = self._piece_ids.get(piece)
         if pid is None:
             pid = self.sp.piece_to_id(piece)
             pid = -1 if pid == self.sp.unk_id() and piece != self.sp.id_to_piece(pid) else pid
-            self._merged[piece] = pid
+            self._piece_ids[piece] = pid
         return None if pid < 0 else pid
 
     def _encode_dropout(self, norm: str) -> list[int]:
