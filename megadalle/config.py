@@ -43,8 +43,23 @@ class Job:
 @dataclass
 class Data:
     shards: str = "outputs/shards"
-    """The shard set: a folder, or s3://bucket/prefix/, holding `manifest.json` and the `<split>/*.tar` shards
-    (training reads either; evaluation and encoding read local folders)."""
+    """The shard set: a folder, or s3://bucket/prefix/ (tools/upload_shards.py), holding `manifest.json` and the
+    `<split>/*.tar` shards; training, evaluation and encoding read either."""
+    s3_endpoint: str = ""
+    """S3 endpoint URL for s3:// shard sets ("": AWS_ENDPOINT_URL, else AWS's own). Credentials come from boto3's
+    standard chain (environment, ~/.aws, instance role), never from a config file."""
+    s3_max_retry_s: float = 60.0
+    """Seconds of failed attempts at one shard read before the job stops with an error naming it."""
+    read_ahead: int = 0
+    """s3:// training shards fetched whole this many ahead of the one being read, by a background thread per
+    reader (0: each shard streamed as it is read). For stores whose per-object latency is large against a shard's
+    read time; on loopback and rate-limited links it gains nothing and costs ~10% (tools/bench_s3.py)."""
+    verify_sha256: bool = False
+    """Check each training shard's sha256 against the manifest before reading it (fetched whole first); a shard
+    that fails twice is skipped, its samples counted and logged."""
+    max_caption_chars: int = 1024
+    """Training samples with longer captions (or empty ones) are skipped and counted; captions longer than
+    tokenizer.max_len tokens but within this are truncated."""
     image_size: int = 256
     """Side of the square images, in pixels: 256 for the paper, 64 or 32 for CPU runs."""
     sources: list[str] = field(default_factory=lambda: ["twemoji", "openmoji"])
@@ -435,6 +450,11 @@ def validate(cfg: JobConfig) -> None:
             f"data.zeroshot_percent must be in [0, 100), got {cfg.data.zeroshot_percent}",
         ),
         (cfg.data.shard_max_samples > 0, f"data.shard_max_samples must be positive, got {cfg.data.shard_max_samples}"),
+        (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
+        (cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {cfg.data.shuffle_buffer}"),
+        (cfg.data.read_ahead >= 0, f"data.read_ahead must be >= 0, got {cfg.data.read_ahead}"),
+        (cfg.data.s3_max_retry_s > 0, f"data.s3_max_retry_s must be positive, got {cfg.data.s3_max_retry_s}"),
+        (cfg.data.max_caption_chars > 0, f"data.max_caption_chars must be positive, got {cfg.data.max_caption_chars}"),
         (cfg.tokenizer.vocab_size >= 64, f"tokenizer.vocab_size must be >= 64, got {cfg.tokenizer.vocab_size}"),
         (cfg.tokenizer.max_len > 0, f"tokenizer.max_len must be positive, got {cfg.tokenizer.max_len}"),
         (0 <= cfg.tokenizer.dropout < 1, f"tokenizer.dropout must be in [0, 1), got {cfg.tokenizer.dropout}"),

@@ -119,6 +119,9 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+SKIPPED = "__skipped_samples__"
+
+
 def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: dict[str, float]) -> dict[str, float]:
     """One optimizer update over this rank's micro-batches; returns the global-batch statistics (summed shares).
 
@@ -131,7 +134,8 @@ def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: di
     for batch in micro_batches:
         for k, v in stage.counts(batch).items():
             local[k] = local.get(k, 0) + v
-    totals = sum_over_ranks(local)
+    totals = sum_over_ranks({**local, SKIPPED: stage.skips.total})  # the data skips ride on the same all-reduce
+    skipped = totals.pop(SKIPPED)
     scale = len(micro_batches) * world_size()
     stats: dict[str, torch.Tensor] = {}
     grad_norm = None
@@ -147,6 +151,7 @@ def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: di
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["skipped_samples"] = skipped  # samples every rank's stream skipped so far (data/stream.py), summed
     return metrics
 
 
@@ -247,7 +252,6 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             metrics.update(
                 images_per_s=samples_per_step / dt,
                 step_time_s=dt,
-                skipped_samples=stage.skips.total,
                 skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
                 memory_mb=_memory_mb(),
             )

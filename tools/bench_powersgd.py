@@ -30,32 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
-NS = ("mdbench0", "mdbench1")
-ADDR = ("10.77.0.1", "10.77.0.2")
-DEV = ("mdv0", "mdv1")
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def netns_up(rate: str) -> None:
-    netns_down()
-    for ns in NS:
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
-    for ns, dev, addr in zip(NS, DEV, ADDR):
-        sh("ip", "link", "set", dev, "netns", ns)
-        sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
-
-
-def netns_down() -> None:
-    for ns in NS:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+from slow_link import ADDR, DEV, available, in_ns, link_down, link_up  # noqa: E402
 
 
 def launch(argv: list[str], port: int, log_dir: Path, tag: str) -> None:
@@ -67,7 +44,7 @@ def launch(argv: list[str], port: int, log_dir: Path, tag: str) -> None:
                    MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=DEV[node], OMP_NUM_THREADS="1",
                    PYTHONUNBUFFERED="1")  # fmt: skip
         out = open(log_dir / f"{tag}_rank{rank}.log", "w")
-        procs.append((subprocess.Popen(["ip", "netns", "exec", NS[node], *argv], cwd=REPO, env=env, stdout=out,
+        procs.append((subprocess.Popen(in_ns(node, argv), cwd=REPO, env=env, stdout=out,
                                        stderr=subprocess.STDOUT), out))  # fmt: skip
     codes = [p.wait() for p, _ in procs]
     for _, out in procs:
@@ -215,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker_sync:
         sync_worker(a.d, a.layers, rank_r, a.iters, out)
         return 0
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+    if not available():
         print("needs root with ip and tc (network namespaces, a veth pair, a tc rate limit)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     from megadalle.engine.distributed import free_port
 
-    netns_up(a.rate)
+    link_up(a.rate)
     try:
         argv_sync = [sys.executable, "tools/bench_powersgd.py", "--worker-sync", f"--d={a.d}", f"--layers={a.layers}",
                      f"--iters={a.iters}", f"--out={out}"]  # fmt: skip
@@ -229,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         sync = json.loads((out / "sync.json").read_text())
         curves = train_runs(out, a.steps, free_port(), a.train_rank, a.start_iter) if a.steps else {}
     finally:
-        netns_down()
+        link_down()
     summary = {"rate": a.rate, "d": a.d, "layers": a.layers, "rank": rank_r, "sync": sync,
                "sync_speedup": sync["uncompressed"] / sync["powersgd"]}  # fmt: skip
     if curves:

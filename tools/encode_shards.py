@@ -31,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from megadalle.config import ConfigError
-from megadalle.data.loader import eval_images, eval_samples
-from megadalle.data.shards import FORMAT, MANIFEST, ShardWriter, read_manifest, write_json_atomic
+from megadalle.data.loader import eval_images, eval_samples, s3_settings
+from megadalle.data.shards import FORMAT, MANIFEST, ShardWriter, read_any_manifest, write_json_atomic
 from megadalle.data.transforms import center_resize, prior_augment, to_tensor
 from megadalle.models.dvae_loss import map_pixels
 from megadalle.stages.load import load_trained
@@ -63,7 +63,8 @@ def encode_shards(
         raise ValueError(f"--augmentations must be at least 1, got {augmentations}")
     model, cfg = load_trained(checkpoint, "dvae")
     a = model.args
-    src = read_manifest(shards)
+    settings = s3_settings(cfg.data)  # the checkpoint's endpoint (or AWS_ENDPOINT_URL) for an s3:// shard set
+    src = read_any_manifest(shards, settings)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -74,10 +75,10 @@ def encode_shards(
         bar = tqdm(total=info["samples"], desc=f"encoding {split}", disable=not progress)
         k = augmentations if split == "train" else 1
         if k == 1:
-            batches = eval_images(shards, split, a.image_size, batch)
+            batches = eval_images(shards, split, a.image_size, batch, settings=settings)
         else:
             view = partial(views, size=a.image_size, k=k, rng=random.Random(seed), central_only=central_only)
-            batches = eval_samples(shards, split, lambda s, view=view: view(s["png"]), batch)
+            batches = eval_samples(shards, split, lambda s, view=view: view(s["png"]), batch, settings=settings)
         for images, captions, metas in batches:
             if k == 1:
                 codes = model.encode_codes(map_pixels(images)).to(torch.int16).numpy()  # (B, h, w)

@@ -12,27 +12,27 @@ import sys
 import time
 from pathlib import Path
 
-import webdataset as wds
-
 from megadalle.config import ConfigError, load_config
-from megadalle.data.shards import split_urls
+from megadalle.data.loader import s3_settings
+from megadalle.data.s3 import S3Settings, samples
+from megadalle.data.shards import shard_urls
 from megadalle.models.tokenizer import BPETokenizer, train_bpe
 
 
-def captions(shards: str, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Caption texts of the given splits (zeroshot captions stay unseen, like their images)."""
-    out = []
-    for split in splits:
-        for sample in wds.WebDataset(split_urls(shards, split), shardshuffle=False, empty_check=False):
-            out.append(sample["txt"].decode("utf-8"))
-    return out
+def captions(shards: str, splits: tuple[str, ...] = ("train", "val"), settings: S3Settings | None = None) -> list[str]:
+    """Caption texts of the given splits of a local or s3:// shard set (zeroshot captions stay unseen, like their
+    images)."""
+    settings = settings or S3Settings()
+    return [
+        s["txt"].decode("utf-8") for split in splits for s in samples(shard_urls(shards, split, settings), settings)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         t0 = time.time()
-        texts = captions(cfg.data.shards)
+        texts = captions(cfg.data.shards, settings=s3_settings(cfg.data))
         for path in cfg.tokenizer.extra_text:
             try:
                 texts += Path(path).read_text(errors="replace").splitlines()

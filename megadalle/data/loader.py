@@ -6,82 +6,108 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
-from megadalle.data.shards import shard_urls, split_urls
-from megadalle.data.stream import Stream
+from megadalle.config import Data
+from megadalle.data.s3 import S3Settings, samples
+from megadalle.data.shards import shard_records
+from megadalle.data.stream import SkipCounter, SkipSampleError, Stream
 from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
+__all__ = ["SkipCounter", "eval_images", "eval_samples", "eval_tokens", "s3_settings", "train_images", "train_tokens"]
 
-@dataclass
-class SkipCounter:
-    """Samples a loader could not use, by reason; logged with the metrics."""
 
-    counts: dict[str, int] = field(default_factory=dict)
+def s3_settings(data: Data) -> S3Settings:
+    """How s3:// shard sets are reached, from the [data] section."""
+    return S3Settings(endpoint_url=data.s3_endpoint or None, max_retry_s=data.s3_max_retry_s,
+                      read_ahead=data.read_ahead, verify=data.verify_sha256)  # fmt: skip
 
-    def handler(self, exn: Exception) -> bool:
-        key = type(exn).__name__
-        self.counts[key] = self.counts.get(key, 0) + 1
-        return True  # continue with the next sample
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+def _caption(sample: dict, max_chars: int) -> str:
+    """The sample's caption, or SkipSampleError: missing, not UTF-8, empty or longer than `max_chars` characters."""
+    if "txt" not in sample:
+        raise SkipSampleError("no caption")
+    try:
+        text = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkipSampleError("caption not UTF-8") from None
+    if not text.strip():
+        raise SkipSampleError("empty caption")
+    if len(text) > max_chars:
+        raise SkipSampleError("over-long caption")
+    return text
 
 
 def train_images(
-    root: str,
+    data: Data,
     image_size: int,
     batch_size: int,
     rank: int,
     seed: int,
     skips: SkipCounter,
-    shuffle_buffer: int = 1000,
     augment: Callable[[np.ndarray, int, random.Random], np.ndarray] = dvae_augment,
     world: int | None = None,
-    workers: int = 0,
 ) -> Stream:
-    """Endless (images (B, 3, S, S) in [0, 1], captions) batches of the train split, epoch after epoch, this rank's
-    share of each (data/stream.py: resumable, `state()` / `load_state()`). `augment(img, S, rng)` is the paper's
-    listing of the stage: dvae_augment (Listing 1) for the dVAE, prior_augment (Listing 2) for the prior; its rng
-    is seeded by (seed, rank, epoch, sample key), so a resumed stream augments as the first run did."""
+    """Endless (images (B, 3, S, S) in [0, 1], captions) batches of the train split of `data.shards`, epoch after
+    epoch, this rank's share of each (data/stream.py: resumable, `state()` / `load_state()`). `augment(img, S,
+    rng)` is the paper's listing of the stage: dvae_augment (Listing 1) for the dVAE, prior_augment (Listing 2)
+    for the prior; its rng is seeded by (seed, rank, epoch, sample key), so a resumed stream augments as the first
+    run did. Undecodable images and unusable captions are skipped and counted in `skips`."""
 
     def item(sample: dict) -> tuple[torch.Tensor, str]:
-        with Image.open(io.BytesIO(sample["png"])) as im:
-            img = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+        text = _caption(sample, data.max_caption_chars)
+        if "png" not in sample:
+            raise SkipSampleError("no image")
+        try:
+            with Image.open(io.BytesIO(sample["png"])) as im:
+                img = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise SkipSampleError("undecodable image") from None
         rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
-        return to_tensor(augment(img, image_size, rng)), sample["txt"].decode("utf-8")
+        return to_tensor(augment(img, image_size, rng)), text
 
-    return _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers)
+    return _stream(data, data.shards, item, batch_size, rank, seed, skips, world)
 
 
-def eval_images(root: str, split: str, image_size: int, batch_size: int, limit: int = 0) -> Iterator[tuple]:
+def eval_images(
+    root: str, split: str, image_size: int, batch_size: int, limit: int = 0, settings: S3Settings | None = None
+) -> Iterator[tuple]:
     """Finite pass over a split in manifest order: (images (B, 3, S, S), captions, metadata with "key")."""
     return _finite_batches(
-        root, split, "rgb8", lambda s: to_tensor(center_resize(s["png"], image_size)), batch_size, limit
+        root, split, lambda s: to_tensor(center_resize(s["png"], image_size)), batch_size, limit, settings
     )
 
 
 def eval_samples(
-    root: str, split: str, first: Callable[[dict], torch.Tensor], batch_size: int, limit: int = 0
+    root: str,
+    split: str,
+    first: Callable[[dict], torch.Tensor],
+    batch_size: int,
+    limit: int = 0,
+    settings: S3Settings | None = None,
 ) -> Iterator[tuple]:
     """Finite pass over an image split in manifest order with a custom view: (first(sample) stacked, captions,
     metadata with "key"); sample["png"] is the decoded (H, W, 3) uint8 image. Used to encode augmented views."""
-    return _finite_batches(root, split, "rgb8", first, batch_size, limit)
+    return _finite_batches(root, split, first, batch_size, limit, settings)
 
 
-def _finite_batches(root: str, split: str, decode: str, first, batch_size: int, limit: int) -> Iterator[tuple]:
-    """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all). Every caller
-    reads the whole split (evaluation on one rank, encoding, sampling): no node splitting."""
-    ds = wds.WebDataset(split_urls(root, split), shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+def _finite_batches(
+    root: str, split: str, first: Callable[[dict], torch.Tensor], batch_size: int, limit: int, settings
+) -> Iterator[tuple]:
+    """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all), from a local or
+    s3:// shard set. Every caller reads the whole split (evaluation on one rank, encoding, sampling): no split by
+    rank, and a sample that cannot be read is an error (an evaluation must see the same samples every time)."""
+    import webdataset as wds
+
+    settings = settings or S3Settings()
+    decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("rgb8")])  # png: (H, W, 3) uint8; npy, json, txt
     batch: list = []
     seen = 0
-    for sample in ds.decode(decode):
+    for sample in samples(_urls(root, split, settings), settings):
+        sample = decode(sample)
         batch.append((first(sample), sample["txt"], dict(sample["json"], key=sample["__key__"])))
         seen += 1
         if len(batch) == batch_size or seen == limit:
@@ -93,8 +119,8 @@ def _finite_batches(root: str, split: str, decode: str, first, batch_size: int, 
         yield _collate(batch)
 
 
-def _all_shards(urls: list) -> list:
-    return urls
+def _urls(root: str, split: str, settings: S3Settings) -> list[str]:
+    return [url for url, _ in shard_records(root, split, settings)]
 
 
 def _collate(samples: list[tuple]) -> tuple:
@@ -103,38 +129,41 @@ def _collate(samples: list[tuple]) -> tuple:
 
 
 def train_tokens(
-    root: str,
-    batch_size: int,
-    rank: int,
-    seed: int,
-    skips: SkipCounter,
-    shuffle_buffer: int = 1000,
-    world: int | None = None,
-    workers: int = 0,
+    data: Data, root: str, batch_size: int, rank: int, seed: int, skips: SkipCounter, world: int | None = None
 ) -> Stream:
-    """Endless (image codes (B, h*w) int64 in raster order, captions) batches from token shards, as train_images.
-    A sample holding K augmented encodings (K, h, w) contributes one of them, drawn with a per-sample rng."""
+    """Endless (image codes (B, h*w) int64 in raster order, captions) batches from the token shard set `root`, as
+    train_images. A sample holding K augmented encodings (K, h, w) contributes one of them, drawn with a
+    per-sample rng."""
 
     def item(sample: dict) -> tuple[torch.Tensor, str]:
+        text = _caption(sample, data.max_caption_chars)
         rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
-        return _codes(np.load(io.BytesIO(sample["tokens.npy"])), rng), sample["txt"].decode("utf-8")
+        try:
+            codes = np.load(io.BytesIO(sample["tokens.npy"]))
+        except (KeyError, OSError, ValueError):
+            raise SkipSampleError("unreadable codes") from None
+        return _codes(codes, rng), text
 
-    return _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers)
+    return _stream(data, root, item, batch_size, rank, seed, skips, world)
 
 
-def _stream(root, item, batch_size, rank, seed, skips, shuffle_buffer, world, workers) -> Stream:
+def _stream(data: Data, root: str, item: Callable, batch_size: int, rank: int, seed: int, skips: SkipCounter,
+            world: int | None) -> Stream:  # fmt: skip
     from megadalle.engine.distributed import world_size
 
-    world = world or world_size()
-    urls = shard_urls(root, "train")
-    return Stream(urls, item, batch_size, rank=rank, world=world, seed=seed, workers=workers,
-                  shuffle_buffer=shuffle_buffer, collate=_collate, skips_out=skips.counts)  # fmt: skip
+    settings = s3_settings(data)
+    records = dict(shard_records(root, "train", settings))
+    return Stream(list(records), item, batch_size, rank=rank, world=world or world_size(), seed=seed,
+                  workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, collate=_collate, settings=settings,
+                  skips=skips, records=records)  # fmt: skip
 
 
-def eval_tokens(root: str, split: str, batch_size: int, limit: int = 0) -> Iterator[tuple]:
+def eval_tokens(
+    root: str, split: str, batch_size: int, limit: int = 0, settings: S3Settings | None = None
+) -> Iterator[tuple]:
     """Finite pass over a token split in manifest order: (codes (B, h*w), captions, metadata with "key"); of K
     encodings (K, h, w), the first (the central view)."""
-    return _finite_batches(root, split, "rgb8", lambda s: _codes(s["tokens.npy"]), batch_size, limit)
+    return _finite_batches(root, split, lambda s: _codes(s["tokens.npy"]), batch_size, limit, settings)
 
 
 def _codes(tokens: np.ndarray, rng: random.Random | None = None) -> torch.Tensor:

@@ -10,15 +10,22 @@ that fails re-opens the object at the byte it stopped at (a Range GET) with expo
 `max_retry_s` of failed attempts; then it raises `S3Error` naming the endpoint, bucket and key. Credentials that
 the server rejects raise at once, naming the endpoint and bucket but never the secret.
 
+`ShardFetcher` fetches whole shards `read_ahead` ahead of the reader in a background thread (network time overlaps
+decoding), into spooled temporary files, and checks each against its manifest sha256 when given one: a shard that
+fails the check twice raises `ShardChecksumError` (the stream skips and counts its samples).
+
 `epoch_shards` gives each (rank, worker) its disjoint share of one epoch's shuffled shard list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
+import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +41,10 @@ class S3Error(RuntimeError):
     """A shard that cannot be listed or read, named by endpoint, bucket and key (never by credentials)."""
 
 
+class ShardChecksumError(ValueError):
+    """A shard whose bytes do not match its manifest sha256 (after one re-fetch)."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str | None = None
@@ -43,6 +54,11 @@ class S3Settings:
     """Seconds of failed attempts after which a read gives up."""
     backoff_s: float = 0.2
     """First pause between attempts, doubled each time up to 5 s."""
+    read_ahead: int = 0
+    """s3:// shards fetched whole this many ahead of the one being read, in a background thread (0: stream each
+    shard as it is read)."""
+    verify: bool = False
+    """Check each shard's sha256 against the manifest before reading it (the shard is fetched whole first)."""
 
     @property
     def endpoint(self) -> str | None:
@@ -196,16 +212,80 @@ def epoch_shards(urls: list[str], epoch: int, seed: int, rank: int, world: int, 
     return order[rank::world][worker::workers]
 
 
-def samples(urls: list[str], settings: S3Settings = S3Settings(), handler: Any = None):
-    """The samples ({"__key__": ..., "png": bytes, ...}) of `urls`, in order, one shard open at a time."""
+SPOOL_BYTES = 32 << 20  # a fetched shard stays in memory up to this size, then spills to a temporary file
+
+
+def fetch_shard(url: str, settings: S3Settings = S3Settings(), sha256: str | None = None) -> Any:
+    """The whole shard in a spooled temporary file (rewound), its bytes checked against `sha256` when given: a
+    mismatch is fetched once more (a transfer that went wrong), then raises ShardChecksumError."""
+    for attempt in (1, 2):
+        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        h = hashlib.sha256()
+        with open_shard(url, settings) as src:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+        out.seek(0)
+        if sha256 is None or h.hexdigest() == sha256:
+            return out
+        out.close()
+        if attempt == 2:
+            raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()[:12]}... differs from the manifest's "
+                                     f"{sha256[:12]}... (fetched twice)")  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+class ShardFetcher:
+    """Opens one reader's shards in order. s3:// shards with `settings.read_ahead` > 0, and every shard when
+    `settings.verify`, are fetched whole by `fetch_shard` in a background thread, up to read_ahead shards ahead
+    (`ahead(urls)` names the next ones); others are streamed (`open_shard`). `checksums`: url -> sha256."""
+
+    def __init__(self, settings: S3Settings, checksums: dict[str, str] | None = None) -> None:
+        self.settings, self.checksums = settings, checksums or {}
+        self.pending: dict[str, Future] = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _whole(self, url: str) -> bool:
+        return self.settings.verify or (url.startswith("s3://") and self.settings.read_ahead > 0)
+
+    def ahead(self, urls: list[str]) -> None:
+        """Start fetching the shards to be read next (at most read_ahead of them)."""
+        for url in urls[: self.settings.read_ahead]:
+            if self._whole(url) and url not in self.pending:
+                self.pool = self.pool or ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
+                sha = self.checksums.get(url) if self.settings.verify else None
+                self.pending[url] = self.pool.submit(fetch_shard, url, self.settings, sha)
+
+    def open(self, url: str) -> Any:
+        if url in self.pending:
+            return self.pending.pop(url).result()
+        if self._whole(url):
+            return fetch_shard(url, self.settings, self.checksums.get(url) if self.settings.verify else None)
+        return open_shard(url, self.settings)
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+            if future.done() and future.exception() is None:
+                future.result().close()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def samples(urls: list[str], settings: S3Settings = S3Settings(), handler: Any = None, opener: Any = None):
+    """The samples ({"__key__": ..., "png": bytes, ...}) of `urls`, in order, one shard open at a time
+    (`opener(url)`: a binary file; `open_shard` by default)."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     handler = handler or wds.reraise_exception
+    opener = opener or (lambda url: open_shard(url, settings))
 
     def streams():
         for url in urls:
-            stream = open_shard(url, settings)
+            stream = opener(url)
             try:
                 yield {"url": url, "stream": stream}
             finally:
@@ -260,8 +340,6 @@ def read_remote_manifest(url: str, settings: S3Settings = S3Settings()) -> dict[
 
 def verify_remote(url: str, settings: S3Settings = S3Settings()) -> int:
     """Stream every shard of the set under `url` and check its sha256 against the manifest; the sample count."""
-    import hashlib
-
     manifest = read_remote_manifest(url, settings)
     bucket, prefix = _split_s3(url.rstrip("/") + "/")
     total = 0

@@ -102,28 +102,29 @@ def split_urls(root: str | os.PathLike, split: str) -> list[str]:
     return [str(Path(root) / s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
-def read_any_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a local shard set or of one under s3://bucket/prefix/."""
+def read_any_manifest(root: str | os.PathLike, settings: Any = None) -> dict[str, Any]:
+    """The manifest of a local shard set or of one under s3://bucket/prefix/ (`settings`: an s3.S3Settings)."""
     if str(root).startswith("s3://"):
-        from megadalle.data.s3 import read_remote_manifest
+        from megadalle.data.s3 import S3Settings, read_remote_manifest
 
-        return read_remote_manifest(str(root))
+        return read_remote_manifest(str(root), settings or S3Settings())
     return read_manifest(root)
 
 
-def shard_urls(root: str | os.PathLike, split: str) -> list[str]:
-    """A split's shards, in manifest order: local paths, or s3:// URLs when `root` is s3://bucket/prefix/ (its
-    manifest.json read from there)."""
+def shard_records(root: str | os.PathLike, split: str, settings: Any = None) -> list[tuple[str, dict[str, Any]]]:
+    """A split's shards in manifest order, each as (local path, or s3:// URL when `root` is s3://bucket/prefix/,
+    its manifest record: "samples", "bytes", "sha256")."""
     root = str(root)
-    if not root.startswith("s3://"):
-        return split_urls(root, split)
-    from megadalle.data.s3 import read_remote_manifest
-
-    manifest = read_remote_manifest(root)
+    manifest = read_any_manifest(root, settings)
     if split not in manifest["splits"]:
         raise ValueError(f"{root}: no split {split!r} (has {sorted(manifest['splits'])})")
-    base = root.rstrip("/") + "/"
-    return [base + s["path"] for s in manifest["splits"][split]["shards"]]
+    base = root.rstrip("/") + "/" if root.startswith("s3://") else ""
+    return [(base + s["path"] if base else str(Path(root) / s["path"]), s) for s in manifest["splits"][split]["shards"]]
+
+
+def shard_urls(root: str | os.PathLike, split: str, settings: Any = None) -> list[str]:
+    """A split's shards, in manifest order: local paths, or s3:// URLs when `root` is s3://bucket/prefix/."""
+    return [url for url, _ in shard_records(root, split, settings)]
 
 
 def verify_shards(root: str | os.PathLike, checksums: bool = True) -> int:

@@ -2,29 +2,68 @@
 
 Every epoch, the shard list is shuffled by (seed, epoch) and dealt to the world's ranks and then to each rank's
 DataLoader workers (`s3.epoch_shards`), so an epoch reads every sample once; a set with fewer shards than readers
-is split by sample instead (every reader reads every shard and keeps its own residue of the sample index). Inside
-a worker, samples become items (`make_item(sample)`, where sample["__epoch__"] is the epoch: decode, augment; an
-item that fails is skipped and counted against its shard), are shuffled and batched; each batch carries the
-position its worker had read to: (epoch, shard index in that worker's epoch list, samples of the shard
-delivered). `Stream` keeps the latest position of each worker and restarts every worker there.
+is split by sample instead (every reader reads every shard and keeps its own residue of the sample index: each
+reader then downloads the whole set, so a warning says so). Inside a worker, samples become items
+(`make_item(sample)`, where sample["__epoch__"] is the epoch: decode, augment), are shuffled and batched; each
+batch carries the position its worker had read to: (epoch, shard index in that worker's epoch list, samples of the
+shard delivered). `Stream` keeps the latest position of each worker and restarts every worker there.
 
 Shuffling permutes each shard's samples in chunks of `shuffle_buffer`, each chunk by a generator seeded from
 its place (seed, rank, epoch, shard, chunk), so a resume re-reads the chunk it stopped in and delivers exactly the
-rest: no sample is repeated or skipped (the window is zero). Skip counts are part of the state.
+rest: no sample is repeated or skipped (the window is zero).
+
+Skips: a sample that cannot be used is skipped, never the job stopped: an item that fails (`SkipSampleError(reason)`
+names why: an undecodable image, an empty or over-long caption; other exceptions count under their type), a shard
+failing its sha256 check (all its samples), corrupt tar data (counted once per shard: the samples a broken tar
+header hides cannot be counted; the member it cut counts as its sample's failure). Each batch carries the skips met
+since the worker's previous batch, by shard and reason, so the counts in a saved state cover exactly the samples
+before the saved positions and a resume does not count them twice. `Stream.skips` holds them, and each shard's are
+logged in one line when it has been read. A shard that cannot be read at all (S3Error after the retries) is an
+error.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from megadalle.data.s3 import S3Error, S3Settings, epoch_shards, samples
+from megadalle.data.s3 import S3Error, S3Settings, ShardChecksumError, ShardFetcher, epoch_shards, samples
+
+log = logging.getLogger(__name__)
+
+
+class SkipSampleError(Exception):
+    """Raised by a `make_item` for a sample it will not use; the message is the reason the count is kept under."""
+
+
+@dataclass
+class SkipCounter:
+    """Samples a stream could not use: shard URL -> reason -> count."""
+
+    shards: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, delta: dict[str, dict[str, int]]) -> None:
+        for url, reasons in delta.items():
+            mine = self.shards.setdefault(url, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(sum(r.values()) for r in self.shards.values())
+
+    def by_reason(self) -> dict[str, int]:
+        out: Counter = Counter()
+        for reasons in self.shards.values():
+            out.update(reasons)
+        return dict(out)
 
 
 class StreamStateMismatchError(ValueError):
@@ -44,7 +83,7 @@ class _Worker(torch.utils.data.IterableDataset):
     def __init__(self, stream: Stream) -> None:
         self.s = stream
 
-    def __iter__(self) -> Iterator[tuple[Any, int, Position, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any, int, Position, dict[str, dict[str, int]]]]:
         s = self.s
         info = torch.utils.data.get_worker_info()
         workers = info.num_workers if info else 1
@@ -52,74 +91,118 @@ class _Worker(torch.utils.data.IterableDataset):
         # batches dealt round-robin) is logical worker delivered % workers's
         worker = ((info.id if info else 0) + s.delivered) % workers
         start = s.positions.get(worker, Position())
-        skips: Counter = Counter(s.skips)
+        skips: defaultdict[str, Counter] = defaultdict(Counter)  # met since the last batch handed out
+        finished: list[str] = []  # shards read to their end since then
         batch: list[Any] = []
         epoch = start.epoch
+
+        def dealt(epoch: int) -> list[str]:
+            if by_shard:
+                return epoch_shards(s.urls, epoch, s.seed, s.rank, s.world, worker, workers)
+            return epoch_shards(s.urls, epoch, s.seed, 0, 1)
+
         parts, slot = s.world * workers, s.rank * workers + worker
         by_shard = len(s.urls) >= parts  # else every slot reads every shard and keeps every parts-th sample
-        while s.max_epochs is None or epoch < s.max_epochs:
-            if by_shard:
-                shards = epoch_shards(s.urls, epoch, s.seed, s.rank, s.world, worker, workers)
-            else:
-                shards = epoch_shards(s.urls, epoch, s.seed, 0, 1)
-            first = start.shard if epoch == start.epoch else 0
-            for index in range(first, len(shards)):
-                done = start.sample if (epoch, index) == (start.epoch, start.shard) else 0
-                keep = (1, 0) if by_shard else (parts, slot)
-                for n, item in self._shard(shards[index], epoch, index, done, skips, keep):
-                    batch.append(item)
-                    if len(batch) == s.batch_size:
-                        yield s.collate(batch), worker, Position(epoch, index, n), dict(skips)
-                        batch = []
-            epoch += 1
-        if batch:  # a finite stream (max_epochs) delivers everything: the last batch may be short
-            yield s.collate(batch), worker, Position(epoch, 0, 0), dict(skips)
+        keep = (1, 0) if by_shard else (parts, slot)
+        fetcher = ShardFetcher(s.settings, {u: r["sha256"] for u, r in s.records.items() if "sha256" in r})
+        try:
+            while s.max_epochs is None or epoch < s.max_epochs:
+                shards = dealt(epoch)
+                first = start.shard if epoch == start.epoch else 0
+                for index in range(first, len(shards)):
+                    done = start.sample if (epoch, index) == (start.epoch, start.shard) else 0
+                    upcoming = shards[index + 1 : index + 1 + s.settings.read_ahead]
+                    if len(upcoming) < s.settings.read_ahead and (s.max_epochs is None or epoch + 1 < s.max_epochs):
+                        upcoming += dealt(epoch + 1)
+                    fetcher.ahead(upcoming)
+                    for n, item in self._shard(fetcher, shards[index], epoch, index, done, skips, keep):
+                        batch.append(item)
+                        if len(batch) == s.batch_size:
+                            yield s.collate(batch), worker, Position(epoch, index, n), _take(skips, finished)
+                            batch = []
+                    finished.append(shards[index])
+                epoch += 1
+            if batch or skips or finished:  # a finite stream (max_epochs) delivers everything: a short last batch
+                yield s.collate(batch) if batch else None, worker, Position(epoch, 0, 0), _take(skips, finished)
+        finally:
+            fetcher.close()
 
     def _shard(
-        self, url: str, epoch: int, index: int, done: int, skips: Counter, keep: tuple[int, int]
+        self,
+        fetcher: ShardFetcher,
+        url: str,
+        epoch: int,
+        index: int,
+        done: int,
+        skips: defaultdict[str, Counter],
+        keep: tuple[int, int],
     ) -> Iterator[tuple[int, Any]]:
         """(samples of the shard delivered so far, item) in delivery order: the shard's samples in chunks of
         `shuffle_buffer`, each chunk permuted by a generator seeded from its place, so a resume after `done`
-        delivers exactly the rest; a sample whose item fails is skipped and counted. keep = (parts, slot): only
-        the samples whose index in the shard is slot modulo parts (a set with fewer shards than readers)."""
+        delivers exactly the rest. keep = (parts, slot): only the samples whose index in the shard is slot modulo
+        parts (a set with fewer shards than readers). Skips go to `skips` when first met: a failed item at its
+        place in delivery order, a chunk's corrupt members before the chunk's first delivery (by slot 0 only, when
+        every slot reads the shard), so none met before `done` is counted again."""
         s, size = self.s, max(1, self.s.shuffle_buffer)
+        corrupt: Counter = Counter()  # the current chunk's tar-level failures
+        broken: list[Exception] = []
 
-        def corrupt(exn: Exception) -> bool:  # a corrupt member: counted, the shard goes on
+        def handler(exn: Exception) -> bool:  # corrupt tar data: counted once, what can be read goes on
             if isinstance(exn, S3Error):  # not corruption: the object could not be read (retries exhausted)
                 raise exn
-            skips[url] += 1
+            if not broken:  # a tar reader cannot resynchronise: the first error is the one that loses samples
+                corrupt[f"corrupt tar ({type(exn).__name__})"] += 1
+                broken.append(exn)
             return True
 
-        chunk: list[dict] = []
+        try:
+            stream = samples([url], s.settings, handler=handler, opener=fetcher.open)
+            chunk = list(itertools.islice(stream, size))  # the shard is opened (and checked) here
+        except ShardChecksumError as e:
+            if done == 0:
+                known = s.records.get(url, {}).get("samples", 0)
+                skips[url]["sha256 mismatch"] += len(range(keep[1], known, keep[0])) if known else 1
+                log.error(f"{e}: the shard's samples are skipped")
+            return
         chunks = 0
-        stream = samples([url], s.settings, handler=corrupt)
-        while True:
-            chunk = list(itertools.islice(stream, size))
-            if not chunk:
-                return
+        while chunk:
             base = chunks * size
             chunks += 1
-            if base + len(chunk) <= done:
-                continue  # delivered before the saved position
-            order = list(range(len(chunk)))
-            random.Random(f"{s.seed}/{s.rank}/{epoch}/{index}/{chunks}").shuffle(order)
-            for k, j in enumerate(order):
-                n = base + k + 1
-                if n <= done or (base + j) % keep[0] != keep[1]:
-                    continue
-                sample = chunk[j]
-                sample["__epoch__"] = epoch
-                try:
-                    item = s.make_item(sample)
-                except Exception:
-                    skips[url] += 1
-                    continue
-                yield n, item
+            if base >= done and keep[1] == 0:
+                skips[url].update(corrupt)
+            corrupt.clear()
+            if base + len(chunk) > done:
+                order = list(range(len(chunk)))
+                random.Random(f"{s.seed}/{s.rank}/{epoch}/{index}/{chunks}").shuffle(order)
+                for k, j in enumerate(order):
+                    n = base + k + 1
+                    if n <= done or (base + j) % keep[0] != keep[1]:
+                        continue
+                    sample = chunk[j]
+                    sample["__epoch__"] = epoch
+                    try:
+                        item = s.make_item(sample)
+                    except Exception as e:
+                        skips[url][str(e) if isinstance(e, SkipSampleError) else type(e).__name__] += 1
+                        continue
+                    yield n, item
+            chunk = list(itertools.islice(stream, size))
+        if chunks * size >= done and keep[1] == 0:  # failures met after the last sample (a truncated tail)
+            skips[url].update(corrupt)
+
+
+def _take(skips: defaultdict[str, Counter], finished: list[str]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """(the skips met so far as plain dicts, the shards finished), and both emptied."""
+    out = {url: dict(reasons) for url, reasons in skips.items() if reasons}, list(finished)
+    skips.clear()
+    finished.clear()
+    return out
 
 
 class Stream:
     """Batches of `make_item(sample)` for one rank, through a DataLoader with `workers` worker processes (0: in
-    this process); `state()` / `load_state()` save and restore every worker's position."""
+    this process); `state()` / `load_state()` save and restore every worker's position and the skip counts.
+    `records`: url -> the shard's manifest record ("sha256", "samples"), for checks on read (settings.verify)."""
 
     def __init__(
         self,
@@ -135,7 +218,8 @@ class Stream:
         max_epochs: int | None = None,
         settings: S3Settings | None = None,
         prefetch: int = 2,
-        skips_out: dict[str, int] | None = None,
+        skips: SkipCounter | None = None,
+        records: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards to stream")
@@ -143,13 +227,19 @@ class Stream:
         self.rank, self.world, self.seed, self.workers = rank, world, seed, workers
         self.shuffle_buffer, self.max_epochs, self.prefetch = shuffle_buffer, max_epochs, prefetch
         self.settings = settings or S3Settings()
+        self.records = records or {}
         self.positions: dict[int, Position] = {}
         self.delivered = 0  # batches handed out (which worker's turn it is)
-        self.skips: dict[str, int] = skips_out if skips_out is not None else {}  # shard URL -> samples skipped
+        self.skips = skips if skips is not None else SkipCounter()
+        readers = world * max(1, workers)
+        if len(urls) < readers and rank == 0 and any(u.startswith("s3://") for u in urls):
+            log.warning(f"{len(urls)} train shards for {readers} readers ({world} ranks x {max(1, workers)} "
+                        f"workers): every reader downloads every shard and keeps 1/{readers} of its samples; "
+                        f"write at least {readers} shards")  # fmt: skip
 
     def state(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "workers": self.workers, "seed": self.seed,
-                "positions": {w: asdict(p) for w, p in self.positions.items()}, "skips": dict(self.skips),
+                "positions": {w: asdict(p) for w, p in self.positions.items()}, "skips": self.skips.shards,
                 "delivered": self.delivered}  # fmt: skip
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -161,15 +251,24 @@ class Stream:
                 f"{self.seed}"
             )
         self.positions = {int(w): Position(**p) for w, p in state["positions"].items()}
-        self.skips.update(state.get("skips", {}))
+        self.skips.shards = {}
+        self.skips.add({url: r if isinstance(r, dict) else {"skipped": int(r)} for url, r in state["skips"].items()})
         self.delivered = int(state.get("delivered", 0))
 
     def __iter__(self) -> Iterator[Any]:
         kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
         loader = torch.utils.data.DataLoader(_Worker(self), batch_size=None, num_workers=self.workers, **kwargs)
-        for batch, worker, position, skips in loader:
+        unlogged = SkipCounter()  # skips of shards not yet finished: one line per shard when it is
+        for batch, worker, position, (skips, finished) in loader:
             self.positions[worker] = position
+            self.skips.add(skips)
+            unlogged.add(skips)
+            for url in finished:
+                reasons = unlogged.shards.pop(url, None)
+                if reasons:
+                    said = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+                    log.warning(f"rank {self.rank}: shard {url}: skipped {sum(reasons.values())} samples ({said})")
+            if batch is None:  # the end of a finite stream, carrying only skips
+                continue
             self.delivered += 1
-            for url, n in skips.items():
-                self.skips[url] = max(self.skips.get(url, 0), n)
             yield batch

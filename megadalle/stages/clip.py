@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
 from megadalle.data.transforms import prior_augment
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
@@ -61,9 +61,8 @@ class ClipStage(StreamedData):
         self.tokenizer.train()
         self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         # Listing 2's crops: no flip for a model that reads captions
-        self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
-                                   self.skips, c.data.shuffle_buffer, prior_augment,
-                                   workers=c.data.num_workers)  # fmt: skip
+        self.stream = train_images(c.data, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
+                                   self.skips, prior_augment)  # fmt: skip
         self._restore(state)  # now, not at the first batch: a position that does not apply raises here
         return ((images, self.tokenizer.encode_batch(captions)[0]) for images, captions in self.stream)
 
@@ -99,7 +98,7 @@ class ClipStage(StreamedData):
         for split in ("val", "zeroshot"):
             img, txt = [], []
             for images, captions, _ in eval_images(
-                c.data.shards, split, self.args.image_size, 64, c.train.eval_samples
+                c.data.shards, split, self.args.image_size, 64, c.train.eval_samples, s3_settings(c.data)
             ):
                 img.append(model.embed_images(images))
                 txt.append(model.embed_text(tok.encode_batch(captions)[0]))

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_images, train_images
+from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
 from megadalle.data.transforms import to_uint8
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import LRSchedule, cosine
@@ -59,8 +59,7 @@ class DVAEStage(StreamedData):
     def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
         """Mapped pixels (B, 3, S, S) augmented by Listing 1."""
         c = self.cfg
-        self.stream = train_images(c.data.shards, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed,
-                                   self.skips, c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
+        self.stream = train_images(c.data, self.args.image_size, c.train.micro_batch_size, rank, c.job.seed, self.skips)
         self._restore(state)  # now, not at the first batch: a position that does not apply raises here
         return (map_pixels(images) for images, _captions in self.stream)
 
@@ -106,7 +105,7 @@ class DVAEStage(StreamedData):
         grid: tuple[torch.Tensor, torch.Tensor] | None = None
         limit = c.dvae.eval_batches * c.train.micro_batch_size
         for images, _captions, _meta in eval_images(
-            c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit
+            c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit, s3_settings(c.data)
         ):
             x = map_pixels(images)
             with torch.random.fork_rng():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, train_images, train_tokens
+from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, s3_settings, train_images, train_tokens
 from megadalle.data.shards import read_any_manifest
 from megadalle.data.transforms import prior_augment
 from megadalle.engine.optim import param_groups
@@ -65,7 +65,13 @@ class PriorStage(StreamedData):
             manifest = {"content": "tokens", "grid": [d.grid_size] * 2, "vocab_size": d.vocab_size}
             check_data(self.args, manifest, f"{cfg.model.dvae_checkpoint} (frozen dVAE)", self.tokenizer, cfg)
         else:
-            check_data(self.args, read_any_manifest(cfg.prior.tokens), cfg.prior.tokens, self.tokenizer, cfg)
+            check_data(
+                self.args,
+                read_any_manifest(cfg.prior.tokens, s3_settings(cfg.data)),
+                cfg.prior.tokens,
+                self.tokenizer,
+                cfg,
+            )
         a = self.args
         self.flops = flops_per_sample(
             a, attended_pairs(layer_kinds(a.n_layers), a.text_len, a.grid, a.grid, a.conv_kernel)
@@ -88,13 +94,12 @@ class PriorStage(StreamedData):
         self.tokenizer.train()  # BPE-dropout on training captions
         self.tokenizer.seed(c.job.seed * 1009 + rank)  # the same tokenisations in a replayed stream
         if self.dvae is None:
-            self.stream = train_tokens(c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips,
-                                       c.data.shuffle_buffer, workers=c.data.num_workers)  # fmt: skip
+            self.stream = train_tokens(c.data, c.prior.tokens, c.train.micro_batch_size, rank, c.job.seed, self.skips)
             stream: Iterator = iter(self.stream)
         else:
             size = self.dvae.args.image_size
-            self.stream = train_images(c.data.shards, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
-                                       c.data.shuffle_buffer, prior_augment, workers=c.data.num_workers)  # fmt: skip
+            self.stream = train_images(c.data, size, c.train.micro_batch_size, rank, c.job.seed, self.skips,
+                                       prior_augment)  # fmt: skip
             stream = self._encoded()
         self._restore(state)  # now, not at the first batch: a position that does not apply raises here
         return self._tokenized(stream)
@@ -145,11 +150,15 @@ class PriorStage(StreamedData):
     def _eval_batches(self, split: str, limit: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
         c = self.cfg
         if self.dvae is None:
-            for codes, captions, _ in eval_tokens(c.prior.tokens, split, c.train.micro_batch_size, limit):
+            for codes, captions, _ in eval_tokens(
+                c.prior.tokens, split, c.train.micro_batch_size, limit, s3_settings(c.data)
+            ):
                 yield codes, captions
             return
         size = self.dvae.args.image_size
-        for images, captions, _ in eval_images(c.data.shards, split, size, c.train.micro_batch_size, limit):
+        for images, captions, _ in eval_images(
+            c.data.shards, split, size, c.train.micro_batch_size, limit, s3_settings(c.data)
+        ):
             yield self.dvae.encode_codes(map_pixels(images)).flatten(1), captions
 
     @torch.no_grad()

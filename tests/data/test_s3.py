@@ -157,3 +157,38 @@ def test_multipart_upload_above_the_threshold(server, tmp_path) -> None:
     assert c.head_object(Bucket=BUCKET, Key="mp/blob.bin")["ETag"].strip('"').endswith("-3")
     with open_shard(f"s3://{BUCKET}/mp/blob.bin") as f:
         assert f.read() == blob.read_bytes()
+
+
+def test_the_fetcher_reads_ahead_and_checks_sha256(server) -> None:
+    from megadalle.data.s3 import ShardChecksumError, ShardFetcher
+    from megadalle.data.shards import sha256_file
+
+    urls = [f"s3://{BUCKET}/emoji/train/{Path(p).name}" for p in server.local[:2]]
+    sums = {u: sha256_file(p) for u, p in zip(urls, server.local)}
+    fetcher = ShardFetcher(S3Settings(read_ahead=1, verify=True), sums)
+    try:
+        fetcher.ahead(urls[1:])  # the next shard starts downloading in the background
+        assert list(fetcher.pending) == urls[1:]
+        for url, path in zip(urls, server.local):
+            with fetcher.open(url) as f:
+                assert f.read() == Path(path).read_bytes()
+        assert not fetcher.pending
+        wrong = ShardFetcher(S3Settings(read_ahead=0, verify=True), {urls[0]: "0" * 64})
+        with pytest.raises(ShardChecksumError, match=f"{urls[0]}: sha256 .* differs from the manifest's 000000000000"):
+            wrong.open(urls[0])
+    finally:
+        fetcher.close()
+
+
+def test_evaluation_and_tokenizer_inputs_read_from_s3_equal_the_local_set(server, emoji_shards) -> None:
+    from train_tokenizer import captions
+
+    from megadalle.data.loader import eval_images
+    from megadalle.data.s3 import upload_shard_set
+
+    upload_shard_set(emoji_shards, f"s3://{BUCKET}/whole/")
+    remote = f"s3://{BUCKET}/whole/"
+    for (a, ca, ma), (b, cb, mb) in zip(eval_images(str(emoji_shards), "val", 16, 32),
+                                        eval_images(remote, "val", 16, 32), strict=True):  # fmt: skip
+        assert torch.equal(a, b) and ca == cb and ma == mb
+    assert captions(remote) == captions(str(emoji_shards))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from megadalle.config import Data
 from megadalle.data.loader import SkipCounter, eval_tokens, train_tokens
 from megadalle.data.shards import read_manifest, split_urls, verify_shards
 from megadalle.engine.checkpoint import load_eval_weights
@@ -104,7 +105,7 @@ def test_augmented_train_encodings(dvae_checkpoint, emoji_shards_36, tmp_path):
     firsts = {(tuple(t[0].reshape(-1)), c) for t, c, _ in train3.values()}
 
     def draw(seed: int) -> list[tuple[tuple[int, ...], str]]:
-        stream = iter(train_tokens(str(three), 8, rank=0, seed=seed, skips=SkipCounter(), shuffle_buffer=10))
+        stream = iter(train_tokens(Data(shuffle_buffer=10), str(three), 8, rank=0, seed=seed, skips=SkipCounter()))
         rows = []
         for _ in range(12):
             codes, captions = next(stream)
