@@ -151,7 +151,7 @@ def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: di
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-    metrics["skipped_samples"] = skipped  # samples every rank's stream skipped so far (data/stream.py), summed
+    metrics["skipped_samples"] = int(skipped)  # samples every rank's stream skipped so far (data/stream.py), summed
     return metrics
 
 

@@ -9,8 +9,8 @@ other; needs root), as a remote object store is.
 
 Every pass is the real training stream (data/loader.py -> data/stream.py): --epochs epochs of the train split
 for one rank with --workers DataLoader workers, each sample decoded (code grids, or PNGs augmented by Listing 1)
-and batched. Passes: local disk; S3 streamed as read (data.read_ahead = 0); S3 with each next shard fetched whole
-in the background (read_ahead = 1, the default). Reported per pass: samples/s and the seconds to the first batch.
+and batched. Passes: local disk; S3 streamed as read (data.read_ahead = 0, the default); S3 with each next shard
+fetched whole in the background (read_ahead = 1). Reported per pass: samples/s and the seconds to the first batch.
 The consumption rate comes from a run's metrics (--run: its median images_per_s). One JSON object; read the ratios.
 """
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from megadalle.config import Data
 from megadalle.data.s3 import S3Settings, samples
-from megadalle.data.shards import shard_records
+from megadalle.data.shards import shard_records, shard_urls
 from megadalle.data.stream import SkipCounter, SkipSampleError, Stream
 from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
@@ -95,7 +95,12 @@ def eval_samples(
 
 
 def _finite_batches(
-    root: str, split: str, first: Callable[[dict], torch.Tensor], batch_size: int, limit: int, settings
+    root: str,
+    split: str,
+    first: Callable[[dict], torch.Tensor],
+    batch_size: int,
+    limit: int,
+    settings: S3Settings | None,
 ) -> Iterator[tuple]:
     """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all), from a local or
     s3:// shard set. Every caller reads the whole split (evaluation on one rank, encoding, sampling): no split by
@@ -106,7 +111,7 @@ def _finite_batches(
     decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("rgb8")])  # png: (H, W, 3) uint8; npy, json, txt
     batch: list = []
     seen = 0
-    for sample in samples(_urls(root, split, settings), settings):
+    for sample in samples(shard_urls(root, split, settings), settings):
         sample = decode(sample)
         batch.append((first(sample), sample["txt"], dict(sample["json"], key=sample["__key__"])))
         seen += 1
@@ -117,10 +122,6 @@ def _finite_batches(
             return
     if batch:
         yield _collate(batch)
-
-
-def _urls(root: str, split: str, settings: S3Settings) -> list[str]:
-    return [url for url, _ in shard_records(root, split, settings)]
 
 
 def _collate(samples: list[tuple]) -> tuple:

@@ -25,11 +25,12 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from braceexpand import braceexpand
@@ -215,23 +216,34 @@ def epoch_shards(urls: list[str], epoch: int, seed: int, rank: int, world: int, 
 SPOOL_BYTES = 32 << 20  # a fetched shard stays in memory up to this size, then spills to a temporary file
 
 
-def fetch_shard(url: str, settings: S3Settings = S3Settings(), sha256: str | None = None) -> Any:
-    """The whole shard in a spooled temporary file (rewound), its bytes checked against `sha256` when given: a
-    mismatch is fetched once more (a transfer that went wrong), then raises ShardChecksumError."""
+def fetch_shard(url: str, settings: S3Settings = S3Settings(), sha256: str | None = None) -> BinaryIO:
+    """The shard, readable from its start, its bytes checked against `sha256` when given: an s3:// object is
+    fetched whole into a spooled temporary file (hashed on the way), a local file is hashed, then opened. A mismatch
+    is read once more (a transfer that went wrong), then raises ShardChecksumError."""
     for attempt in (1, 2):
-        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         h = hashlib.sha256()
-        with open_shard(url, settings) as src:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        out.seek(0)
+        if url.startswith("s3://"):
+            out: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
+            try:
+                with open_shard(url, settings) as src:
+                    while chunk := src.read(1 << 20):
+                        h.update(chunk)
+                        out.write(chunk)
+            except BaseException:
+                out.close()
+                raise
+            out.seek(0)
+        else:
+            with open_shard(url, settings) as src:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+            out = open_shard(url, settings)  # type: ignore[assignment]
         if sha256 is None or h.hexdigest() == sha256:
             return out
         out.close()
         if attempt == 2:
             raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()[:12]}... differs from the manifest's "
-                                     f"{sha256[:12]}... (fetched twice)")  # fmt: skip
+                                     f"{sha256[:12]}... (read twice)")  # fmt: skip
     raise AssertionError("unreachable")
 
 
@@ -256,7 +268,7 @@ class ShardFetcher:
                 sha = self.checksums.get(url) if self.settings.verify else None
                 self.pending[url] = self.pool.submit(fetch_shard, url, self.settings, sha)
 
-    def open(self, url: str) -> Any:
+    def open(self, url: str) -> BinaryIO:
         if url in self.pending:
             return self.pending.pop(url).result()
         if self._whole(url):
@@ -265,16 +277,25 @@ class ShardFetcher:
 
     def close(self) -> None:
         for future in self.pending.values():
-            future.cancel()
-            if future.done() and future.exception() is None:
-                future.result().close()
+            if not future.cancel():  # running or done: its file is closed once it is there
+                future.add_done_callback(_close_result)
         self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
 
 
-def samples(urls: list[str], settings: S3Settings = S3Settings(), handler: Any = None, opener: Any = None):
+def _close_result(future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def samples(
+    urls: list[str],
+    settings: S3Settings = S3Settings(),
+    handler: Callable[[Exception], bool] | None = None,
+    opener: Callable[[str], BinaryIO] | None = None,
+) -> Iterator[dict[str, Any]]:
     """The samples ({"__key__": ..., "png": bytes, ...}) of `urls`, in order, one shard open at a time
     (`opener(url)`: a binary file; `open_shard` by default)."""
     import webdataset as wds

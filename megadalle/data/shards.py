@@ -11,9 +11,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
+
+if TYPE_CHECKING:
+    from megadalle.data.s3 import S3Settings
 
 MANIFEST = "manifest.json"
 FORMAT = "megadalle-shards/1"
@@ -96,13 +99,12 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 def split_urls(root: str | os.PathLike, split: str) -> list[str]:
     """Local paths of a split's shards, in manifest order."""
-    manifest = read_manifest(root)
-    if split not in manifest["splits"]:
-        raise ValueError(f"{Path(root) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
-    return [str(Path(root) / s["path"]) for s in manifest["splits"][split]["shards"]]
+    if str(root).startswith("s3://"):
+        raise ValueError(f"{root}: a local shard set was expected (shard_urls reads s3:// sets)")
+    return shard_urls(root, split)
 
 
-def read_any_manifest(root: str | os.PathLike, settings: Any = None) -> dict[str, Any]:
+def read_any_manifest(root: str | os.PathLike, settings: S3Settings | None = None) -> dict[str, Any]:
     """The manifest of a local shard set or of one under s3://bucket/prefix/ (`settings`: an s3.S3Settings)."""
     if str(root).startswith("s3://"):
         from megadalle.data.s3 import S3Settings, read_remote_manifest
@@ -111,7 +113,9 @@ def read_any_manifest(root: str | os.PathLike, settings: Any = None) -> dict[str
     return read_manifest(root)
 
 
-def shard_records(root: str | os.PathLike, split: str, settings: Any = None) -> list[tuple[str, dict[str, Any]]]:
+def shard_records(
+    root: str | os.PathLike, split: str, settings: S3Settings | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """A split's shards in manifest order, each as (local path, or s3:// URL when `root` is s3://bucket/prefix/,
     its manifest record: "samples", "bytes", "sha256")."""
     root = str(root)
@@ -122,7 +126,7 @@ def shard_records(root: str | os.PathLike, split: str, settings: Any = None) -> 
     return [(base + s["path"] if base else str(Path(root) / s["path"]), s) for s in manifest["splits"][split]["shards"]]
 
 
-def shard_urls(root: str | os.PathLike, split: str, settings: Any = None) -> list[str]:
+def shard_urls(root: str | os.PathLike, split: str, settings: S3Settings | None = None) -> list[str]:
     """A split's shards, in manifest order: local paths, or s3:// URLs when `root` is s3://bucket/prefix/."""
     return [url for url, _ in shard_records(root, split, settings)]
 

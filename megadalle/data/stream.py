@@ -14,12 +14,12 @@ rest: no sample is repeated or skipped (the window is zero).
 
 Skips: a sample that cannot be used is skipped, never the job stopped: an item that fails (`SkipSampleError(reason)`
 names why: an undecodable image, an empty or over-long caption; other exceptions count under their type), a shard
-failing its sha256 check (all its samples), corrupt tar data (counted once per shard: the samples a broken tar
-header hides cannot be counted; the member it cut counts as its sample's failure). Each batch carries the skips met
+failing its sha256 check (all its samples), corrupt or cut tar data (the samples its manifest record counts that
+the tar did not yield; the member it cut counts as its sample's failure). Each batch carries the skips met
 since the worker's previous batch, by shard and reason, so the counts in a saved state cover exactly the samples
 before the saved positions and a resume does not count them twice. `Stream.skips` holds them, and each shard's are
-logged in one line when it has been read. A shard that cannot be read at all (S3Error after the retries) is an
-error.
+logged in one line when a reader has read it. A shard that cannot be read at all (S3Error after the retries) is an
+error, and so is an epoch of a reader that delivered nothing but skips (the data or `make_item` is wrong).
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ class _Worker(torch.utils.data.IterableDataset):
             while s.max_epochs is None or epoch < s.max_epochs:
                 shards = dealt(epoch)
                 first = start.shard if epoch == start.epoch else 0
+                delivered, skipped = 0, Counter()  # this epoch's
                 for index in range(first, len(shards)):
                     done = start.sample if (epoch, index) == (start.epoch, start.shard) else 0
                     upcoming = shards[index + 1 : index + 1 + s.settings.read_ahead]
@@ -116,11 +117,17 @@ class _Worker(torch.utils.data.IterableDataset):
                         upcoming += dealt(epoch + 1)
                     fetcher.ahead(upcoming)
                     for n, item in self._shard(fetcher, shards[index], epoch, index, done, skips, keep):
+                        delivered += 1
                         batch.append(item)
                         if len(batch) == s.batch_size:
                             yield s.collate(batch), worker, Position(epoch, index, n), _take(skips, finished)
                             batch = []
                     finished.append(shards[index])
+                    skipped.update(skips[shards[index]])
+                if not delivered and skipped:  # a stream that only skips would spin forever, saying nothing
+                    raise RuntimeError(f"rank {s.rank}, reader {worker}: every sample of epoch {epoch}'s "
+                                       f"{len(shards) - first} shards was skipped ({dict(skipped)}); first: "
+                                       f"{shards[first]}")  # fmt: skip
                 epoch += 1
             if batch or skips or finished:  # a finite stream (max_epochs) delivers everything: a short last batch
                 yield s.collate(batch) if batch else None, worker, Position(epoch, 0, 0), _take(skips, finished)
@@ -140,41 +147,32 @@ class _Worker(torch.utils.data.IterableDataset):
         """(samples of the shard delivered so far, item) in delivery order: the shard's samples in chunks of
         `shuffle_buffer`, each chunk permuted by a generator seeded from its place, so a resume after `done`
         delivers exactly the rest. keep = (parts, slot): only the samples whose index in the shard is slot modulo
-        parts (a set with fewer shards than readers). Skips go to `skips` when first met: a failed item at its
-        place in delivery order, a chunk's corrupt members before the chunk's first delivery (by slot 0 only, when
-        every slot reads the shard), so none met before `done` is counted again."""
+        parts (a set with fewer shards than readers). Skips go to `skips` when met, only those after `done`: a
+        failed item at its place in delivery order; at the shard's end, the samples its manifest record counts
+        that the tar did not hold (corrupt or cut tar data); a shard failing its sha256, what was left of it."""
         s, size = self.s, max(1, self.s.shuffle_buffer)
-        corrupt: Counter = Counter()  # the current chunk's tar-level failures
-        broken: list[Exception] = []
+        known = int(s.records.get(url, {}).get("samples", 0))  # 0: no manifest record
+        broken: list[str] = []
 
-        def handler(exn: Exception) -> bool:  # corrupt tar data: counted once, what can be read goes on
+        def handler(exn: Exception) -> bool:  # corrupt tar data: what can still be read goes on
             if isinstance(exn, S3Error):  # not corruption: the object could not be read (retries exhausted)
                 raise exn
-            if not broken:  # a tar reader cannot resynchronise: the first error is the one that loses samples
-                corrupt[f"corrupt tar ({type(exn).__name__})"] += 1
-                broken.append(exn)
+            broken.append(type(exn).__name__)
             return True
 
         try:
             stream = samples([url], s.settings, handler=handler, opener=fetcher.open)
             chunk = list(itertools.islice(stream, size))  # the shard is opened (and checked) here
         except ShardChecksumError as e:
-            if done == 0:
-                known = s.records.get(url, {}).get("samples", 0)
-                skips[url]["sha256 mismatch"] += len(range(keep[1], known, keep[0])) if known else 1
-                log.error(f"{e}: the shard's samples are skipped")
+            lost = self._kept_after(known, done, keep, epoch, index) if known else int(keep[1] == 0)
+            skips[url]["sha256 mismatch"] += lost
+            log.error(f"{e}: its {lost} remaining samples for this reader are skipped")
             return
-        chunks = 0
+        read = 0  # samples the tar held
         while chunk:
-            base = chunks * size
-            chunks += 1
-            if base >= done and keep[1] == 0:
-                skips[url].update(corrupt)
-            corrupt.clear()
-            if base + len(chunk) > done:
-                order = list(range(len(chunk)))
-                random.Random(f"{s.seed}/{s.rank}/{epoch}/{index}/{chunks}").shuffle(order)
-                for k, j in enumerate(order):
+            base, read = read, read + len(chunk)
+            if read > done:
+                for k, j in enumerate(self._order(epoch, index, base // size + 1, len(chunk))):
                     n = base + k + 1
                     if n <= done or (base + j) % keep[0] != keep[1]:
                         continue
@@ -187,8 +185,27 @@ class _Worker(torch.utils.data.IterableDataset):
                         continue
                     yield n, item
             chunk = list(itertools.islice(stream, size))
-        if chunks * size >= done and keep[1] == 0:  # failures met after the last sample (a truncated tail)
-            skips[url].update(corrupt)
+        why = f"corrupt tar ({broken[0]})" if broken else "tar ended early"
+        if known > read:  # the samples the tar lost, each counted by the slot that would have read it
+            skips[url][why] += sum(1 for i in range(read, known) if i % keep[0] == keep[1])
+        elif broken and not known and keep[1] == 0:  # no record to say how many were lost: the failure, once
+            skips[url][why] += 1
+
+    def _order(self, epoch: int, index: int, chunk: int, length: int) -> list[int]:
+        """The delivery order of chunk `chunk` (from 1) of shard `index` of this rank's list for `epoch`."""
+        order = list(range(length))
+        random.Random(f"{self.s.seed}/{self.s.rank}/{epoch}/{index}/{chunk}").shuffle(order)
+        return order
+
+    def _kept_after(self, known: int, done: int, keep: tuple[int, int], epoch: int, index: int) -> int:
+        """How many samples of a shard of `known` this slot delivers after position `done`."""
+        size, count = max(1, self.s.shuffle_buffer), 0
+        for base in range(0, known, size):
+            length = min(size, known - base)
+            if base + length > done:
+                order = self._order(epoch, index, base // size + 1, length)
+                count += sum(base + k + 1 > done and (base + j) % keep[0] == keep[1] for k, j in enumerate(order))
+        return count
 
 
 def _take(skips: defaultdict[str, Counter], finished: list[str]) -> tuple[dict[str, dict[str, int]], list[str]]:
@@ -258,7 +275,7 @@ class Stream:
     def __iter__(self) -> Iterator[Any]:
         kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
         loader = torch.utils.data.DataLoader(_Worker(self), batch_size=None, num_workers=self.workers, **kwargs)
-        unlogged = SkipCounter()  # skips of shards not yet finished: one line per shard when it is
+        unlogged = SkipCounter()  # skips of shards being read: one line when a reader finishes the shard
         for batch, worker, position, (skips, finished) in loader:
             self.positions[worker] = position
             self.skips.add(skips)
@@ -267,7 +284,8 @@ class Stream:
                 reasons = unlogged.shards.pop(url, None)
                 if reasons:
                     said = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-                    log.warning(f"rank {self.rank}: shard {url}: skipped {sum(reasons.values())} samples ({said})")
+                    log.warning(f"rank {self.rank}: shard {url}: skipped {sum(reasons.values())} samples ({said}); "
+                                f"{sum(self.skips.shards[url].values())} from this shard in all")  # fmt: skip
             if batch is None:  # the end of a finite stream, carrying only skips
                 continue
             self.delivered += 1

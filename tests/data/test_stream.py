@@ -8,6 +8,7 @@ import collections
 import io
 import itertools
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from megadalle.config import Data
 from megadalle.data.loader import SkipCounter, train_images
-from megadalle.data.s3 import list_shards
+from megadalle.data.s3 import epoch_shards, list_shards
 from megadalle.data.shards import split_urls
 from megadalle.data.stream import Stream
 from tests.conftest import FLAWS
@@ -105,8 +106,8 @@ def test_a_truncated_member_and_a_bad_image_are_skipped_and_counted(emoji_shards
 
 def _flawed_stream(root: Path | str, workers: int = 0, **data) -> Stream:
     """The loader's real training stream (decode, caption checks, Listing 1) over one epoch of `root`."""
-    stream = train_images(Data(shards=str(root), num_workers=workers, shuffle_buffer=16, **data), 32, 4, 0, 1,
-                          SkipCounter(), world=1)  # fmt: skip
+    data = {"shuffle_buffer": 16, **data}
+    stream = train_images(Data(shards=str(root), num_workers=workers, **data), 32, 4, 0, 1, SkipCounter(), world=1)
     stream.max_epochs = 1
     return stream
 
@@ -185,3 +186,47 @@ def test_fewer_s3_shards_than_readers_warn_that_every_reader_downloads_all(s3_se
     with caplog.at_level(logging.WARNING, logger="megadalle.data.stream"):
         Stream(urls, _key, 4, rank=0, world=2, workers=2)
     assert "1 train shards for 4 readers (2 ranks x 2 workers): every reader downloads every shard" in caplog.text
+
+
+def test_samples_lost_to_a_tar_cut_at_a_header_are_counted_from_the_manifest(flawed_shards, tmp_path) -> None:
+    """A tar cut at a 512-byte header boundary ends without an error: the manifest's count shows what is missing."""
+    from megadalle.data.shards import read_manifest
+
+    path = Path(split_urls(flawed_shards, "train")[0])
+    raw = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    cut = members[3 * 24].offset  # the header of sample 24's first member: samples 24..31 are gone
+    (tmp_path / "cut.tar").write_bytes(raw[:cut])
+    url = str(tmp_path / "cut.tar")
+    record = read_manifest(flawed_shards)["splits"]["train"]["shards"][0]
+    stream = Stream([url], _key, 4, max_epochs=1, records={url: record})
+    got = list(itertools.chain.from_iterable(stream))
+    assert stream.skips.shards[url]["tar ended early"] == 8 and len(got) + stream.skips.total == 32
+
+
+def test_a_shard_failing_its_sha256_after_a_resume_counts_what_was_left(flawed_shards, tmp_path) -> None:
+    root = tmp_path / "set"
+    shutil.copytree(flawed_shards, root)
+    kw = dict(workers=0, shuffle_buffer=8)
+    first = _flawed_stream(root, **kw)
+    it = iter(first)
+    before = sum(len(next(it)[1]) for _ in range(2))
+    state = first.state()
+    del it
+    current = epoch_shards(first.urls, 0, 1, 0, 1)[first.positions[0].shard]
+    with open(current, "ab") as f:  # still a readable tar, no longer the bytes the manifest vouches for
+        f.write(b"\0" * 1024)
+    second = _flawed_stream(root, verify_sha256=True, **kw)
+    second.load_state(state)
+    after = sum(len(captions) for _, captions in second)
+    assert second.skips.shards[current]["sha256 mismatch"] > 0
+    assert before + after + second.skips.total == 96  # every sample delivered or counted once, across the resume
+
+
+def test_a_reader_whose_every_sample_fails_is_an_error(emoji_shards) -> None:
+    def broken(sample: dict) -> str:
+        raise KeyError("jpg")
+
+    with pytest.raises(RuntimeError, match="every sample of epoch 0's .* shards was skipped .*KeyError"):
+        next(iter(Stream(split_urls(emoji_shards, "train"), broken, 4)))
