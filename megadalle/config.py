@@ -230,6 +230,10 @@ class Checkpoint:
     overwrite: bool = False
     """With resume = "none": start over in a run folder that holds checkpoints; they are moved aside to
     `checkpoints.old-<time>` (with metrics.jsonl), never deleted."""
+    requeue_on: list[str] = field(default_factory=lambda: ["USR1"])
+    """Signals after which the run, having saved a checkpoint, puts its Slurm job back in the queue (USR1: the
+    time limit is near, `#SBATCH --signal=USR1@180`; add TERM to requeue on preemption or scancel too). SIGUSR1
+    and SIGTERM always stop the run after the current update with a checkpoint (engine/preemption.py)."""
 
 
 @dataclass
@@ -239,6 +243,11 @@ class Parallel:
     gpus_per_node: int = 8
     """Ranks of one node group: with powersgd.enabled, ZeRO-3 shards the parameters inside a node group and the
     node groups average their gradients by PowerSGD (the paper: the 8 GPUs of a machine)."""
+    collective_timeout_s: float = 1800.0
+    """A collective that has not completed after this many seconds fails the job (a rank that hangs)."""
+    heartbeat_timeout_s: float = 30.0
+    """A rank silent for this long (killed, stopped) ends the job with a message naming it (engine/heartbeat.py;
+    0: off)."""
 
 
 @dataclass
@@ -259,6 +268,11 @@ class Logging:
     """Per-step JSON lines, relative to the run folder."""
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Python logging level for the readable rank-0 lines."""
+    peak_tflops: float = 0.0
+    """Declared peak TFLOP/s of one accelerator in the training precision (A100 fp16/bf16 dense: 312, H100 SXM:
+    989); the JSON lines then carry `mfu`, the model FLOP utilisation (0: not logged)."""
+    tensorboard: bool = True
+    """Also write every metric as TensorBoard events into `<run>/tensorboard/` (rank 0)."""
     progress: Literal["auto", "on", "off"] = "auto"
     """A progress bar with the time left over the training updates (rank 0, on stderr): "auto" shows it when
     stderr is a terminal, "on" always, "off" never. Log lines are printed above it."""
@@ -469,6 +483,19 @@ def validate(cfg: JobConfig) -> None:
         ),
         (cfg.train.global_batch_size >= 0, f"train.global_batch_size must be >= 0, got {cfg.train.global_batch_size}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
+        (
+            cfg.parallel.collective_timeout_s > 0,
+            f"parallel.collective_timeout_s must be positive, got {cfg.parallel.collective_timeout_s}",
+        ),
+        (
+            cfg.parallel.heartbeat_timeout_s >= 0,
+            f"parallel.heartbeat_timeout_s must be >= 0, got {cfg.parallel.heartbeat_timeout_s}",
+        ),
+        (
+            set(cfg.checkpoint.requeue_on) <= {"USR1", "TERM"},
+            f"checkpoint.requeue_on must name USR1 and/or TERM, got {cfg.checkpoint.requeue_on}",
+        ),
+        (cfg.logging.peak_tflops >= 0, f"logging.peak_tflops must be >= 0, got {cfg.logging.peak_tflops}"),
     ]
     for ok, msg in checks:
         if not ok:

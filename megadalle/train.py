@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch
 
 from megadalle.config import ConfigError, JobConfig, load_config, write_resolved
 from megadalle.data.stream import StreamStateMismatchError
+from megadalle.engine import distributed
 from megadalle.engine.adam16 import make_optimizer
 from megadalle.engine.checkpoint import (
     CheckpointError,
@@ -37,8 +41,11 @@ from megadalle.engine.distributed import barrier, init_distributed, is_main, shu
 from megadalle.engine.distributed import rank as global_rank
 from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
 from megadalle.engine.ema import ShardedEMA
-from megadalle.engine.metrics import MetricsLogger, log, setup_logging
+from megadalle.engine.heartbeat import Heartbeat
+from megadalle.engine.metrics import MetricsLogger, RankStatus, log, setup_logging
+from megadalle.engine.preemption import StopSignals
 from megadalle.engine.progress import Progress
+from megadalle.engine.rng import rng_state, set_rng_state
 from megadalle.engine.wrap import apply_wrappers
 from megadalle.stages import make_stage
 from megadalle.stages.base import Stage
@@ -122,8 +129,11 @@ def _to(batch: Any, device: torch.device) -> Any:
 SKIPPED = "__skipped_samples__"
 
 
-def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: dict[str, float]) -> dict[str, float]:
-    """One optimizer update over this rank's micro-batches; returns the global-batch statistics (summed shares).
+def train_update(
+    engine, optimizer, stage: Stage, micro_batches: list, sched: dict[str, float], flags: dict[str, float] | None = None
+) -> dict[str, float]:
+    """One optimizer update over this rank's micro-batches; returns the global-batch statistics (summed shares),
+    and `flags` summed over ranks (one all-reduce with the statistics, after the update).
 
     Each micro-batch's loss is its share of the global-batch objective (normalised by totals over every
     micro-batch and rank, stages/base.py). DeepSpeed averages gradients over the accumulation steps and over
@@ -147,7 +157,7 @@ def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: di
         if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _local_grad_norm(engine)  # ZeRO-0 computes none unless it clips
         engine.step()
-    metrics = sum_over_ranks(stats)
+    metrics = sum_over_ranks({**stats, **(flags or {})})
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -155,13 +165,17 @@ def train_update(engine, optimizer, stage: Stage, micro_batches: list, sched: di
     return metrics
 
 
-def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
+def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None) -> dict[str, float]:
+    """The training loop of `cfg` on this rank; returns the last evaluation's metrics. SIGUSR1 and SIGTERM (`stop`)
+    end it after the current update with a checkpoint (engine/preemption.py)."""
+    stop = stop or StopSignals(cfg.checkpoint.requeue_on)
     run_dir = cfg.run_dir
     ds = load_ds_config(cfg, world)
     accum = cfg.grad_accum_steps(world)
     stage = make_stage(cfg)
     ckpt_root = run_dir / "checkpoints"
-    outputs = [run_dir / name for name in (cfg.logging.json_file, "config.toml", "ds_config.json", "images")]
+    outputs = [run_dir / name for name in (cfg.logging.json_file, "config.toml", "ds_config.json", "images",
+                                           "tensorboard", "status")]  # fmt: skip
     resume = prepare_resume(ckpt_root, cfg.checkpoint, outputs)
     if rank == 0:
         write_resolved(cfg, run_dir)
@@ -173,45 +187,16 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     o = cfg.optim
     ema = ShardedEMA(engine.module, o.ema_decay) if o.ema_decay > 0 else None
 
-    step = 0
-    loader_state = None
-    while resume is not None:
-        try:
-            step, loop = load_checkpoint(engine, resume, ema)
-        except CheckpointError as e:
-            fallback = older_complete(ckpt_root, resume) if cfg.checkpoint.resume in ("auto", "latest") else None
-            if fallback is None:
-                raise
-            log.warning(f"{e}; falling back to the previous complete checkpoint {fallback}")
-            resume = fallback
-            continue
-        stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
-        scaler = getattr(engine.module, "grad_scaler", None)
-        if scaler is not None:
-            from megadalle.engine import ds_grad_scaler
-
-            if "grad_scaler" in loop:
-                scaler.load_state_dict(loop["grad_scaler"])
-            else:
-                log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
-            ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
-        psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
-        if psgd is not None:
-            psgd.updates = int(loop.get("powersgd_updates", 0))  # the same on every rank: one compress decision
-            path = resume / _powersgd_file(engine)
-            if sum_over_ranks({"missing": float(not path.is_file())})["missing"] == 0:  # every rank reads its file
-                psgd.load_summed_state(torch.load(path, map_location="cpu", weights_only=True))
-            else:
-                log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
-                            "them at zero")  # fmt: skip
-        loader_path = resume / _loader_file()
-        if loader_path.is_file():
-            loader_state = torch.load(loader_path, map_location="cpu", weights_only=True)
-        log.info(f"resumed from {resume} at step {step}")
-        break
+    step, loader_state = 0, None
+    if resume is not None:
+        step, resume, loader_state = _resume(engine, stage, ema, ckpt_root, resume, cfg)
 
     logger = MetricsLogger(
-        run_dir / cfg.logging.json_file if rank == 0 else None, cfg.train.log_every, stage.readable, append=step > 0
+        run_dir / cfg.logging.json_file if rank == 0 else None,
+        cfg.train.log_every,
+        stage.readable,
+        append=step > 0,
+        tensorboard=run_dir / "tensorboard" if cfg.logging.tensorboard else None,
     )
     numel = {p: getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()}
     n_params = sum(numel.values())
@@ -236,12 +221,20 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
     start_step = step
     samples_per_step = t.micro_batch_size * accum * world
     last_eval: dict[str, float] = {}
+    status = RankStatus(run_dir / "status", rank)
+    status.update(step, "started")
+    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+    psgd_sent = psgd.comm.bytes_sent if psgd is not None else 0
+    saved = -1  # the step of the last checkpoint written
+    signals: list[str] = []
 
     with Progress(cfg.logging.progress, t.steps, start_step, f"{cfg.job.stage} {cfg.job.name}", rank) as bar:
         while step < t.steps:
             t0 = time.time()
             sched = stage.schedules(step)
-            metrics = train_update(engine, optimizer, stage, [next(batches) for _ in range(accum)], sched)
+            micro = [next(batches) for _ in range(accum)]
+            metrics = train_update(engine, optimizer, stage, micro, sched, flags=stop.flags())
+            signals = stop.agreed(metrics)
             stage.lr_schedule.observe(step, metrics["loss"])
             step += 1
             if ema is not None and step % o.ema_every == 0:
@@ -249,32 +242,99 @@ def train(cfg: JobConfig, rank: int, world: int) -> dict[str, float]:
             dt = time.time() - t0
             metrics.update(sched)
             metrics.update(stage.throughput(samples_per_step / dt))
+            if cfg.logging.peak_tflops and "tflops" in metrics:  # model FLOPs over what the job's accelerators peak at
+                metrics["mfu"] = metrics["tflops"] / (world * cfg.logging.peak_tflops)
             metrics.update(
                 images_per_s=samples_per_step / dt,
                 step_time_s=dt,
                 skipped_steps=int(getattr(engine, "skipped_steps", 0)),  # fp16 overflows: update not applied
                 memory_mb=_memory_mb(),
             )
+            if psgd is not None:  # what this rank sent across node groups this update, and whether compressed
+                metrics.update(powersgd_mb_sent=(psgd.comm.bytes_sent - psgd_sent) / 2**20,
+                               powersgd_compressing=int(psgd.updates > cfg.powersgd.start_iter))  # fmt: skip
+                psgd_sent = psgd.comm.bytes_sent
             scaler = getattr(engine.module, "grad_scaler", None)
             if scaler is not None:
                 metrics.update(scaler.metrics(per_block=step % t.log_every == 0 or step in (start_step + 1, t.steps)))
             if not np.isfinite(metrics["loss"]):
                 log.warning(f"step {step}: non-finite loss {metrics['loss']}")
-            logger.log(step, metrics, force=step in (start_step + 1, t.steps))  # first and last always shown
+            logger.log(step, metrics, force=step in (start_step + 1, t.steps) or bool(signals))
             bar.update(step, metrics["loss"])
+            status.update(step)
+            if signals:
+                log.warning(f"SIG{' and SIG'.join(signals)} received: stopping after update {step} with a checkpoint")
+                break
             if t.eval_every and step % t.eval_every == 0:
                 last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                status.update(step, "checkpointing")
                 _save(engine, ckpt_root, step, ema, cfg, stage)
+                saved = step
 
-    if step > start_step and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+    if step > start_step and saved != step:
+        status.update(step, "checkpointing")
         _save(engine, ckpt_root, step, ema, cfg, stage)
+    if signals:
+        logger.log(step, {"reason": "signal " + " ".join(signals)}, kind="stop")
+        status.update(step, "stopped")
+        logger.close()
+        stop.stopped_by = signals
+        return last_eval
     if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
         last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
+    logger.log(step, {"reason": "done"}, kind="end")
+    status.update(step, "done")
     logger.close()
     del engine, optimizer
     gc.collect()
     return last_eval
+
+
+def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resume: Path, cfg: JobConfig):
+    """Collective: the run's state from checkpoint `resume` (or, for resume = auto, the newest older complete one
+    when it cannot be loaded): DeepSpeed's engine, the EMA, the lr schedule, the per-resblock gradient scales,
+    PowerSGD's error buffers, this rank's random generators. Returns (step, the folder used, this rank's data
+    position or None)."""
+    while True:
+        try:
+            step, loop = load_checkpoint(engine, resume, ema)
+            break
+        except CheckpointError as e:
+            fallback = older_complete(ckpt_root, resume) if cfg.checkpoint.resume in ("auto", "latest") else None
+            if fallback is None:
+                raise
+            log.warning(f"{e}; falling back to the previous complete checkpoint {fallback}")
+            resume = fallback
+    stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
+    scaler = getattr(engine.module, "grad_scaler", None)
+    if scaler is not None:
+        from megadalle.engine import ds_grad_scaler
+
+        if "grad_scaler" in loop:
+            scaler.load_state_dict(loop["grad_scaler"])
+        else:
+            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
+        ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
+    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+    if psgd is not None:
+        psgd.updates = int(loop.get("powersgd_updates", 0))  # the same on every rank: one compress decision
+        path = resume / _powersgd_file(engine)
+        if sum_over_ranks({"missing": float(not path.is_file())})["missing"] == 0:  # every rank reads its file
+            psgd.load_summed_state(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
+                        "them at zero")  # fmt: skip
+    own = _rank_file(resume)
+    if own.is_file():
+        state = torch.load(own, map_location="cpu", weights_only=True)
+        set_rng_state(state["rng"])
+        loader_state = state["loader"]
+    else:
+        log.warning(f"{resume} holds no random generator states or data position for this rank ({own.name})")
+        loader_state = None
+    log.info(f"resumed from {resume} at step {step}")
+    return step, resume, loader_state
 
 
 def _client_state(stage: Stage, engine: Any) -> dict[str, Any]:
@@ -304,13 +364,15 @@ def _rank_files(engine: Any) -> dict[str, Any]:
     return {_powersgd_file(engine): summed} if engine.optimizer.megadalle_powersgd_node == 0 else {}
 
 
-def _loader_file() -> str:
-    return f"loader_rank{global_rank()}.pt"
+def _rank_file(folder: Path | None = None) -> Path:
+    """This rank's own part of a checkpoint: its data position (data/stream.py) and random generators."""
+    name = f"rank{global_rank():05d}.pt"
+    return folder / name if folder is not None else Path(name)
 
 
 def _save(engine, ckpt_root: Path, step: int, ema, cfg: JobConfig, stage: Stage) -> None:
     loop, files = _client_state(stage, engine), _rank_files(engine)
-    files[_loader_file()] = stage.loader_state()  # every rank's stream position (data/stream.py)
+    files[str(_rank_file())] = {"loader": stage.loader_state(), "rng": rng_state()}
     save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, loop, files)
 
 
@@ -331,23 +393,44 @@ def _local_grad_norm(engine) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopSignals()  # first: SIGUSR1 during the start-up must not end the process (its default action)
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(rest)
         if args.deepspeed_config:
             cfg.parallel.deepspeed_config = args.deepspeed_config
+        stop.requeue_on = tuple(cfg.checkpoint.requeue_on)
     except ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
-    rank, world = init_distributed()
-    setup_logging(cfg.logging.level, rank)
+    p = cfg.parallel
+    rank, world = init_distributed(p.collective_timeout_s)
+    setup_logging(cfg.logging.level, rank, cfg.run_dir / "logs")
+    log.info(f"rank {rank} of {world} (launcher {distributed.LAUNCHER}, local rank {os.environ['LOCAL_RANK']}, "
+             f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, collective timeout "
+             f"{p.collective_timeout_s:.0f} s, heartbeat timeout {p.heartbeat_timeout_s:.0f} s)")  # fmt: skip
+    heartbeat = Heartbeat(rank, world, p.heartbeat_timeout_s).start() if world > 1 and p.heartbeat_timeout_s else None
     try:
-        train(cfg, rank, world)
+        train(cfg, rank, world, stop)
     except (ConfigError, FileNotFoundError) as e:
         log.error(f"{type(e).__name__}: {e}")
+        if heartbeat is not None:
+            heartbeat.stop()
         shutdown(barrier=False)  # the other ranks may be gone already
         return 2
+    except Exception as e:  # often a collective that failed because another rank died: name it if one did
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # the launcher's SIGTERM would
+        lost = heartbeat.silent() if heartbeat is not None else []  # interrupt the store reads that find it
+        why = f"; not responding: {', '.join(lost)}" if lost else ""
+        log.error(f"rank {rank} failed: {type(e).__name__}: {e}{why}", exc_info=True)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)  # no teardown: collectives with a dead peer may hang, and the launcher ends the other ranks
+    if heartbeat is not None:
+        heartbeat.stop()
     shutdown()
+    if rank == 0 and stop.stopped_by:
+        stop.requeue(stop.stopped_by)
     return 0
 
 

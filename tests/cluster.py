@@ -16,6 +16,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+# a requeued job waits cred_expire (120 s by default) before it may start again
+AuthInfo=cred_expire=5
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 StateSaveLocation={d}/state
@@ -48,8 +50,12 @@ class SlurmCluster:
         self.conf.write_text(SLURM_CONF.format(d=folder, ctld_port=ctld_port, d_port=d_port))
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """A Slurm command; `env`: variables added to the environment (sbatch passes them on to the job)."""
+        return subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, check=check,
+                              timeout=timeout)  # fmt: skip
 
     def start(self) -> SlurmCluster:
         self.run("slurmctld", "-c", "-i")
@@ -67,9 +73,16 @@ class SlurmCluster:
             p.read_text()[-2000:] for p in (self.folder / "slurmctld.log", self.folder / "slurmd.log") if p.exists()
         )
 
-    def sbatch(self, script: Path, *args: str) -> int:
-        out = self.run("sbatch", "--parsable", *args, str(script)).stdout.strip()
+    def sbatch(
+        self, script: Path, *args: str, env: dict[str, str] | None = None, script_args: tuple[str, ...] = ()
+    ) -> int:
+        out = self.run("sbatch", "--parsable", *args, str(script), *script_args, env=env).stdout.strip()
         return int(out.split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, Reason, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
     def wait(self, job_id: int, timeout: float = 300) -> str:
         """Poll (faster than `sbatch --wait`'s back-off) until the job ends; return its final state."""

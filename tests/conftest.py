@@ -155,3 +155,14 @@ def s3_server(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory):
     os.environ.update(saved)
     s3mod._client.cache_clear()
     srv.kill()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A real Slurm controller and node daemon on localhost (tests/cluster.py), for the whole session."""
+    from tests.cluster import SlurmCluster, slurm_available
+
+    require(slurm_available(), "Slurm (slurmctld, slurmd, slurm-client) is not installed")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), free_port(), free_port()).start()
+    yield cluster
+    cluster.stop()

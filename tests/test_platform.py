@@ -5,21 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import SlurmCluster, slurm_available
-from tests.conftest import free_port, python, require, require_cmd
+from tests.conftest import python, require_cmd
 
 ALLREDUCE = (
     "from mpi4py import MPI; c = MPI.COMM_WORLD; "
     "print(f'SUM {c.allreduce(c.Get_rank() + 1)} {c.Get_size()}', flush=True)"  # one write: lines cannot interleave
 )
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    require(slurm_available(), "Slurm (slurmctld, slurmd, slurm-client) is not installed")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), free_port(), free_port()).start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.mark.distributed

@@ -274,7 +274,11 @@ class Stream:
 
     def __iter__(self) -> Iterator[Any]:
         kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.workers else {}
-        loader = torch.utils.data.DataLoader(_Worker(self), batch_size=None, num_workers=self.workers, **kwargs)
+        # its own generator: a DataLoader draws its workers' base seed from the global one otherwise, and a resumed
+        # run (which restores the global generator, engine/rng.py) would then draw different training noise
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = torch.utils.data.DataLoader(_Worker(self), batch_size=None, num_workers=self.workers,
+                                             generator=generator, **kwargs)  # fmt: skip
         unlogged = SkipCounter()  # skips of shards being read: one line when a reader finishes the shard
         for batch, worker, position, (skips, finished) in loader:
             self.positions[worker] = position

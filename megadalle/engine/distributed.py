@@ -6,20 +6,21 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 import sys
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from megadalle.engine.launcher import free_port, rendezvous_env
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["barrier", "free_port", "init_distributed", "is_main", "rank", "shutdown", "sum_over_ranks", "world_size"]
 
+
+LAUNCHER = "single"
+"""Which launcher `init_distributed` found: env (torchrun, deepspeed), slurm, mpi or single."""
 
 # printed (print(), not logged) by DeepSpeed 0.19.8 each time a process loads its shared-memory collective op,
 # built or cached: a line per rank per start that says nothing the operator can act on
@@ -38,8 +39,10 @@ def _without_line(line: str) -> Iterator[None]:
         sys.stdout.write("".join(kept))
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size). A plain `python train.py` becomes a world of one on a free local port."""
+def init_distributed(collective_timeout_s: float = 1800.0) -> tuple[int, int]:
+    """(rank, world size), from whichever launcher started the process (engine/launcher.py: torchrun, deepspeed,
+    Slurm's srun, MPI; a plain `python train.py` is a world of one). Every collective fails after
+    `collective_timeout_s` instead of waiting forever for a rank that hangs."""
     if not torch.cuda.is_available():
         # Without a CUDA device DeepSpeed's accelerator detection ends, on this project's machines, on the CPU with
         # a warning per process start ("Setting accelerator to CPU. If you have GPU ..."); naming the CPU
@@ -57,13 +60,15 @@ def init_distributed() -> tuple[int, int]:
         module=r"torch\.distributed\.c10d_logger",
     )
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    global LAUNCHER
+    LAUNCHER = rendezvous_env()
     if torch.cuda.is_available():  # before any collective: NCCL uses the current device of each rank
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     with _without_line(_SHM_OP_LINE):
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,4 +1,6 @@
-"""Operator logs: one JSON line per step (rank 0, `<run>/metrics.jsonl`) and a readable rank-0 line."""
+"""Operator logs: one JSON line per step (rank 0, `<run>/metrics.jsonl`, mirrored as TensorBoard events in
+`<run>/tensorboard/`), a readable rank-0 line every N steps, every rank's log in `<run>/logs/rank<R>.log`, and
+every rank's liveness in `<run>/status/rank<R>.json` (tools/monitor.py reads them)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,23 @@ from typing import Any
 log = logging.getLogger("megadalle")
 
 
-def setup_logging(level: str, rank: int) -> None:
-    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stdout, force=True)
-    if rank != 0:
-        logging.getLogger("megadalle").setLevel(logging.WARNING)
+FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+
+
+def setup_logging(level: str, rank: int, log_dir: Path | None = None) -> None:
+    """Console: rank 0 at `level`, the others warnings and errors only. With `log_dir`, every rank also writes
+    everything at `level` to `log_dir/rank<R>.log` (appended across restarts)."""
+    fmt = logging.Formatter(FORMAT.format(rank=rank))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    console.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_dir / f"rank{rank:05d}.log")
+        file.setFormatter(fmt)
+        handlers.append(file)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True)
 
 
 def _clean(v: Any) -> Any:
@@ -29,12 +43,20 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, path: Path | None, every: int, readable: list[str], append: bool = False) -> None:
-        """`append`: a resumed run continues its file; a fresh run starts a new one."""
+    def __init__(
+        self, path: Path | None, every: int, readable: list[str], append: bool = False, tensorboard: Path | None = None
+    ) -> None:
+        """`append`: a resumed run continues its file; a fresh run starts a new one. `tensorboard`: a folder for
+        TensorBoard event files of the same numbers."""
         self.path = path
         self.every = max(1, every)
         self.readable = readable
         self._f = open(path, "a" if append else "w", buffering=1) if path is not None else None  # line-buffered
+        self._tb = None
+        if tensorboard is not None and path is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(tensorboard))
         self.t0 = time.time()
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train", force: bool = False) -> None:
@@ -42,6 +64,10 @@ class MetricsLogger:
         rec.update({k: _clean(v) for k, v in metrics.items()})
         if self._f is not None:
             self._f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
         if force or kind != "train" or step % self.every == 0:
             keys = self.readable if kind == "train" else list(metrics)
             parts = [f"{k} {_fmt(rec[k])}" for k in keys if k in rec]
@@ -50,6 +76,31 @@ class MetricsLogger:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class RankStatus:
+    """This rank's liveness for tools/monitor.py: `status/rank<R>.json` with host, pid, step, state and time,
+    replaced atomically at most every `every_s` seconds (and at every change of state)."""
+
+    def __init__(self, folder: Path, rank: int, every_s: float = 10.0) -> None:
+        import os
+        import socket
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.every_s, self.last = folder / f"rank{rank:05d}.json", every_s, 0.0
+        self.base = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
+        self.state = ""
+
+    def update(self, step: int, state: str = "training") -> None:
+        now = time.time()
+        if state == self.state and now - self.last < self.every_s:
+            return
+        self.state, self.last = state, now
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.base, "step": step, "state": state, "time": round(now, 3)}))
+        tmp.replace(self.path)
 
 
 def _fmt(v: Any) -> str:

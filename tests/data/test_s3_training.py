@@ -34,7 +34,7 @@ def test_train_py_two_ranks_from_s3_with_the_configured_endpoint(flawed_shards, 
     assert any(m["kind"] == "eval" and m["psnr_db"] > 0 for m in lines)  # the val split read from S3
     # both ranks' skips summed: the JSON count equals the two saved stream states' (48 samples read, 1 of 3 flawed)
     ckpt = run / "checkpoints" / "step_00000006"
-    saved = [torch.load(ckpt / f"loader_rank{r}.pt", weights_only=True)["stream"]["skips"] for r in range(2)]
+    saved = [torch.load(ckpt / f"rank{r:05d}.pt", weights_only=True)["loader"]["stream"]["skips"] for r in range(2)]
     per_rank = [sum(sum(reasons.values()) for reasons in s.values()) for s in saved]
     assert all(n > 0 for n in per_rank) and train[-1]["skipped_samples"] == sum(per_rank)
     assert all(url.startswith(f"s3://{BUCKET}/e2e/train/") for s in saved for url in s)
