@@ -1,8 +1,10 @@
 """Checkpoints: DeepSpeed's engine state (sharded as it trains) plus our own `extra.pt` (EMA, step, resolved
 config), written into `<run>/checkpoints/step_NNNNNNNN/`. A checkpoint is complete when its `COMPLETE` marker
-is there and every file the marker lists has the size it records: rank 0 writes the marker last, atomically,
-after every rank has finished writing. DeepSpeed's `latest` pointer is only a hint; resuming, rotation and
-`load_eval_weights` go by the markers. Earlier output is never deleted by a fresh start: it is moved aside."""
+is there and every file the marker lists has the size it records: rank 0 writes the marker, atomically, after
+every rank has finished writing, then moves DeepSpeed's `latest` pointer to the folder (atomically too). Every
+file of ours (extra.pt, the ranks' files, the marker, `latest`) is written under a temporary name and renamed;
+DeepSpeed's own files are vouched for by the sizes in the marker. Resuming, rotation and `load_eval_weights` go
+by the markers. Earlier output is never deleted by a fresh start: it is moved aside."""
 
 from __future__ import annotations
 
@@ -239,10 +241,13 @@ def save_checkpoint(
     barrier()
     for name, obj in (rank_files or {}).items():
         save_atomic(obj, folder / name)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     barrier()  # every rank's files are written
     if is_main():
         write_marker(folder, step, world_size())
+        latest = root / "latest"  # DeepSpeed's pointer (its tools read it), moved only once the folder is complete
+        (root / "latest.tmp").write_text(tag)
+        os.replace(root / "latest.tmp", latest)
         if keep > 0:
             for old in complete_folders(root)[:-keep]:
                 shutil.rmtree(old)

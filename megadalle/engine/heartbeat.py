@@ -46,8 +46,12 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
-        """Before the job's last barrier: a rank that finishes first must not look dead to the others."""
+        """Before the job's last barrier: a rank that finishes first must not look dead to the others. The thread
+        and its store connection end here, not in the interpreter's teardown."""
         self.stopped.set()
+        self.thread.join(timeout=self.interval + 5)
+        with self.lock:
+            self.store = None
 
     def _count(self, r: int) -> int:
         with self.lock:
