@@ -326,12 +326,15 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
             log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
                         "them at zero")  # fmt: skip
     own = _rank_file(resume)
+    if not own.is_file():  # a resharded checkpoint keeps the files of the world it came from (convert_checkpoint)
+        own = resume / f"from_world_{world_size()}" / own.name
     if own.is_file():
         state = torch.load(own, map_location="cpu", weights_only=True)
         set_rng_state(state["rng"])
         loader_state = state["loader"]
     else:
-        log.warning(f"{resume} holds no random generator states or data position for this rank ({own.name})")
+        log.warning(f"{resume} holds no random generator states or data position for rank {global_rank()} of "
+                    f"{world_size()} ({own.name}): its data stream restarts from the beginning")  # fmt: skip
         loader_state = None
     log.info(f"resumed from {resume} at step {step}")
     return step, resume, loader_state

@@ -299,9 +299,11 @@ def gathered_state(engine) -> dict[str, torch.Tensor]:
 
 def load_eval_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
     """(state_dict, resolved JobConfig) of a checkpoint folder, its extra.pt, or a checkpoints/ folder (its
-    newest complete checkpoint): the EMA weights where the run kept an EMA, else the live ones. For encoding and
-    sampling."""
+    newest complete checkpoint): the EMA weights where the run kept an EMA, else the live ones; or of a
+    consolidated `.safetensors` file (tools/convert_checkpoint.py export). For encoding and sampling."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors_weights(path)
     if path.is_dir() and step_folders(path):  # a run's checkpoints/ folder
         newest = find_resume(path, "auto")
         if newest is None:
@@ -317,3 +319,27 @@ def load_eval_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobCon
     cfg = JobConfig()
     apply_toml_text(cfg, extra["config"], f"{path} (stored config)")
     return extra["weights"], cfg
+
+
+SAFETENSORS_FORMAT = "megadalle-weights-1"
+
+
+def load_safetensors_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
+    """(state_dict upcast to fp32, the JobConfig stored in its metadata) of an exported `.safetensors` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
+        raise ValueError(f"{path}: no megadalle metadata (format {meta.get('format')!r}, expected "
+                         f"{SAFETENSORS_FORMAT!r}); export it with tools/convert_checkpoint.py")  # fmt: skip
+    cfg = JobConfig()
+    apply_toml_text(cfg, meta["config"], f"{path} (stored config)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg

@@ -86,3 +86,16 @@ def test_rerun_continues_skips_a_truncated_checkpoint_and_refuses_to_clobber(tmp
     old_lines = [json.loads(x) for x in old_metrics.read_text().splitlines()]
     assert len([m for m in old_lines if m["kind"] == "train"]) == 14  # the whole record moved aside
     assert len(list(run.glob("config.old-*.toml"))) == 1 and len(list(run.glob("ds_config.old-*.json"))) == 1
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, emoji_shards):
+    """The dVAE draws Gumbel noise every update: with the data position, the optimizer, the lr schedule, the EMA
+    and every random generator restored, 3 + 3 updates give exactly the weights of 6."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for root, steps in ((whole, 6), (parts, 3), (parts, 6)):
+        proc = train(root, emoji_shards, f"--train.steps={steps}", "--checkpoint.every=3")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "at step 3" in proc.stdout
+    ckpt = "dvae_debug/checkpoints/step_00000006/extra.pt"
+    a, b = (torch.load(root / ckpt, weights_only=True)["weights"] for root in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

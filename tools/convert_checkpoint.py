@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Checkpoint conversions: consolidated exports, resharding to another world size, OpenAI's dVAE release.
+
+    python tools/convert_checkpoint.py export CKPT --out model.safetensors [--weights ema|live] [--dtype fp32]
+    python tools/convert_checkpoint.py reshard CKPT --out NEW/checkpoints --world M
+    python tools/convert_checkpoint.py import-openai-dvae encoder.pkl decoder.pkl --out outputs/dvae_openai
+    (every subcommand takes --verify [--tol T]; `SUBCOMMAND --help` says more)
+
+CKPT is a checkpoint folder (`<run>/checkpoints/step_NNNNNNNN`) or a run's `checkpoints/` folder (its newest
+complete checkpoint), written by train.py with DeepSpeed at any ZeRO stage and world size.
+
+--verify loads both sides, runs the same fixed batch through the model built from each (the dVAE's encoder
+logits and decoder output, the prior's text and image logits, the reranker's embeddings), prints the largest
+absolute difference of the outputs (and, for reshard, of the weights and Adam moments), and exits 1 when it is
+above --tol (default: 0 for fp32 and resharding, where the conversion moves bits without arithmetic; 2e-2 for
+fp16 and 1e-1 for bf16 exports, which round the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+if not torch.cuda.is_available():  # DeepSpeed, imported below, would warn that it picks the CPU: name it first
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from megadalle.config import JobConfig, apply_toml_text, dump_toml  # noqa: E402
+from megadalle.engine.checkpoint import (  # noqa: E402
+    EXTRA,
+    MARKER,
+    SAFETENSORS_FORMAT,
+    find_resume,
+    incomplete_reason,
+    step_folders,
+    write_marker,
+)
+from megadalle.engine.consolidate import ConversionError, read_zero_checkpoint  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_TOL = {"fp32": 0.0, "fp16": 2e-2, "bf16": 1e-1}
+
+
+# --- the checkpoint side ---------------------------------------------------------------------------------------
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A complete step folder: `path` itself, or the newest complete one under a checkpoints/ folder."""
+    path = Path(path)
+    if path.is_dir() and step_folders(path):
+        newest = find_resume(path, "auto")
+        if newest is None:
+            raise ConversionError(f"no complete checkpoint under {path}")
+        return newest
+    if not path.is_dir():
+        raise ConversionError(f"no checkpoint folder {path}")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise ConversionError(f"{path} is not a complete checkpoint: {reason}")
+    return path
+
+
+def read_extra(folder: Path) -> tuple[dict[str, Any], JobConfig]:
+    """extra.pt (step, EMA or live weights, the loop's state) and the JobConfig stored in it."""
+    try:
+        extra = torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConversionError(f"{folder} has no {EXTRA}: not a megadalle checkpoint") from None
+    except Exception as e:
+        raise ConversionError(f"cannot read {folder / EXTRA}: {type(e).__name__}: {e}") from None
+    cfg = JobConfig()
+    apply_toml_text(cfg, extra["config"], f"{folder / EXTRA} (stored config)")
+    return extra, cfg
+
+
+def build_model(cfg: JobConfig) -> torch.nn.Module:
+    from megadalle.stages.load import BUILDERS
+
+    return BUILDERS[cfg.job.stage](cfg)
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter's and buffer's whole shape (a ZeRO-3 partitioned parameter's `ds_shape`)."""
+    out = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in model.named_parameters()}
+    out.update({k: tuple(b.shape) for k, b in model.named_buffers()})
+    return out
+
+
+def check_fits(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
+    """Raise naming the missing, unexpected and misshapen keys when `state` is not `model`'s."""
+    expected = {k: v for k, v in shapes_of(model).items() if k in model.state_dict()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} != {expected[k]}"
+              for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise ConversionError(f"{where} does not match the model its config builds: {len(missing)} missing keys "
+                              f"[{_listed(missing)}], {len(unexpected)} unexpected [{_listed(unexpected)}], "
+                              f"{len(shapes)} shapes (weights != model) [{_listed(shapes)}]")  # fmt: skip
+
+
+def probe(model: torch.nn.Module, stage: str) -> dict[str, torch.Tensor]:
+    """The model's outputs on a fixed batch (seeded inputs, eval mode, fp32): what --verify compares."""
+    from megadalle.models.dvae_loss import map_pixels
+
+    g = torch.Generator().manual_seed(1234)
+    model = model.float().eval()
+    with torch.no_grad():
+        if stage == "dvae":
+            a = model.args
+            side = min(a.image_size, 64)  # any multiple of 2^(groups-1) works: 64 px keeps the paper's model fast
+            x = map_pixels(torch.rand(2, 3, side, side, generator=g))
+            logits = model.encoder(x)  # (2, K, h, w)
+            codes = torch.randint(0, a.vocab_size, logits.shape[2:], generator=g).expand(2, -1, -1)
+            z = torch.nn.functional.one_hot(codes, a.vocab_size).permute(0, 3, 1, 2).float()
+            return {"encoder_logits": logits, "decoder_output": model.decoder(z)}
+        if stage == "prior":
+            a = model.a
+            text = torch.randint(1, a.text_vocab, (2, a.text_len), generator=g)
+            image = torch.randint(0, a.image_vocab, (2, a.grid * a.grid), generator=g)
+            out = model(text, image)
+            return {"text_logits": out.text_logits, "image_logits": out.image_logits}
+        a = model.args
+        images = torch.rand(2, 3, a.image_size, a.image_size, generator=g)
+        text = torch.randint(1, a.text_vocab, (2, a.text_len), generator=g)
+        return {"image_embeddings": model.embed_images(images), "text_embeddings": model.embed_text(text)}
+
+
+def compare(name: str, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> float:
+    """Print the largest absolute difference of each output; return the largest."""
+    worst = 0.0
+    for key in a:
+        diff = (a[key].float() - b[key].float()).abs().max().item()
+        print(f"verify {name}: {key} {tuple(a[key].shape)} max |difference| {diff:.3g}")
+        worst = max(worst, diff)
+    print(f"verify {name}: {'OK' if worst <= tol else 'FAILED'} (max {worst:.3g}, tolerance {tol:g})")
+    return worst
+
+
+def outputs_of(state: dict[str, torch.Tensor], cfg: JobConfig) -> dict[str, torch.Tensor]:
+    model = build_model(cfg)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return probe(model, cfg.job.stage)
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+
+
+def export(ckpt: str, out: str, weights: str, dtype: str, verify: bool, tol: float | None) -> int:
+    from safetensors.torch import save_file
+
+    from megadalle.stages.load import load_trained
+
+    folder = checkpoint_folder(ckpt)
+    extra, cfg = read_extra(folder)
+    if weights == "ema":
+        if extra.get("weights_kind") != "ema":
+            raise ConversionError(f"{folder} holds no EMA weights (the run had optim.ema_decay = 0): "
+                                  "use --weights live")  # fmt: skip
+        state = dict(extra["weights"])
+    else:
+        full = read_zero_checkpoint(folder, with_moments=False)
+        state = {**full.weights, **full.buffers}
+    model = build_model(cfg)
+    check_fits(state, model, f"{folder} ({weights} weights)")
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    cast = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    meta = {"format": SAFETENSORS_FORMAT, "stage": cfg.job.stage, "weights": weights, "step": str(extra["step"]),
+            "dtype": dtype, "source": str(folder), "config": dump_toml(cfg)}  # fmt: skip
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(cast, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    args = model.args if hasattr(model, "args") else model.a
+    sidecar = {k: v for k, v in meta.items() if k != "config"}
+    sidecar.update(config=cfg.to_dict(), model_args=asdict(args))
+    out_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    print(f"exported {len(cast)} tensors ({weights} weights, {dtype}) of {folder} -> {out_path} (+ .json)")
+    if not verify:
+        return 0
+    loaded, _ = load_trained(out_path, cfg.job.stage)  # the path sampling takes: no DeepSpeed
+    tol = DEFAULT_TOL[dtype] if tol is None else tol
+    worst = compare("export", outputs_of(state, cfg), probe(loaded, cfg.job.stage), tol)
+    return 0 if worst <= tol else 1
+
+
+# --- reshard ---------------------------------------------------------------------------------------------------
+
+
+def reshard(ckpt: str, out: str, world: int, verify: bool, tol: float | None) -> int:
+    """Launch `world` CPU processes (unless already launched with that many), each writing its share."""
+    folder = checkpoint_folder(ckpt)
+    extra, cfg = read_extra(folder)
+    if world < 1:
+        raise ConversionError(f"--world must be at least 1, got {world}")
+    source = read_zero_checkpoint(folder, with_moments=False)
+    if source.zero_stage != 3:
+        raise ConversionError(f"{folder} was written at ZeRO stage {source.zero_stage}; reshard converts ZeRO-3 "
+                              "checkpoints (ZeRO-0 loads at any world size as it is)")  # fmt: skip
+    out_root = Path(out)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world:
+        _reshard_rank(folder, out_root)
+    else:
+        from megadalle.engine.launcher import free_port
+
+        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "reshard-rank", str(folder),
+               "--out", str(out_root)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise ConversionError(f"resharding {folder} to {world} ranks failed (exit {proc.returncode})")
+    target = out_root / folder.name
+    print(f"resharded {folder} ({source.world} ranks) -> {target} ({world} ranks)")
+    if not verify:
+        return 0
+    tol = 0.0 if tol is None else tol
+    a, b = read_zero_checkpoint(folder), read_zero_checkpoint(target)
+    diffs = {"weights": _max_diff(a.weights, b.weights)}
+    for m in ("exp_avg", "exp_avg_sq"):
+        diffs[m] = _max_diff({k: v[m] for k, v in a.moments.items()}, {k: v[m] for k, v in b.moments.items()})
+    print(f"verify reshard: max |difference| weights {diffs['weights']:.3g}, exp_avg {diffs['exp_avg']:.3g}, "
+          f"exp_avg_sq {diffs['exp_avg_sq']:.3g}; optimizer steps {a.steps} -> {b.steps}")  # fmt: skip
+    worst = compare("reshard", outputs_of({**a.weights, **a.buffers}, cfg), outputs_of({**b.weights, **b.buffers}, cfg),
+                    tol)  # fmt: skip
+    ok = max(worst, *diffs.values()) <= tol and a.steps == b.steps
+    return 0 if ok else 1
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    if a.keys() != b.keys():
+        raise ConversionError(f"the two sides hold different parameters: {_listed(sorted(a.keys() ^ b.keys()))}")
+    return max(((a[k] - b[k]).abs().max().item() for k in a), default=0.0)
+
+
+def _reshard_rank(folder: Path, out_root: Path) -> None:
+    """One rank of the target world: the model and optimizer built as train.py builds them, every parameter's
+    fp32 master copy and Adam moments set from the source's whole tensors, the optimizer's step per group, the
+    EMA; saved by train.py's checkpoint writer. The source's per-rank files (data positions, generators) go into
+    `from_world_<N>/` (a resume at N ranks takes them back), PowerSGD's summed error buffers are copied."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from megadalle.engine.checkpoint import save_checkpoint
+    from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown
+    from megadalle.engine.ds_config import load_ds_config
+    from megadalle.engine.ema import ShardedEMA
+    from megadalle.stages import make_stage
+    from megadalle.train import build
+
+    extra, cfg = read_extra(folder)
+    full = read_zero_checkpoint(folder)
+    rank, world = init_distributed()
+    ds = load_ds_config(cfg, world)
+    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
+        raise ConversionError(f"{cfg.parallel.deepspeed_config} is not a ZeRO-3 config")
+    stage = make_stage(cfg)
+    engine, _ = build(cfg, stage, ds)
+    opt = engine.optimizer
+    named = dict(engine.module.named_parameters())
+    check_fits({**full.weights, **full.buffers}, engine.module, f"{folder}")
+    for i, flat in enumerate(opt.fp32_partitioned_groups_flat):  # AdamW's state, one step tensor per sub-group
+        group = opt.sub_group_to_group_id[i]
+        step = torch.tensor(full.steps[group] if group < len(full.steps) else 0.0)
+        opt.optimizer.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
+    for name, p in named.items():
+        safe_set_full_fp32_param(p, full.weights[name])
+        for m in ("exp_avg", "exp_avg_sq"):
+            if name in full.moments:
+                safe_set_full_optimizer_state(p, full.moments[name][m], m)
+    ema = None
+    if extra.get("weights_kind") == "ema":
+        ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
+        ema.load_full_state_dict(extra["weights"])
+    save_checkpoint(engine, out_root, int(extra["step"]), ema, cfg, 0, dict(extra.get("loop", {})))
+    target = out_root / folder.name
+    if is_main():
+        keep = [p for p in folder.iterdir() if p.name.startswith("powersgd_local")]
+        carried = target / f"from_world_{full_world(folder)}"
+        for p in sorted(folder.glob("rank*.pt")):
+            carried.mkdir(exist_ok=True)
+            shutil.copy2(p, carried / p.name)
+        for p in folder.glob("from_world_*"):  # carried by an earlier reshard: back home at that world size
+            if p.is_dir():
+                shutil.copytree(p, target / p.name, dirs_exist_ok=True)
+        for p in keep:
+            shutil.copy2(p, target / p.name)
+        write_marker(target, int(extra["step"]), world)  # again: it lists the files carried over
+    barrier()
+    shutdown()
+
+
+def full_world(folder: Path) -> int:
+    """How many ranks wrote a checkpoint: its marker says so."""
+    return int(json.loads((folder / MARKER).read_text())["world_size"])
+
+
+# --- import of OpenAI's dVAE -------------------------------------------------------------------------------------
+
+
+def load_openai_module(path: str | Path) -> torch.nn.Module:
+    """A pickled module of OpenAI's `dall-e` package (encoder.pkl / decoder.pkl), unpickled by torch's
+    `weights_only` unpickler with only the classes those modules are made of allowed (the package's Encoder,
+    Decoder, their blocks and Conv2d; torch's Sequential, ReLU, MaxPool2d, Upsample, Identity): anything else in
+    the file is refused instead of run."""
+    from dall_e.decoder import Decoder, DecoderBlock
+    from dall_e.encoder import Encoder, EncoderBlock
+    from dall_e.utils import Conv2d
+    from torch import nn
+
+    allowed = [Encoder, EncoderBlock, Decoder, DecoderBlock, Conv2d, nn.Sequential, nn.ReLU, nn.MaxPool2d,
+               nn.Upsample, nn.Identity]  # fmt: skip
+    try:
+        with torch.serialization.safe_globals(allowed):
+            module = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConversionError(f"no file {path}") from None
+    except Exception as e:
+        raise ConversionError(f"{path}: not one of OpenAI's dVAE modules (refused by the restricted unpickler: "
+                              f"{str(e).splitlines()[0][:300]})") from None  # fmt: skip
+    if not isinstance(module, (Encoder, Decoder)):
+        raise ConversionError(f"{path} holds a {type(module).__name__}, not a dall_e Encoder or Decoder")
+    return module
+
+
+def import_openai_dvae(encoder: str, decoder: str, out: str, verify: bool, tol: float | None) -> int:
+    from dall_e.decoder import Decoder
+    from dall_e.encoder import Encoder
+
+    from megadalle.engine.checkpoint import save_atomic, tag_of
+    from megadalle.models.dvae import FLAVORS, DiscreteVAE
+
+    enc, dec = load_openai_module(encoder), load_openai_module(decoder)
+    if not isinstance(enc, Encoder) or not isinstance(dec, Decoder):
+        raise ConversionError(f"expected an Encoder then a Decoder, got {type(enc).__name__} ({encoder}) and "
+                              f"{type(dec).__name__} ({decoder})")  # fmt: skip
+    sizes = {"group_count": enc.group_count, "n_hid": enc.n_hid, "n_blk_per_group": enc.n_blk_per_group,
+             "vocab_size": enc.vocab_size, "n_init": dec.n_init}  # fmt: skip
+    if (dec.n_hid, dec.n_blk_per_group, dec.vocab_size) != (enc.n_hid, enc.n_blk_per_group, enc.vocab_size):
+        raise ConversionError(f"{encoder} and {decoder} are not a pair: encoder {sizes}, decoder n_hid {dec.n_hid}, "
+                              f"n_blk_per_group {dec.n_blk_per_group}, vocab_size {dec.vocab_size}")  # fmt: skip
+    flavor = next((name for name, a in FLAVORS.items() if all(getattr(a, k) == v for k, v in sizes.items())), None)
+    if flavor is None:
+        raise ConversionError(f"the modules' sizes {sizes} match no dVAE flavor in megadalle.models.dvae.FLAVORS "
+                              f"({ {n: asdict(a) for n, a in FLAVORS.items()} })")  # fmt: skip
+    cfg = JobConfig()
+    cfg.job.stage, cfg.job.name, cfg.model.dvae_flavor = "dvae", Path(out).name, flavor
+    model = DiscreteVAE(FLAVORS[flavor])
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    state.update({f"decoder.{k}": v for k, v in dec.state_dict().items()})
+    state = {k: v.float() for k, v in state.items()}
+    check_fits(state, model, f"{encoder} + {decoder}")
+    folder = Path(out) / "checkpoints" / tag_of(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic({"step": 0, "weights": state, "weights_kind": "live", "config": dump_toml(cfg), "loop": {},
+                 "source": f"OpenAI dall-e release: {encoder}, {decoder}"}, folder / EXTRA)  # fmt: skip
+    write_marker(folder, 0, 1)
+    print(f"imported OpenAI's dVAE ({flavor} flavor, {sum(v.numel() for v in state.values()) / 1e6:.1f}M "
+          f"parameters) -> {folder}")  # fmt: skip
+    if not verify:
+        return 0
+    from megadalle.models.dvae_loss import map_pixels
+    from megadalle.stages.load import load_trained
+
+    ours, _ = load_trained(folder, "dvae")
+    mine = probe(ours, "dvae")
+    g = torch.Generator().manual_seed(1234)  # the inputs probe() draws, through OpenAI's modules
+    side = min(ours.args.image_size, 64)
+    x = map_pixels(torch.rand(2, 3, side, side, generator=g))
+    with torch.no_grad():
+        logits = enc.float()(x)
+        codes = torch.randint(0, enc.vocab_size, logits.shape[2:], generator=g).expand(2, -1, -1)
+        z = torch.nn.functional.one_hot(codes, enc.vocab_size).permute(0, 3, 1, 2).float()
+        theirs = {"encoder_logits": logits, "decoder_output": dec.float()(z)}
+    tol = 1e-4 if tol is None else tol
+    return 0 if compare("import-openai-dvae", theirs, mine, tol) <= tol else 1
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--verify", action="store_true", help="compare both sides on a fixed batch (see above)")
+        p.add_argument("--tol", type=float, default=None, help="largest allowed difference for --verify")
+
+    p = sub.add_parser("export", help="a checkpoint -> one safetensors file + its config as JSON",
+                       description="A checkpoint of any ZeRO stage and world size -> OUT.safetensors (the weights, "
+                       "config in its metadata) and OUT.json (stage, step, config, model sizes). Sampling loads it "
+                       "without DeepSpeed: python -m megadalle.sample --prior OUT.safetensors ...")  # fmt: skip
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema",
+                   help="the EMA kept by the run (default), or the live weights from the ZeRO shards")  # fmt: skip
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    common(p)
+    p = sub.add_parser("reshard", help="a ZeRO-3 checkpoint of N ranks -> one that resumes on M ranks",
+                       description="Rewrites a ZeRO-3 checkpoint for --world M ranks with the optimizer state "
+                       "(fp32 master weights, Adam moments, step), the EMA, the lr schedule and the gradient "
+                       "scales; launches M CPU processes itself (or runs as one rank of M when started by "
+                       "torchrun / srun). Each rank holds the whole model and optimizer state in memory while "
+                       "it converts. Data positions and generators belong to the old world size: they are kept "
+                       "in from_world_<N>/ and come back when the run resumes on N ranks; on M ranks the data "
+                       "streams start over.")  # fmt: skip
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="a checkpoints/ folder for the new step_NNNNNNNN folder")
+    p.add_argument("--world", type=int, required=True, help="the new number of ranks")
+    common(p)
+    p = sub.add_parser("reshard-rank", help=argparse.SUPPRESS)
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("import-openai-dvae", help="OpenAI's released encoder.pkl / decoder.pkl -> a dVAE checkpoint",
+                       description="OpenAI's dall-e release pickles whole modules. They are unpickled with torch's "
+                       "weights_only unpickler, allowing only the classes they are made of (dall_e's Encoder, "
+                       "Decoder, their blocks and Conv2d; torch's Sequential, ReLU, MaxPool2d, Upsample, "
+                       "Identity): a file that needs anything else is refused, never executed. The sizes must be "
+                       "one of megadalle's dVAE flavors (the release is `paper`). Writes "
+                       "OUT/checkpoints/step_00000000/ for load_trained, sampling and encode_shards.")  # fmt: skip
+    p.add_argument("encoder")
+    p.add_argument("decoder")
+    p.add_argument("--out", required=True, help="a run folder")
+    common(p)
+    a = ap.parse_args(argv)
+    try:
+        if a.command == "export":
+            return export(a.checkpoint, a.out, a.weights, a.dtype, a.verify, a.tol)
+        if a.command == "reshard":
+            return reshard(a.checkpoint, a.out, a.world, a.verify, a.tol)
+        if a.command == "reshard-rank":
+            _reshard_rank(checkpoint_folder(a.checkpoint), Path(a.out))
+            return 0
+        return import_openai_dvae(a.encoder, a.decoder, a.out, a.verify, a.tol)
+    except (ConversionError, ValueError, FileNotFoundError) as e:
+        print(f"convert_checkpoint {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
