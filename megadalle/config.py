@@ -488,8 +488,8 @@ def validate(cfg: JobConfig) -> None:
             f"parallel.collective_timeout_s must be positive, got {cfg.parallel.collective_timeout_s}",
         ),
         (
-            cfg.parallel.heartbeat_timeout_s >= 0,
-            f"parallel.heartbeat_timeout_s must be >= 0, got {cfg.parallel.heartbeat_timeout_s}",
+            cfg.parallel.heartbeat_timeout_s == 0 or cfg.parallel.heartbeat_timeout_s >= 5,
+            f"parallel.heartbeat_timeout_s must be 0 (off) or at least 5, got {cfg.parallel.heartbeat_timeout_s}",
         ),
         (
             set(cfg.checkpoint.requeue_on) <= {"USR1", "TERM"},

@@ -212,7 +212,8 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
         f"micro-batch {t.micro_batch_size} x accum {accum} x world {world}"
     )
     if step and loader_state is None:
-        log.warning(f"{resume} holds no data position for this rank: its stream restarts from the beginning")
+        log.warning(f"{resume} holds no data position or random generators for rank {rank} of {world}: its data "
+                    "stream restarts from the beginning")  # fmt: skip
     try:
         batches = stage.batches(rank, loader_state)
     except StreamStateMismatchError as e:  # a position saved by another world size or worker count
@@ -262,31 +263,36 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
             logger.log(step, metrics, force=step in (start_step + 1, t.steps) or bool(signals))
             bar.update(step, metrics["loss"])
             status.update(step)
-            if signals:
-                log.warning(f"SIG{' and SIG'.join(signals)} received: stopping after update {step} with a checkpoint")
+            if signals and step < t.steps:  # on the last update the run simply ends, evaluated and not requeued
+                say = log.warning if rank == 0 else log.info
+                say(f"SIG{' and SIG'.join(signals)} received: stopping after update {step} with a checkpoint")
                 break
+            signals = []
             if t.eval_every and step % t.eval_every == 0:
+                status.update(step, "evaluating")
                 last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 status.update(step, "checkpointing")
                 _save(engine, ckpt_root, step, ema, cfg, stage)
                 saved = step
+            status.update(step, "training")
 
     if step > start_step and saved != step:
         status.update(step, "checkpointing")
         _save(engine, ckpt_root, step, ema, cfg, stage)
-    if signals:
+    if signals:  # no evaluation: the time before the job is killed is for the checkpoint
         logger.log(step, {"reason": "signal " + " ".join(signals)}, kind="stop")
         status.update(step, "stopped")
-        logger.close()
         stop.stopped_by = signals
-        return last_eval
-    if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
-        last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
-    logger.log(step, {"reason": "done"}, kind="end")
-    status.update(step, "done")
+    else:
+        if t.eval_every and step % t.eval_every != 0:  # eval_every = 0: never evaluate
+            status.update(step, "evaluating")
+            last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
+        logger.log(step, {"reason": "done"}, kind="end")
+        status.update(step, "done")
     logger.close()
-    del engine, optimizer
+    status.close()
+    del engine, optimizer  # before the process group goes: the 2-process gloo exit abort (PLATFORM.md)
     gc.collect()
     return last_eval
 
@@ -304,7 +310,10 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
             fallback = older_complete(ckpt_root, resume) if cfg.checkpoint.resume in ("auto", "latest") else None
             if fallback is None:
                 raise
-            log.warning(f"{e}; falling back to the previous complete checkpoint {fallback}")
+            if is_main():  # out of the way: rotation must not keep it over the checkpoints saved after the fallback
+                os.replace(resume, resume.with_name(f"{resume.name}.unloadable-{time.strftime('%Y%m%d-%H%M%S')}"))
+            barrier()
+            log.warning(f"{e}; moved it aside and fell back to the previous complete checkpoint {fallback}")
             resume = fallback
     stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
     scaler = getattr(engine.module, "grad_scaler", None)
@@ -328,14 +337,15 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
     own = _rank_file(resume)
     if not own.is_file():  # a resharded checkpoint keeps the files of the world it came from (convert_checkpoint)
         own = resume / f"from_world_{world_size()}" / own.name
+    legacy = resume / f"loader_rank{global_rank()}.pt"  # written before the generators were saved
+    loader_state = None
     if own.is_file():
         state = torch.load(own, map_location="cpu", weights_only=True)
         set_rng_state(state["rng"])
         loader_state = state["loader"]
-    else:
-        log.warning(f"{resume} holds no random generator states or data position for rank {global_rank()} of "
-                    f"{world_size()} ({own.name}): its data stream restarts from the beginning")  # fmt: skip
-        loader_state = None
+    elif legacy.is_file():
+        loader_state = torch.load(legacy, map_location="cpu", weights_only=True)
+        log.warning(f"{resume} holds the data position of rank {global_rank()} but not its random generators")
     log.info(f"resumed from {resume} at step {step}")
     return step, resume, loader_state
 
@@ -430,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
             handler.flush()
         os._exit(1)  # no teardown: collectives with a dead peer may hang, and the launcher ends the other ranks
     if heartbeat is not None:
+        heartbeat.closing()  # still beating through the last barrier; rank 0's store may go away after it
+    barrier()
+    if heartbeat is not None:
         heartbeat.stop()
-    shutdown()
+    shutdown(barrier=False)
     if rank == 0 and stop.stopped_by:
         stop.requeue(stop.stopped_by)
     return 0

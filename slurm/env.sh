@@ -3,12 +3,14 @@
 
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# srun does not inherit the batch step's --cpus-per-task since Slurm 22.05: pass it on explicitly
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}  # DeepSpeed's compiled ops, reused
 
 # Rendezvous: the job's first node and a port derived from the job id (megadalle/engine/launcher.py derives the
 # same when these are unset). A requeued job keeps its id, so it finds the same port.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  # below Linux's ephemeral ports
 
 # NCCL: a failed or timed-out collective aborts the process instead of hanging; warnings only.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}

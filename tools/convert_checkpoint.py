@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -201,21 +200,29 @@ def export(ckpt: str, out: str, weights: str, dtype: str, verify: bool, tol: flo
 
 
 def reshard(ckpt: str, out: str, world: int, verify: bool, tol: float | None) -> int:
-    """Launch `world` CPU processes (unless already launched with that many), each writing its share."""
+    """Launch `world` CPU processes (unless this is already one rank of a launch of that many), each writing its
+    share of the new checkpoint."""
+    from megadalle.engine.consolidate import zero_stage_of
+    from megadalle.engine.launcher import detect, free_port
+
     folder = checkpoint_folder(ckpt)
     extra, cfg = read_extra(folder)
     if world < 1:
         raise ConversionError(f"--world must be at least 1, got {world}")
-    source = read_zero_checkpoint(folder, with_moments=False)
-    if source.zero_stage != 3:
-        raise ConversionError(f"{folder} was written at ZeRO stage {source.zero_stage}; reshard converts ZeRO-3 "
-                              "checkpoints (ZeRO-0 loads at any world size as it is)")  # fmt: skip
+    stage = zero_stage_of(folder)
+    if stage != 3:
+        raise ConversionError(f"{folder} was written at ZeRO stage {stage}; reshard converts ZeRO-3 checkpoints "
+                              "(ZeRO-0 loads at any world size as it is)")  # fmt: skip
+    if cfg.optim.moments != "fp32":
+        raise ConversionError(f"{folder}: optim.moments = {cfg.optim.moments} (16-bit Adam moments) cannot be "
+                              "resharded yet")  # fmt: skip
     out_root = Path(out)
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == world:
+    if out_root.resolve() == folder.parent.resolve():
+        raise ConversionError(f"--out {out_root} is the source's own checkpoints folder: write the resharded "
+                              "checkpoint elsewhere")  # fmt: skip
+    if detect() != "single":  # started by torchrun, srun or mpirun: this process is one rank of the new world
         _reshard_rank(folder, out_root)
     else:
-        from megadalle.engine.launcher import free_port
-
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
@@ -226,7 +233,9 @@ def reshard(ckpt: str, out: str, world: int, verify: bool, tol: float | None) ->
         if proc.returncode != 0:
             raise ConversionError(f"resharding {folder} to {world} ranks failed (exit {proc.returncode})")
     target = out_root / folder.name
-    print(f"resharded {folder} ({source.world} ranks) -> {target} ({world} ranks)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"resharded {folder} -> {target} ({world} ranks)")
     if not verify:
         return 0
     tol = 0.0 if tol is None else tol
@@ -234,8 +243,9 @@ def reshard(ckpt: str, out: str, world: int, verify: bool, tol: float | None) ->
     diffs = {"weights": _max_diff(a.weights, b.weights)}
     for m in ("exp_avg", "exp_avg_sq"):
         diffs[m] = _max_diff({k: v[m] for k, v in a.moments.items()}, {k: v[m] for k, v in b.moments.items()})
-    print(f"verify reshard: max |difference| weights {diffs['weights']:.3g}, exp_avg {diffs['exp_avg']:.3g}, "
-          f"exp_avg_sq {diffs['exp_avg_sq']:.3g}; optimizer steps {a.steps} -> {b.steps}")  # fmt: skip
+    diffs["extra.pt weights"] = _max_diff(extra["weights"], read_extra(target)[0]["weights"])  # EMA or gathered
+    said = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
+    print(f"verify reshard: max |difference| {said}; optimizer steps {a.steps} -> {b.steps}")
     worst = compare("reshard", outputs_of({**a.weights, **a.buffers}, cfg), outputs_of({**b.weights, **b.buffers}, cfg),
                     tol)  # fmt: skip
     ok = max(worst, *diffs.values()) <= tol and a.steps == b.steps
@@ -249,14 +259,18 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _reshard_rank(folder: Path, out_root: Path) -> None:
-    """One rank of the target world: the model and optimizer built as train.py builds them, every parameter's
-    fp32 master copy and Adam moments set from the source's whole tensors, the optimizer's step per group, the
-    EMA; saved by train.py's checkpoint writer. The source's per-rank files (data positions, generators) go into
-    `from_world_<N>/` (a resume at N ranks takes them back), PowerSGD's summed error buffers are copied."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    """One rank of the target world: the model and optimizer built as train.py builds them; each parameter's
+    fp32 master copy and Adam moments set from the source's whole tensors (this rank's share of each, padded as
+    ZeRO-3 pads the last one), the 16-bit partitions refreshed from them, the optimizer's step per group,
+    DeepSpeed's loss scaler, the EMA; saved by train.py's checkpoint writer. The source's per-rank files (data
+    positions, generators) go into `from_world_<N>/` (a resume at N ranks takes them back); earlier such folders
+    and PowerSGD's summed error buffers are carried over."""
+    import math
+
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     from megadalle.engine.checkpoint import save_checkpoint
-    from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown
+    from megadalle.engine.distributed import init_distributed, shutdown
     from megadalle.engine.ds_config import load_ds_config
     from megadalle.engine.ema import ShardedEMA
     from megadalle.stages import make_stage
@@ -264,44 +278,49 @@ def _reshard_rank(folder: Path, out_root: Path) -> None:
 
     extra, cfg = read_extra(folder)
     full = read_zero_checkpoint(folder)
-    rank, world = init_distributed()
+    _, world = init_distributed()
     ds = load_ds_config(cfg, world)
     if ds.get("zero_optimization", {}).get("stage", 0) != 3:
         raise ConversionError(f"{cfg.parallel.deepspeed_config} is not a ZeRO-3 config")
     stage = make_stage(cfg)
     engine, _ = build(cfg, stage, ds)
     opt = engine.optimizer
-    named = dict(engine.module.named_parameters())
     check_fits({**full.weights, **full.buffers}, engine.module, f"{folder}")
     for i, flat in enumerate(opt.fp32_partitioned_groups_flat):  # AdamW's state, one step tensor per sub-group
         group = opt.sub_group_to_group_id[i]
         step = torch.tensor(full.steps[group] if group < len(full.steps) else 0.0)
         opt.optimizer.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
                                      "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
-    for name, p in named.items():
-        safe_set_full_fp32_param(p, full.weights[name])
+    for name, p in engine.module.named_parameters():
+        part, rank = p.ds_tensor.numel(), opt._get_param_partition_rank(p)
+
+        def share(whole: torch.Tensor, part: int = part, rank: int = rank) -> torch.Tensor:
+            flat = whole.reshape(-1).float()
+            padded = torch.nn.functional.pad(flat, (0, part * math.ceil(flat.numel() / part) - flat.numel()))
+            if padded.numel() < part * (rank + 1):
+                padded = torch.nn.functional.pad(padded, (0, part * (rank + 1) - padded.numel()))
+            return padded[part * rank : part * (rank + 1)]
+
+        safe_set_local_fp32_param(p, share(full.weights[name]))
         for m in ("exp_avg", "exp_avg_sq"):
             if name in full.moments:
-                safe_set_full_optimizer_state(p, full.moments[name][m], m)
+                safe_set_local_optimizer_state(p, share(full.moments[name][m]), m)
+    for low, high in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+        low.data.copy_(high.data)  # the module's own (16-bit or fp32) shards, which the forward and the save use
+    for key, value in full.loss_scaler.items():  # DeepSpeed's own fp16 scaler (train.grad_scaler = global)
+        setattr(opt, key, value)
     ema = None
     if extra.get("weights_kind") == "ema":
         ema = ShardedEMA(engine.module, cfg.optim.ema_decay)
         ema.load_full_state_dict(extra["weights"])
-    save_checkpoint(engine, out_root, int(extra["step"]), ema, cfg, 0, dict(extra.get("loop", {})))
-    target = out_root / folder.name
-    if is_main():
-        keep = [p for p in folder.iterdir() if p.name.startswith("powersgd_local")]
-        carried = target / f"from_world_{full_world(folder)}"
-        for p in sorted(folder.glob("rank*.pt")):
-            carried.mkdir(exist_ok=True)
-            shutil.copy2(p, carried / p.name)
-        for p in folder.glob("from_world_*"):  # carried by an earlier reshard: back home at that world size
-            if p.is_dir():
-                shutil.copytree(p, target / p.name, dirs_exist_ok=True)
-        for p in keep:
-            shutil.copy2(p, target / p.name)
-        write_marker(target, int(extra["step"]), world)  # again: it lists the files carried over
-    barrier()
+    copy_in: dict[str, Path] = {}
+    ranks = sorted(folder.glob("rank*.pt"))
+    for p in ranks:
+        copy_in[f"from_world_{full_world(folder)}/{p.name}"] = p
+    for p in folder.iterdir():
+        if p.name.startswith("from_world_") and p.is_dir() or p.name.startswith("powersgd_local"):
+            copy_in[p.name] = p
+    save_checkpoint(engine, out_root, int(extra["step"]), ema, cfg, 0, dict(extra.get("loop", {})), copy_in=copy_in)
     shutdown()
 
 

@@ -5,14 +5,15 @@
 
 Reads the run folder train.py writes: `metrics.jsonl` (one JSON line per update, "end" / "stop" lines when the
 run finished or stopped on a signal) and `status/rank<R>.json` (every rank's host, pid, step, state and the time
-it last wrote, at least every 10 s while it trains). Prints the state, the last step of the total, loss, lr,
+it last wrote, renewed every 10 s by a thread of the rank while it lives). Prints the state, the last step of the total, loss, lr,
 throughput, MFU, the time left, and then the alarms:
 - stalled: a running run whose last JSON line is older than --stall-s (default: 20 median update times, at least
   5 minutes);
 - NaN burst: --nan-max or more non-finite losses or gradient norms in the last --window updates;
 - skip burst: --skip-max or more updates skipped for fp16 overflow, or more than --skip-frac of the samples
   skipped by the data stream, in the last --window updates;
-- silent ranks: ranks of a running run whose status is older than --silent-s, named with host and pid.
+- silent ranks: ranks of a running run whose status is older than --silent-s, named with host and pid;
+- not resumed: a run stopped by SIGUSR1 for a requeue more than --requeue-s ago without a new update.
 Exit status: 0 without alarms, 1 with alarms, 2 when the folder holds no run.
 """
 
@@ -88,6 +89,9 @@ def summarise(run: Path, a: argparse.Namespace, now: float | None = None) -> dic
     if state == "running" and now - last["time"] > stall_s:
         alarms.append(f"stalled: no update for {now - last['time']:.0f} s (threshold {stall_s:.0f} s) after step "
                       f"{last['step']}")  # fmt: skip
+    if final and final["kind"] == "stop" and "USR1" in final.get("reason", "") and now - final["time"] > a.requeue_s:
+        alarms.append(f"not resumed: stopped for a requeue {now - final['time']:.0f} s ago at step {final['step']} "
+                      "(the requeue failed, or the job waits in the queue)")  # fmt: skip
     bad = [
         m["step"] for m in recent if not _finite(m.get("loss")) or ("grad_norm" in m and not _finite(m["grad_norm"]))
     ]
@@ -111,7 +115,7 @@ def summarise(run: Path, a: argparse.Namespace, now: float | None = None) -> dic
             continue
     out["ranks"] = len(ranks)
     if state == "running":
-        silent = [r for r in ranks if r.get("state") in ("started", "training", "checkpointing")
+        silent = [r for r in ranks if r.get("state") in ("started", "training", "checkpointing", "evaluating")
                   and now - r["time"] > a.silent_s]  # fmt: skip
         for r in silent:
             alarms.append(f"silent rank {r['rank']} ({r['host']} pid {r['pid']}): last heard {now - r['time']:.0f} s "
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=100, help="recent updates the burst alarms look at")
     ap.add_argument("--stall-s", type=float, default=0.0, help="seconds without an update (0: 20 median updates)")
     ap.add_argument("--silent-s", type=float, default=300.0, help="seconds a rank may go without a status")
+    ap.add_argument("--requeue-s", type=float, default=3600.0, help="seconds a run stopped for a requeue may wait")
     ap.add_argument("--nan-max", type=int, default=3, help="non-finite losses in the window that raise an alarm")
     ap.add_argument("--skip-max", type=int, default=10, help="fp16-skipped updates in the window that raise one")
     ap.add_argument("--skip-frac", type=float, default=0.01, help="share of samples skipped in the window")

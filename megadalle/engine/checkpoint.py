@@ -219,10 +219,12 @@ def save_checkpoint(
     keep: int,
     loop: dict | None = None,
     rank_files: dict[str, Any] | None = None,
+    copy_in: dict[str, Path] | None = None,
 ) -> Path:
     """Collective: every rank calls it. `loop`: the training loop's own state (plain values: the lr schedule's),
     stored in extra.pt. `rank_files`: file name -> object this rank writes into the folder (PowerSGD's summed
-    error buffers, one file per local ordinal). The marker comes last; rotation (`keep` > 0) then removes only
+    error buffers, one file per local ordinal). `copy_in`: name in the folder -> a file or folder rank 0 copies
+    there before the marker. The marker comes last; rotation (`keep` > 0) then removes only
     complete checkpoints older than the newest `keep` complete ones."""
     tag = tag_of(step)
     folder = root / tag
@@ -244,6 +246,13 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     barrier()  # every rank's files are written
     if is_main():
+        for name, source in (copy_in or {}).items():  # files or folders carried over (a reshard's)
+            dest = folder / name
+            if source.is_dir():
+                shutil.copytree(source, dest, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest)
         write_marker(folder, step, world_size())
         latest = root / "latest"  # DeepSpeed's pointer (its tools read it), moved only once the folder is complete
         (root / "latest.tmp").write_text(tag)

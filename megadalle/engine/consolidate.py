@@ -1,12 +1,13 @@
-"""A DeepSpeed checkpoint folder read back into whole tensors, without DeepSpeed or a process group: every
-parameter's fp32 master copy and, from ZeRO-1/2/3 optimizer files, its Adam moments and step; the buffers.
-tools/convert_checkpoint.py builds on it (export, reshard, verify).
+"""A DeepSpeed checkpoint folder read back into whole tensors, without a process group: every parameter's fp32
+master copy and, from ZeRO-3 optimizer files, its Adam moments and steps; the buffers; ZeRO-0's module weights.
+tools/convert_checkpoint.py builds on it (export, reshard, verify). DeepSpeed's files are read by torch's
+weights_only unpickler with only the DeepSpeed classes they hold allowed.
 
 ZeRO-3 layout (what `deepspeed/utils/zero_to_fp32.py` undoes too): each rank's optimizer file holds, per
 sub-group, one flat fp32 tensor and flat `exp_avg` / `exp_avg_sq` of the same size; the parameters, in the
 order of the model file's `param_shapes`, each take ceil(numel / world) consecutive elements of every rank's
-concatenated flats, the last rank's share padded. ZeRO-1/2: each rank holds a contiguous slice of each group's
-flat vector of all its parameters (in `param_shapes` order, with alignment padding at the end).
+concatenated flats, the last rank's share padded. With PowerSGD the parameters are split over a node group, and
+the other node groups hold copies: the split is solved from the flat size.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class FullState:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     world: int = 1
     zero_stage: int = 0
+    loss_scaler: dict = field(default_factory=dict)
+    """DeepSpeed's own fp16 loss scaler state (train.grad_scaler = global), from rank 0's optimizer file."""
 
 
 def _rank_of(path: Path) -> int:
@@ -44,13 +47,35 @@ def _rank_of(path: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _allowed_globals() -> list:
+    """The classes DeepSpeed 0.19.8 pickles into its checkpoint files beside tensors and plain values."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
 def _load(path: Path) -> dict:
-    """DeepSpeed's own files hold Python objects beside tensors (its config, enums): they need the full
-    unpickler. Only files of a checkpoint folder this run or a trusted run wrote may be converted."""
+    """A DeepSpeed checkpoint file through torch's weights_only unpickler, with only the DeepSpeed classes those
+    files hold allowed (memory-mapped: a rank reads only the pages it touches)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"cannot read {path}: {first}") from None
+
+
+def zero_stage_of(folder: str | Path) -> int:
+    """The ZeRO stage a checkpoint folder was written at (0 without optimizer shards), from one file."""
+    optim = sorted(Path(folder).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    if not optim:
+        return 0
+    state = _load(optim[0])["optimizer_state_dict"]
+    if "zero_stage" not in state:
+        raise ConversionError(f"{optim[0]}: no zero_stage (DeepSpeed's bf16 optimizer without ZeRO is not supported)")
+    return int(state["zero_stage"])
 
 
 def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullState:
@@ -64,30 +89,40 @@ def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullS
         if not model.is_file():
             raise ConversionError(f"{folder} holds no DeepSpeed model or optimizer states")
         return _read_zero0(folder, model, with_moments)
-    first = _load(optim[0])["optimizer_state_dict"]
-    stage, world = int(first["zero_stage"]), first["partition_count"]
-    world = max(world) if isinstance(world, list) else int(world)
-    ranks = [_rank_of(p) for p in optim]
-    missing = sorted(set(range(world)) - set(ranks))
-    if missing:
-        raise ConversionError(f"{folder}: the optimizer shards of ranks {missing} of {world} are missing "
-                              f"(found {[p.name for p in optim]})")  # fmt: skip
-    optim = [p for p in optim if _rank_of(p) < world]
+    stage = zero_stage_of(folder)
+    if stage in (1, 2):
+        raise ConversionError(f"{folder} was written at ZeRO stage {stage}: its gathered weights are in extra.pt "
+                              "(export --weights ema, or live where the run kept no EMA); shards are read for "
+                              "ZeRO-0 and ZeRO-3")  # fmt: skip
     models = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
-    model_file = models[0] if models else folder / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
+    if not models:
         raise ConversionError(f"{folder}: no model states file (zero_pp_rank_0_mp_rank_00_model_states.pt)")
-    model = _load(model_file)
+    model = _load(models[0])
     shapes: list[dict[str, torch.Size]] = model["param_shapes"]
-    states = [_load(p)["optimizer_state_dict"] for p in optim]
-    out = FullState(world=world, zero_stage=stage, buffers=_buffers(model))
-    inner = [s.get("optimizer_state_dict", {}) for s in states]
-    out.steps = [float(inner[0]["state"][i]["step"]) if i in inner[0].get("state", {}) else 0.0
-                 for i in range(len(inner[0].get("param_groups", shapes)))]  # fmt: skip
-    if stage == 3:
-        _merge_zero3(out, shapes, states, inner, with_moments)
-    else:
-        _merge_zero12(out, shapes, states, inner, with_moments)
+    numels = [math.prod(shape) for group in shapes for shape in group.values()]
+    first = _load(optim[0])["optimizer_state_dict"]
+    per_rank = sum(g.numel() for g in first["fp32_flat_groups"])
+    # the ranks a parameter is split over: the world, or with PowerSGD a node group (zero.Init's data-parallel
+    # group), whose shards the other node groups replicate
+    count = first["partition_count"]
+    most = max(max(count) if isinstance(count, list) else int(count), len(optim))
+    split = next((n for n in range(1, most + 1) if sum(math.ceil(k / n) for k in numels) == per_rank), None)
+    if split is None:
+        raise ConversionError(f"{folder}: {per_rank} elements per rank fit no split of the parameter shapes over "
+                              f"1..{most} ranks")  # fmt: skip
+    ranks = [_rank_of(p) for p in optim]
+    missing = sorted(set(range(split)) - set(ranks))
+    if missing:
+        raise ConversionError(f"{folder}: the optimizer shards of ranks {missing} of {split} are missing "
+                              f"(found {[p.name for p in optim]})")  # fmt: skip
+    states = [first] + [_load(p)["optimizer_state_dict"] for p in optim if 0 < _rank_of(p) < split]
+    inner = [st.get("optimizer_state_dict", {}) for st in states]
+    out = FullState(world=split, zero_stage=3, buffers=_buffers(model))
+    groups = inner[0].get("param_groups", [])
+    out.steps = [float(inner[0]["state"][g["params"][0]]["step"]) if g.get("params") and g["params"][0] in
+                 inner[0].get("state", {}) else 0.0 for g in groups]  # fmt: skip
+    out.loss_scaler = {k: first[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in first}
+    _merge_zero3(out, shapes, states, inner, with_moments)
     return out
 
 
@@ -125,42 +160,9 @@ def _whole(per_rank: list[torch.Tensor], offset: int, part: int, numel: int, sha
     return torch.cat([t[offset : offset + part] for t in per_rank])[:numel].view(shape).clone()
 
 
-def _merge_zero12(out: FullState, shapes: list[dict], states: list[dict], inner: list[dict], moments: bool) -> None:
-    for group, group_shapes in enumerate(shapes):
-        flat = torch.cat([s["single_partition_of_fp32_groups"][group].float() for s in states])
-        moment_flat = {}
-        if moments and inner[0].get("state"):
-            moment_flat = {m: torch.cat([r["state"][group][m].float().reshape(-1) for r in inner]) for m in MOMENTS}
-        offset = 0
-        for name, shape in group_shapes.items():
-            numel = math.prod(shape)
-            out.weights[name] = flat[offset : offset + numel].view(shape).clone()
-            if moment_flat:
-                out.moments[name] = {m: moment_flat[m][offset : offset + numel].view(shape).clone() for m in MOMENTS}
-            out.group_of[name] = group
-            offset += numel
-
-
 def _read_zero0(folder: Path, model_file: Path, with_moments: bool) -> FullState:
-    """ZeRO-0 (plain data parallelism): the module's weights in the model file; the client optimizer's state in
-    the same file, keyed by parameter index in `param_shapes` order."""
+    """ZeRO-0 (plain data parallelism): the module's weights as saved (the weights only)."""
     model = _load(model_file)
     out = FullState(world=1, zero_stage=0, buffers=_buffers(model))
-    module = model["module"]
-    shapes = model.get("param_shapes") or [{k: v.shape for k, v in module.items() if k not in out.buffers}]
-    names = [name for group in shapes for name in group]
-    out.weights = {k: module[k].float().clone() for k in names}
-    optim = model.get("optimizer") or {}
-    groups = optim.get("param_groups", [])
-    index = 0
-    for g, group in enumerate(groups):
-        for i in group["params"]:
-            name = names[index]
-            out.group_of[name] = g
-            state = optim.get("state", {}).get(i, {})
-            if with_moments and all(m in state for m in MOMENTS):
-                out.moments[name] = {m: state[m].float().clone() for m in MOMENTS}
-            index += 1
-        first = optim.get("state", {}).get(group["params"][0], {}) if group["params"] else {}
-        out.steps.append(float(first.get("step", 0.0)))
+    out.weights = {k: v.float().clone() for k, v in model["module"].items() if k not in out.buffers}
     return out

@@ -31,6 +31,8 @@ _PREFIX = "megadalle/heartbeat/"
 
 class Heartbeat:
     def __init__(self, rank: int, world: int, timeout_s: float) -> None:
+        if timeout_s < 5:
+            raise ValueError(f"a heartbeat timeout of {timeout_s} s is below 5 s")
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.interval = max(0.2, timeout_s / 10)
         self.addr, self.port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -38,12 +40,18 @@ class Heartbeat:
                                    timeout=timedelta(seconds=max(10.0, timeout_s)))  # fmt: skip
         self.store.set(f"{_PREFIX}who/{rank}", f"{socket.gethostname()} pid {os.getpid()}")
         self.stopped = threading.Event()
+        self.ending = False
         self.lock = threading.Lock()  # one thread at a time on the store connection
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
         self.thread.start()
         return self
+
+    def closing(self) -> None:
+        """The job is ending: keep beating and watching for silent ranks, but a store that goes away (rank 0
+        leaving after the last barrier) is no longer a death."""
+        self.ending = True
 
     def stop(self) -> None:
         """Before the job's last barrier: a rank that finishes first must not look dead to the others. The thread
@@ -80,9 +88,12 @@ class Heartbeat:
                         self._lost(f"{self.who(r)} sent no heartbeat for {now - seen[r][1]:.0f} s: it died or is "
                                    "stopped; ending this rank so that the job ends")  # fmt: skip
             except Exception as e:  # the store is served by rank 0: unreachable means rank 0 is gone
-                if not self.stopped.is_set():
+                if self.ending or self.stopped.is_set():
+                    return
+                if self.rank != 0:
                     self._lost(f"the rendezvous store of rank 0 at {self.addr}:{self.port} cannot be reached "
                                f"({type(e).__name__}): rank 0 died; ending this rank so that the job ends")  # fmt: skip
+                self._lost(f"the heartbeat failed on rank 0 ({type(e).__name__}: {e}); ending this rank")
 
     def _lost(self, message: str) -> None:
         log.error(f"rank {self.rank}: {message}")

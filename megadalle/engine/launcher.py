@@ -45,7 +45,7 @@ def _slurm() -> dict[str, str]:
         "MASTER_ADDR": e.get("MASTER_ADDR") or first_host(nodes),
         # the same on every task without talking: derived from the job id (a requeued job keeps its id; the
         # store's socket is opened with SO_REUSEADDR)
-        "MASTER_PORT": e.get("MASTER_PORT") or str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000),
+        "MASTER_PORT": e.get("MASTER_PORT") or str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 10000),  # < 32768
     }
 
 
@@ -56,7 +56,7 @@ def _mpi() -> dict[str, str]:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     where = None
     if comm.Get_rank() == 0:
-        host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        host = os.environ.get("MASTER_ADDR") or socket.gethostname()  # a name the other nodes resolve
         where = (host, os.environ.get("MASTER_PORT") or str(free_port()))
     host, port = comm.bcast(where, root=0)
     return {"RANK": str(comm.Get_rank()), "WORLD_SIZE": str(comm.Get_size()), "LOCAL_RANK": str(local),
@@ -72,9 +72,11 @@ def detect() -> str:
         return forced
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "env"
+    if "OMPI_COMM_WORLD_SIZE" in os.environ:  # mpirun, even inside a Slurm allocation's shell
+        return "mpi"
     if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
         return "slurm"
-    if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
+    if "PMI_SIZE" in os.environ:
         return "mpi"
     return "single"
 

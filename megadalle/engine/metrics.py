@@ -82,25 +82,49 @@ class MetricsLogger:
 
 class RankStatus:
     """This rank's liveness for tools/monitor.py: `status/rank<R>.json` with host, pid, step, state and time,
-    replaced atomically at most every `every_s` seconds (and at every change of state)."""
+    written at every change of state and renewed every `every_s` seconds by a daemon thread, so a rank
+    busy in a long checkpoint or evaluation still shows alive (a main thread that hangs shows as a stalled run:
+    no new JSON lines)."""
 
     def __init__(self, folder: Path, rank: int, every_s: float = 10.0) -> None:
         import os
         import socket
+        import threading
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.path, self.every_s, self.last = folder / f"rank{rank:05d}.json", every_s, 0.0
-        self.base = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
-        self.state = ""
+        self.path, self.every_s = folder / f"rank{rank:05d}.json", every_s
+        self.record: dict[str, Any] = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "step": 0,
+                                       "state": "started"}  # fmt: skip
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self._write()
+        self.thread = threading.Thread(target=self._renew, name="rank-status", daemon=True)
+        self.thread.start()
 
     def update(self, step: int, state: str = "training") -> None:
-        now = time.time()
-        if state == self.state and now - self.last < self.every_s:
-            return
-        self.state, self.last = state, now
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.base, "step": step, "state": state, "time": round(now, 3)}))
-        tmp.replace(self.path)
+        with self.lock:
+            changed = state != self.record["state"]
+            self.record.update(step=step, state=state)
+        if changed:  # a new step alone waits for the next renewal
+            self._write()
+
+    def _write(self) -> None:
+        with self.lock:
+            record = {**self.record, "time": round(time.time(), 3)}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self.path)
+
+    def _renew(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                self._write()
+            except OSError:  # a full or unmounted disk: the training goes on, the monitor will say so
+                pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self._write()
 
 
 def _fmt(v: Any) -> str:
