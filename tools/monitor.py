@@ -5,8 +5,8 @@
 
 Reads the run folder train.py writes: `metrics.jsonl` (one JSON line per update, "end" / "stop" lines when the
 run finished or stopped on a signal) and `status/rank<R>.json` (every rank's host, pid, step, state and the time
-it last wrote, renewed every 10 s by a thread of the rank while it lives). Prints the state, the last step of the total, loss, lr,
-throughput, MFU, the time left, and then the alarms:
+it last wrote, renewed every 10 s by a thread of the rank while it lives). Prints the state, the last step of
+the total, loss, lr, throughput, MFU, the time left, and then the alarms:
 - stalled: a running run whose last JSON line is older than --stall-s (default: 20 median update times, at least
   5 minutes);
 - NaN burst: --nan-max or more non-finite losses or gradient norms in the last --window updates;
