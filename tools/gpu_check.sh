@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine: in under 8 minutes on one H200 it runs the `gpu`-marked tests (the
-# Triton kernels at full size: attention and PowerSGD's; the transformer with `triton` against `dense`) and
-# tools/bench_attention.py, then
+# One prepared command for a GPU machine: in under 10 minutes on one H200 it runs the `gpu`-marked tests (the
+# Triton kernels at full size: attention and PowerSGD's; PowerSGD's engine on CUDA; the transformer with `triton`
+# against `dense`), tools/bench_attention.py and tools/bench_train_gpu.py (20 updates of the 1p3b prior, tokens/s
+# and MFU beside the planner's estimate; PEAK_TFLOPS: the GPU's peak, 989 for an H200), then
 # prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
 # selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a failure).
 # Later issues add their benchmarks to the summary.
@@ -36,6 +37,11 @@ fi
 echo "== tools/bench_attention.py"
 timeout 220 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
     | tee "$RESULTS/bench_attention.log" || status=1
+
+echo "== tools/bench_train_gpu.py: 20 updates of the 1p3b prior on one GPU, beside the planner's estimate"
+timeout 240 "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 --micro-batch 4 --precision bf16 \
+    --peak-tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/bench_train_gpu.json" 2>&1 \
+    | tee "$RESULTS/bench_train_gpu.log" || status=1
 
 echo "== summary"
 echo "tests: $summary"

@@ -1,0 +1,207 @@
+"""What a prior flavor costs on a cluster: memory per GPU, communication and time per update (tools/plan.py).
+
+The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E of the paper):
+- **Model states per GPU**, ZeRO-3 sharded over the `shard` ranks of a node group (all ranks without PowerSGD).
+  Parameters smaller than DeepSpeed's persistence threshold stay whole on every rank; their optimizer states and
+  gradients are still sharded. Bytes per parameter, as measured in DeepSpeed 0.19.8's ZeRO-3 tensors
+  (tests/engine/test_planner.py measures them on 2 and 4 ranks):
+
+  | training | parameter | gradient | fp32 master | Adam moments |
+  |---|---|---|---|---|
+  | fp32 | 4 | 4 | 4 | 8 |
+  | bf16, fp16 with DeepSpeed's loss scale (`grad_scaler = global`) | 2 | 2 | 4 | 8 |
+  | fp16 with a scale per resblock (App. D; autocast) | 4 (is the master) | 4 | 0 | 8 |
+
+  `optim.moments = paper16` halves the moments (4 B). DeepSpeed's own estimator counts 18 B per parameter for
+  its mixed precision where the tensors hold 16: it adds slack.
+- **PowerSGD buffers**: the error buffer of each compressed matrix shard (1-6-9, 2 B per element) and P, Q'
+  (fp32) at rank r / gpus_per_node.
+- **Activations** (2 B): with checkpointing, each layer's input (B S d) plus one layer recomputed at a time;
+  without, S B d (34 + 5 a S_att / d) bytes per layer (Korthikanti et al. 2022), S_att being the average
+  number of keys a query attends to under the sparse masks.
+- **Work buffers**: two layers' weights gathered in 16 bits (DeepSpeed's prefetch) and the fp32 logits with
+  their gradient.
+- **Time**: model FLOPs (`flops_per_sample`: 6 x matmul parameters per token plus attended pairs; x 4/3 with
+  recomputation) at `efficiency` x peak; ZeRO-3's all-gathers (forward, backward, recomputation) and its
+  reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
+  (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
+  collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+GiB = 2**30
+
+
+@dataclass
+class Cluster:
+    nodes: int = 128
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 16.0
+    peak_tflops: float = 125.0
+    """Per GPU, in the training precision."""
+    intra_gbps: float = 150.0
+    """GB/s one GPU moves inside its node (NVLink, PCIe)."""
+    inter_gbps: float = 12.5
+    """GB/s one GPU moves across nodes (its share of the node's network)."""
+
+    def check(self) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cluster: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("gpu_memory_gib", "peak_tflops", "intra_gbps", "inter_gbps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"cluster: {name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class Setting:
+    flavor: str = "12b"
+    micro_batch: int = 1
+    global_batch: int = 1024
+    checkpointing: bool = True
+    precision: str = "fp16"
+    grad_scaler: str = "per_resblock"
+    moments: str = "fp32"
+    powersgd_rank: int = 896
+    """0: plain all-reduce across nodes."""
+    efficiency: float = 0.5
+    """The share of peak FLOP/s the matmuls reach."""
+    persistence_threshold: int = 1_000_000
+    """DeepSpeed's stage3_param_persistence_threshold: smaller parameters are not sharded."""
+
+    def check(self) -> None:
+        from megadalle.models.transformer import FLAVORS
+
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"unknown prior flavor {self.flavor!r} (known: {sorted(FLAVORS)})")
+        if self.micro_batch < 1 or self.global_batch < 1:
+            raise ValueError(f"micro_batch and global_batch must be at least 1, got {self.micro_batch}, "
+                             f"{self.global_batch}")  # fmt: skip
+        if self.precision not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"precision must be fp16, bf16 or fp32, got {self.precision!r}")
+        if self.grad_scaler not in ("per_resblock", "global"):
+            raise ValueError(f"grad_scaler must be per_resblock or global, got {self.grad_scaler!r}")
+        if self.moments not in ("fp32", "paper16"):
+            raise ValueError(f"moments must be fp32 or paper16, got {self.moments!r}")
+        if self.powersgd_rank < 0 or not 0 < self.efficiency <= 1:
+            raise ValueError(f"powersgd_rank >= 0 and efficiency in (0, 1] needed, got {self.powersgd_rank}, "
+                             f"{self.efficiency}")  # fmt: skip
+
+
+@dataclass
+class Shapes:
+    """The prior's parameters, counted on the meta device (no memory): name -> shape."""
+
+    params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    matrices: list[tuple[int, int]] = field(default_factory=list)
+    """Resblock matmul weights (out, in): what PowerSGD compresses."""
+
+    @property
+    def total(self) -> int:
+        return sum(math.prod(s) for s in self.params.values())
+
+    @property
+    def largest(self) -> int:
+        return max(math.prod(s) for s in self.params.values())
+
+
+def prior_shapes(flavor: str) -> Shapes:
+    from megadalle.models.transformer import FLAVORS, DallePrior
+
+    with torch.device("meta"):
+        model = DallePrior(FLAVORS[flavor], "dense")
+    out = Shapes({k: tuple(p.shape) for k, p in model.named_parameters()})
+    out.matrices = [s for k, s in out.params.items() if k.startswith("layers.") and len(s) == 2]
+    return out
+
+
+def plan(cluster: Cluster, s: Setting) -> dict:
+    """Every estimate as a flat dict of numbers (bytes, seconds, rates) plus `fits`."""
+    from megadalle.models.sparsity import attended_pairs, layer_kinds
+    from megadalle.models.transformer import FLAVORS, flops_per_sample
+
+    cluster.check()
+    s.check()
+    a = FLAVORS[s.flavor]
+    shapes = prior_shapes(s.flavor)
+    world = cluster.nodes * cluster.gpus_per_node
+    if s.global_batch % (s.micro_batch * world):
+        raise ValueError(f"global batch {s.global_batch} is not a multiple of micro-batch {s.micro_batch} x "
+                         f"{world} GPUs")  # fmt: skip
+    accum = s.global_batch // (s.micro_batch * world)
+    powersgd = s.powersgd_rank > 0 and cluster.nodes > 1
+    shard = cluster.gpus_per_node if powersgd else world  # ZeRO-3's data-parallel group
+    sizes = [math.prod(x) for x in shapes.params.values()]
+    sharded = sum(n for n in sizes if n >= s.persistence_threshold)
+    whole = sum(n for n in sizes if n < s.persistence_threshold)
+    held = sharded / shard + whole  # parameters this GPU holds whole or in part
+    states = shapes.total / shard  # its share of gradients and optimizer states
+    sixteen = s.precision in ("fp16", "bf16")
+    if s.precision == "fp16" and s.grad_scaler == "per_resblock":
+        param_b, grad_b, master_b = 4, 4, 0
+    elif sixteen:
+        param_b, grad_b, master_b = 2, 2, 4
+    else:
+        param_b, grad_b, master_b = 4, 4, 4
+    moment_b = 4 if s.moments == "paper16" else 8
+    out: dict = {"flavor": s.flavor, "parameters": shapes.total, "world": world, "shard_group": shard,
+                 "grad_accum": accum, "powersgd": powersgd}  # fmt: skip
+    out["params_bytes"] = held * param_b
+    out["grads_bytes"] = states * grad_b
+    out["optimizer_bytes"] = states * (master_b + moment_b)
+    out["model_states_bytes"] = out["params_bytes"] + out["grads_bytes"] + out["optimizer_bytes"]
+    r = s.powersgd_rank // cluster.gpus_per_node if powersgd else 0
+    pq = sum((m / shard + n) * r for m, n in shapes.matrices) if powersgd else 0
+    out["powersgd_bytes"] = (sum(m * n for m, n in shapes.matrices) / shard * 2 + pq * 4) if powersgd else 0
+    seq, d, heads = a.seq_len, a.d_model, a.n_heads
+    kinds = layer_kinds(a.n_layers)
+    pairs = attended_pairs(kinds, a.text_len, a.grid, a.grid, a.conv_kernel)
+    keys = sum(pairs) / len(pairs) / seq  # attended keys per query, on average
+    b = s.micro_batch
+    full_layer = seq * b * d * (34 + 5 * heads * keys / d)  # bytes, 16-bit activations
+    if s.checkpointing:
+        out["activation_bytes"] = a.n_layers * seq * b * d * 2 + full_layer
+    else:
+        out["activation_bytes"] = a.n_layers * full_layer
+    logits = b * (a.text_len * a.text_vocab + a.grid * a.grid * a.image_vocab) * 4 * 2  # fp32, and the gradient
+    out["buffer_bytes"] = 2 * 2 * (12 * d * d) + logits
+    total = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "powersgd_bytes",
+                                 "activation_bytes", "buffer_bytes"))  # fmt: skip
+    out["total_bytes"] = total
+    out["fits"] = total <= 0.9 * cluster.gpu_memory_gib * GiB
+    flops = flops_per_sample(a, pairs) * (4 / 3 if s.checkpointing else 1)
+    step_flops = flops * s.global_batch / world  # per GPU
+    compute_s = step_flops / (cluster.peak_tflops * 1e12 * s.efficiency)
+    gathers = 3 if s.checkpointing else 2
+    intra = (gathers + 1) * accum * sharded * (shard - 1) / shard * (2 if sixteen else 4) if shard > 1 else 0
+    compressed = sum(m * n for m, n in shapes.matrices) / shard  # this GPU's share of the compressed matrices
+    if cluster.nodes > 1 and powersgd:  # P and Q' in 16 bits, the rest in one fp32 all-reduce
+        inter = 2 * (cluster.nodes - 1) / cluster.nodes * (pq * 2 + (states - compressed) * 4)
+    else:  # one node, or ZeRO-3 over all ranks: its own collectives cross the nodes (counted as intra)
+        inter = 0.0
+    link = cluster.intra_gbps if shard <= cluster.gpus_per_node else cluster.inter_gbps
+    intra_s = intra / (link * 1e9)
+    inter_s = inter / (cluster.inter_gbps * 1e9)
+    step_s = compute_s + 0.5 * intra_s + inter_s
+    out.update(model_flops_per_update=flops * s.global_batch * (3 / 4 if s.checkpointing else 1),
+               compute_s=compute_s, intra_node_bytes=intra, intra_node_s=intra_s, inter_node_bytes=inter,
+               inter_node_s=inter_s, step_s=step_s, tokens_per_s=s.global_batch * seq / step_s)  # fmt: skip
+    out["mfu"] = out["model_flops_per_update"] / step_s / (world * cluster.peak_tflops * 1e12)
+    out["cluster"], out["setting"] = asdict(cluster), asdict(s)
+    return out
+
+
+PRESETS: dict[str, tuple[Cluster, Setting]] = {
+    # the paper: 1,024 V100 16 GB on 128 machines (Sec. 2.4-2.5), 16-bit Adam moments; 8 x V100 NVLink, 100 Gb/s
+    # shared by 8 GPUs
+    "paper": (Cluster(128, 8, 16.0, 125.0, 150.0, 100 / 8 / 8), Setting(moments="paper16")),
+    # an H200 cluster: 141 GB, 989 TFLOP/s dense fp16/bf16, NVLink 4 (450 GB/s), 8 x 400 Gb/s per node; the memory
+    # allows 8 samples a GPU, so ZeRO-3 gathers the weights once per update
+    "h200": (Cluster(16, 8, 141.0, 989.0, 450.0, 50.0), Setting(micro_batch=8, precision="bf16", powersgd_rank=0)),
+}

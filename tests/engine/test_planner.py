@@ -1,0 +1,92 @@
+"""megadalle/engine/planner.py and tools/plan.py: parameter counts and model-state bytes against DeepSpeed's
+estimator (3 flavors x 3 cluster shapes) and against the tensors DeepSpeed's ZeRO-3 holds on 2 and 4 real ranks
+(fp32 and bf16), bad cluster descriptions, the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megadalle.engine.planner import Cluster, Setting, plan, prior_shapes
+from tests.conftest import REPO, python, torchrun
+
+
+@pytest.mark.parametrize("flavor", ["small", "1p3b", "12b"])
+@pytest.mark.parametrize("nodes, per_node", [(1, 8), (16, 8), (128, 8)])
+def test_model_states_against_deepspeeds_estimator(flavor, nodes, per_node) -> None:
+    """DeepSpeed's estimate for its mixed precision with every parameter sharded is 18 B per parameter plus 4 B
+    per parameter of the largest layer; the tensors hold 16 B (measured below): the planner must be 16/18 of it."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    shapes = prior_shapes(flavor)
+    world = nodes * per_node
+    _, gpu, largest = estimate_zero3_model_states_mem_needs(shapes.total, shapes.largest, per_node, nodes,
+                                                            cpu_offload=False, cpu_offload_params=False)  # fmt: skip
+    setting = Setting(flavor=flavor, global_batch=world, precision="bf16", grad_scaler="global", powersgd_rank=0,
+                      persistence_threshold=0)  # fmt: skip
+    ours = plan(Cluster(nodes, per_node, 80.0, 312.0, 300.0, 25.0), setting)["model_states_bytes"]
+    assert ours == pytest.approx((gpu - largest) * 16 / 18, rel=1e-3)
+
+
+def test_parameter_count_against_deepspeeds_count_of_the_real_model() -> None:
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    from megadalle.models.transformer import FLAVORS, DallePrior
+
+    total, _ = model_to_params(DallePrior(FLAVORS["small"], "dense"))
+    assert prior_shapes("small").total == total
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_model_states_against_deepspeed_on_real_ranks(world, precision, token_shards, tokenizer_model, tmp_path):
+    """The debug prior under ZeRO-3 on `world` gloo ranks, one update: every rank's parameter partitions (and
+    persistent parameters), fp32 masters, Adam moments and gradient partitions, against the planner's bytes for
+    the same setting (persistence threshold 1,000: the matrices are sharded, the vectors stay whole)."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    args = [str(tmp_path), "--config", "megadalle/configs/prior_debug.toml", f"--prior.tokens={token_shards}",
+            f"--tokenizer.model_path={tokenizer_model}", f"--job.run_root={tmp_path}",
+            f"--parallel.deepspeed_config={tmp_path / 'ds.json'}", f"--train.precision={precision}",
+            "--train.micro_batch_size=2"]  # fmt: skip
+    proc = torchrun(REPO / "tests" / "engine" / "memory_worker.py", world, args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    measured = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    setting = Setting(flavor="debug", micro_batch=2, global_batch=2 * world, precision=precision, powersgd_rank=0,
+                      persistence_threshold=1000)  # fmt: skip
+    p = plan(Cluster(1, world, 80.0, 312.0, 300.0, 25.0), setting)
+    for m in measured:  # ZeRO-3 pads each parameter's last share: a few hundred elements per rank at most
+        assert m["params"] == pytest.approx(p["params_bytes"], rel=0.02), (m, p["params_bytes"])
+        assert m["grads"] == pytest.approx(p["grads_bytes"], rel=0.02), (m, p["grads_bytes"])
+        assert m["master"] + m["moments"] == pytest.approx(p["optimizer_bytes"], rel=0.02), (m, p["optimizer_bytes"])
+
+
+def test_bad_descriptions_are_clear_errors() -> None:
+    for cluster, setting, message in (
+        (Cluster(nodes=0), Setting(), "nodes must be at least 1"),
+        (Cluster(gpu_memory_gib=-1), Setting(), "gpu_memory_gib must be positive"),
+        (Cluster(), Setting(flavor="huge"), "unknown prior flavor 'huge'"),
+        (Cluster(nodes=3), Setting(global_batch=1000), "global batch 1000 is not a multiple of micro-batch 1 x 24"),
+        (Cluster(), Setting(precision="fp8"), "precision must be fp16, bf16 or fp32"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            plan(cluster, setting)
+
+
+def test_the_command_line_prints_the_paper_and_an_h200_cluster(tmp_path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python(), "tools/plan.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    out = run()
+    assert out.returncode == 0, out.stderr
+    assert "paper" in out.stdout and "h200" in out.stdout and "1024 (128 x 8)" in out.stdout and "MFU" in out.stdout
+    data = json.loads(run("--preset", "paper", "--nodes", "64", "--json").stdout)
+    assert data["paper"]["world"] == 512 and data["paper"]["grad_accum"] == 2
+    bad = run("--nodes", "0")
+    assert bad.returncode == 2 and "nodes must be at least 1" in bad.stderr
+    assert not Path(tmp_path / "x").exists()
