@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a GPU machine: in under 10 minutes on one H200 it runs the `gpu`-marked tests (the
-# Triton kernels at full size: attention and PowerSGD's; PowerSGD's engine on CUDA; the transformer with `triton`
+# Triton kernels at full size: attention and PowerSGD's; PowerSGD's engine and the per-resblock fp16 scaler on CUDA;
+# the transformer with `triton`
 # against `dense`), tools/bench_attention.py and tools/bench_train_gpu.py (20 updates of the 1p3b prior, tokens/s
 # and MFU beside the planner's estimate; PEAK_TFLOPS: the GPU's peak, 989 for an H200), then
 # prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
@@ -27,6 +28,7 @@ echo "== gpu-marked tests"
 # the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels/test_block_sparse_attention.py \
     tests/models/test_blocked_attention.py tests/kernels/test_powersgd.py tests/engine/test_powersgd.py \
+    tests/engine/test_grad_scaler.py \
     --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
 summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
 if grep -q "skipped" <<<"$summary"; then

@@ -5,6 +5,7 @@ side: test_grad_scaler_zero3.py)."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -330,3 +331,27 @@ def test_deepspeed_skip_on_a_nonfinite_clipping_norm_divides_the_outside_scale()
     opt.overflow = False
     _update_scales(opt)
     assert s.log2_scales.tolist() == pytest.approx([13 + G, 13 + G, 12.5 + G])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("MEGADALLE_REQUIRE_GPU") != "1", reason="needs a CUDA device"
+)
+def test_gpu_fp16_blocks_scale_and_unscale_on_the_device() -> None:
+    """On CUDA (fp16 tensor-core matmuls): the prior's fp16 blocks with distinct per-block scales, activation
+    checkpointing on, give gradients that divide back to the fp32 model's; flags and scales live on the device."""
+    text, image, ref, model = _reference_and_twin()
+    text, image, model = text.cuda(), image.cuda(), model.cuda()
+    for block in resblocks(model):
+        block.half()
+    apply_activation_checkpointing(model)
+    scaler = apply_grad_scaler(model)
+    scaler.log2_scales += torch.arange(scaler.n_blocks + 1, dtype=torch.float64) * 0.37
+    scaler.scale_loss(model(text, image).loss).backward()
+    overflow, outside = scaler.unscale_and_check(resblocks(model), outside_parameters(model), unscale=False)
+    assert overflow.device.type == "cuda" and not overflow.any() and not outside
+    refs = dict(ref.named_parameters())
+    for i, block in enumerate(resblocks(model)):
+        for p in block.parameters():
+            want, got = refs[_name(model, p)].grad, p.grad.float().cpu() / scaler.scale(i)
+            assert (got - want).norm() <= 0.02 * want.norm(), _name(model, p)
