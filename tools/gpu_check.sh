@@ -2,7 +2,8 @@
 # One prepared command for a GPU machine: in under 10 minutes on one H200 it runs the `gpu`-marked tests (the
 # Triton kernels at full size: attention and PowerSGD's; PowerSGD's engine and the per-resblock fp16 scaler on CUDA;
 # the transformer with `triton`
-# against `dense`), tools/bench_attention.py and tools/bench_train_gpu.py (20 updates of the 1p3b prior, tokens/s
+# against `dense`), tools/bench_attention.py, tools/bench_powersgd_kernels.py (PowerSGD's kernels against their
+# PyTorch twins at a 12B shard) and tools/bench_train_gpu.py (20 updates of the 1p3b prior, tokens/s
 # and MFU beside the planner's estimate; PEAK_TFLOPS: the GPU's peak, 989 for an H200), then
 # prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
 # selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a failure).
@@ -39,6 +40,10 @@ fi
 echo "== tools/bench_attention.py"
 timeout 220 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
     | tee "$RESULTS/bench_attention.log" || status=1
+
+echo "== tools/bench_powersgd_kernels.py: PowerSGD's kernels against their PyTorch twins, one 12B shard"
+timeout 120 "$PY" tools/bench_powersgd_kernels.py --json "$RESULTS/bench_powersgd_kernels.json" 2>&1 \
+    | tee "$RESULTS/bench_powersgd_kernels.log" || status=1
 
 echo "== tools/bench_train_gpu.py: 20 updates of the 1p3b prior on one GPU, beside the planner's estimate"
 timeout 240 "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 --micro-batch 4 --precision bf16 \

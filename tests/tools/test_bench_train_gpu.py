@@ -1,5 +1,6 @@
-"""tools/bench_train_gpu.py runs its whole path on the CPU (the debug prior, 2 updates): the numbers the GPU check
-reports, and the planner's estimate beside them."""
+"""The GPU check's benchmarks run their whole path on the CPU: tools/bench_train_gpu.py (the debug prior, 2
+updates, the planner's estimate beside it) and tools/bench_powersgd_kernels.py (the kernels under the Triton
+interpreter against their PyTorch twins, small shapes)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ def test_bench_train_gpu_smoke_on_cpu(tmp_path) -> None:
     r = json.loads(out.read_text())
     assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["planner"]["tokens_per_s"] > 0
     assert "planner:" in proc.stdout
+
+
+def test_bench_powersgd_kernels_smoke_on_cpu(tmp_path) -> None:
+    out = tmp_path / "k.json"
+    proc = subprocess.run([python(), "tools/bench_powersgd_kernels.py", "--rows", "32", "--cols", "24", "--rank",
+                           "4", "--iters", "1", "--device", "cpu", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert set(r["torch_over_triton"]) == {"encode", "decode", "error_feedback", "decompress_update", "orthogonalize"}
