@@ -38,15 +38,15 @@ if grep -q "skipped" <<<"$summary"; then
 fi
 
 echo "== tools/bench_attention.py"
-timeout 220 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
+timeout 180 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
     | tee "$RESULTS/bench_attention.log" || status=1
 
 echo "== tools/bench_powersgd_kernels.py: PowerSGD's kernels against their PyTorch twins, one 12B shard"
-timeout 120 "$PY" tools/bench_powersgd_kernels.py --json "$RESULTS/bench_powersgd_kernels.json" 2>&1 \
+timeout 60 "$PY" tools/bench_powersgd_kernels.py --json "$RESULTS/bench_powersgd_kernels.json" 2>&1 \
     | tee "$RESULTS/bench_powersgd_kernels.log" || status=1
 
 echo "== tools/bench_train_gpu.py: 20 updates of the 1p3b prior on one GPU, beside the planner's estimate"
-timeout 240 "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 --micro-batch 4 --precision bf16 \
+timeout 150 "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 --micro-batch 4 --precision bf16 \
     --peak-tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/bench_train_gpu.json" 2>&1 \
     | tee "$RESULTS/bench_train_gpu.log" || status=1
 
@@ -59,6 +59,15 @@ print(f"{'layout':>7} {'heads':>5} {'dtype':>5} {'pass':>8} {'ms':>8} {'TFLOP/s'
 for r in rows:
     print(f"{r['layout']:>7} {r['heads']:>5} {r['dtype']:>5} {r['pass']:>8} {r['ms']['triton']:>8.3f} {r['tflops']:>8.1f} "
           f"{r['x_sdpa_causal']:>12.2f}x {r['x_flex']:>6.2f}x")
+PYEOF
+"$PY" - "$RESULTS/bench_powersgd_kernels.json" "$RESULTS/bench_train_gpu.json" <<'PYEOF' || status=1
+import json, sys
+k = json.load(open(sys.argv[1]))
+print("PowerSGD kernels, torch twin / Triton:", ", ".join(f"{op} {x:.2f}x" for op, x in k["torch_over_triton"].items()))
+t = json.load(open(sys.argv[2]))
+p = t["planner"]
+print(f"1p3b on {t['device']}: {t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%}, {t['memory_gib']:.1f} GiB; "
+      f"planner: {p['tokens_per_s']:,.0f} tokens/s, MFU {p['mfu']:.1%}, {p['total_bytes'] / 2**30:.1f} GiB")
 PYEOF
 [ "$status" = 0 ] && echo "gpu_check: OK" || echo "gpu_check: FAILED" >&2
 exit "$status"

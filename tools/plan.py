@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(Cluster) + fields(Setting):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+            ap.add_argument(flag, type=_bool, default=None, metavar="true|false")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             ap.add_argument(flag, type=kind, default=None)
@@ -89,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(dict(zip(names, plans)), indent=1) if a.json else table(plans, names))
     return 0
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _overrides(a: argparse.Namespace) -> bool:

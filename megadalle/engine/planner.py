@@ -4,7 +4,8 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
 - **Model states per GPU**, ZeRO-3 sharded over the `shard` ranks of a node group (all ranks without PowerSGD).
   Parameters smaller than DeepSpeed's persistence threshold stay whole on every rank; their optimizer states and
   gradients are still sharded. Bytes per parameter, as measured in DeepSpeed 0.19.8's ZeRO-3 tensors
-  (tests/engine/test_planner.py measures them on 2 and 4 ranks):
+  (tests/engine/test_planner.py measures the fp32 and bf16 rows on 2 and 4 ranks; the per-resblock row follows
+  engine/ds_grad_scaler.py's storage):
 
   | training | parameter | gradient | fp32 master | Adam moments |
   |---|---|---|---|---|
@@ -12,17 +13,19 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   | bf16, fp16 with DeepSpeed's loss scale (`grad_scaler = global`) | 2 | 2 | 4 | 8 |
   | fp16 with a scale per resblock (App. D; autocast) | 4 (is the master) | 4 | 0 | 8 |
 
-  `optim.moments = paper16` halves the moments (4 B). DeepSpeed's own estimator counts 18 B per parameter for
-  its mixed precision where the tensors hold 16: it adds slack.
-- **PowerSGD buffers**: the error buffer of each compressed matrix shard (1-6-9, 2 B per element) and P, Q'
-  (fp32) at rank r / gpus_per_node.
-- **Activations** (2 B): with checkpointing, each layer's input (B S d) plus one layer recomputed at a time;
-  without, S B d (34 + 5 a S_att / d) bytes per layer (Korthikanti et al. 2022), S_att being the average
-  number of keys a query attends to under the sparse masks.
-- **Work buffers**: two layers' weights gathered in 16 bits (DeepSpeed's prefetch) and the fp32 logits with
-  their gradient.
+  `optim.moments = paper16` halves the resblock matrices' moments (4 B; the rest keeps fp32). DeepSpeed's own
+  estimator counts 18 B per parameter for its mixed precision where the tensors hold 16: it adds slack.
+- **PowerSGD buffers**: the error buffer of each compressed matrix shard (1-6-9, 2 B per element), P and Q'
+  (fp32) at rank r / gpus_per_node, and the decompressed update of every shard (fp32), held until copied back.
+- **Activations**: with checkpointing, each resblock's input (B S d; 4 B where the residual stream is fp32:
+  fp32 training and the per-resblock fp16 scheme) plus one layer recomputed at a time; without, S B d (34 + 5 a
+  S_att / d) bytes per layer (Korthikanti et al. 2022, dropout terms included), S_att being the average number
+  of keys a query attends to under the sparse masks.
+- **Work buffers**: the parameters ZeRO-3 may keep gathered (`stage3_max_live_parameters`), one reduce bucket
+  of gradients, and the fp32 logits with their log-softmax and gradient.
 - **Time**: model FLOPs (`flops_per_sample`: 6 x matmul parameters per token plus attended pairs; x 4/3 with
-  recomputation) at `efficiency` x peak; ZeRO-3's all-gathers (forward, backward, recomputation) and its
+  recomputation) at `efficiency` x peak; ZeRO-3's all-gathers (forward, backward, recomputation: an upper
+  bound, DeepSpeed may keep a block's weights between the last two) and its
   reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
   (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
   collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
@@ -48,7 +51,7 @@ class Cluster:
     intra_gbps: float = 150.0
     """GB/s one GPU moves inside its node (NVLink, PCIe)."""
     inter_gbps: float = 12.5
-    """GB/s one GPU moves across nodes (its share of the node's network)."""
+    """GB/s one GPU moves across nodes (its share of the node's network: 8 x 100 Gb/s NICs give 12.5)."""
 
     def check(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -73,7 +76,11 @@ class Setting:
     efficiency: float = 0.5
     """The share of peak FLOP/s the matmuls reach."""
     persistence_threshold: int = 1_000_000
-    """DeepSpeed's stage3_param_persistence_threshold: smaller parameters are not sharded."""
+    """DeepSpeed's stage3_param_persistence_threshold: parameters of at most this many elements are not sharded."""
+    max_live_parameters: int = 1_000_000_000
+    """DeepSpeed's stage3_max_live_parameters (ds_configs/zero3_12b.json): the most gathered at once."""
+    reduce_bucket: int = 500_000_000
+    """DeepSpeed's reduce_bucket_size: gradient elements bucketed before a reduce-scatter."""
 
     def check(self) -> None:
         from megadalle.models.transformer import FLAVORS
@@ -138,8 +145,8 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     powersgd = s.powersgd_rank > 0 and cluster.nodes > 1
     shard = cluster.gpus_per_node if powersgd else world  # ZeRO-3's data-parallel group
     sizes = [math.prod(x) for x in shapes.params.values()]
-    sharded = sum(n for n in sizes if n >= s.persistence_threshold)
-    whole = sum(n for n in sizes if n < s.persistence_threshold)
+    sharded = sum(n for n in sizes if n > s.persistence_threshold)
+    whole = sum(n for n in sizes if n <= s.persistence_threshold)  # DeepSpeed: ds_numel <= threshold stays whole
     held = sharded / shard + whole  # parameters this GPU holds whole or in part
     states = shapes.total / shard  # its share of gradients and optimizer states
     sixteen = s.precision in ("fp16", "bf16")
@@ -149,28 +156,37 @@ def plan(cluster: Cluster, s: Setting) -> dict:
         param_b, grad_b, master_b = 2, 2, 4
     else:
         param_b, grad_b, master_b = 4, 4, 4
-    moment_b = 4 if s.moments == "paper16" else 8
+    matrix_params = sum(m * n for m, n in shapes.matrices)
+    if s.moments == "paper16":  # AdamW16: 16-bit moments for the resblock matrices, fp32 for everything else
+        moment_bytes = (matrix_params * 4 + (shapes.total - matrix_params) * 8) / shard
+    else:
+        moment_bytes = states * 8
     out: dict = {"flavor": s.flavor, "parameters": shapes.total, "world": world, "shard_group": shard,
                  "grad_accum": accum, "powersgd": powersgd}  # fmt: skip
     out["params_bytes"] = held * param_b
     out["grads_bytes"] = states * grad_b
-    out["optimizer_bytes"] = states * (master_b + moment_b)
+    out["optimizer_bytes"] = states * master_b + moment_bytes
     out["model_states_bytes"] = out["params_bytes"] + out["grads_bytes"] + out["optimizer_bytes"]
-    r = s.powersgd_rank // cluster.gpus_per_node if powersgd else 0
-    pq = sum((m / shard + n) * r for m, n in shapes.matrices) if powersgd else 0
-    out["powersgd_bytes"] = (sum(m * n for m, n in shapes.matrices) / shard * 2 + pq * 4) if powersgd else 0
+    r = max(1, s.powersgd_rank // cluster.gpus_per_node) if powersgd else 0  # engine/ds_powersgd.py's per-GPU rank
+    pq = sum((m / shard + n) * min(r, m // shard) for m, n in shapes.matrices) if powersgd else 0
+    # the error buffers (1-6-9), P and Q' (fp32), and the decompressed update of every shard, fp32, held until
+    # the averaging copies it back (engine/powersgd.py's peak)
+    out["powersgd_bytes"] = (matrix_params / shard * (2 + 4) + pq * 4) if powersgd else 0
     seq, d, heads = a.seq_len, a.d_model, a.n_heads
     kinds = layer_kinds(a.n_layers)
     pairs = attended_pairs(kinds, a.text_len, a.grid, a.grid, a.conv_kernel)
     keys = sum(pairs) / len(pairs) / seq  # attended keys per query, on average
     b = s.micro_batch
+    stream_b = 2 if s.precision == "bf16" or (s.grad_scaler == "global" and sixteen) else 4  # the residual stream
     full_layer = seq * b * d * (34 + 5 * heads * keys / d)  # bytes, 16-bit activations
-    if s.checkpointing:
-        out["activation_bytes"] = a.n_layers * seq * b * d * 2 + full_layer
+    if s.checkpointing:  # each resblock's input (two a layer), and one layer's activations while it recomputes
+        out["activation_bytes"] = 2 * a.n_layers * seq * b * d * stream_b + full_layer
     else:
         out["activation_bytes"] = a.n_layers * full_layer
-    logits = b * (a.text_len * a.text_vocab + a.grid * a.grid * a.image_vocab) * 4 * 2  # fp32, and the gradient
-    out["buffer_bytes"] = 2 * 2 * (12 * d * d) + logits
+    logits = b * (a.text_len * a.text_vocab + a.grid * a.grid * a.image_vocab) * 4 * 3  # fp32, log-softmax, grad
+    gather_b = 2 if sixteen else 4
+    live = min(s.max_live_parameters, sharded)  # what ZeRO-3 may keep gathered at once
+    out["buffer_bytes"] = live * gather_b + min(s.reduce_bucket, sharded) * grad_b + logits
     total = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "powersgd_bytes",
                                  "activation_bytes", "buffer_bytes"))  # fmt: skip
     out["total_bytes"] = total
@@ -180,7 +196,7 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     compute_s = step_flops / (cluster.peak_tflops * 1e12 * s.efficiency)
     gathers = 3 if s.checkpointing else 2
     intra = (gathers + 1) * accum * sharded * (shard - 1) / shard * (2 if sixteen else 4) if shard > 1 else 0
-    compressed = sum(m * n for m, n in shapes.matrices) / shard  # this GPU's share of the compressed matrices
+    compressed = matrix_params / shard  # this GPU's share of the compressed matrices
     if cluster.nodes > 1 and powersgd:  # P and Q' in 16 bits, the rest in one fp32 all-reduce
         inter = 2 * (cluster.nodes - 1) / cluster.nodes * (pq * 2 + (states - compressed) * 4)
     else:  # one node, or ZeRO-3 over all ranks: its own collectives cross the nodes (counted as intra)
@@ -198,8 +214,8 @@ def plan(cluster: Cluster, s: Setting) -> dict:
 
 
 PRESETS: dict[str, tuple[Cluster, Setting]] = {
-    # the paper: 1,024 V100 16 GB on 128 machines (Sec. 2.4-2.5), 16-bit Adam moments; 8 x V100 NVLink, 100 Gb/s
-    # shared by 8 GPUs
+    # the paper: 1,024 V100 16 GB on 128 machines (Sec. 2.4-2.5), 16-bit Adam moments; 8 x V100 NVLink; the
+    # network is our assumption (the paper gives none): 100 Gb/s a machine, shared by its 8 GPUs
     "paper": (Cluster(128, 8, 16.0, 125.0, 150.0, 100 / 8 / 8), Setting(moments="paper16")),
     # an H200 cluster: 141 GB, 989 TFLOP/s dense fp16/bf16, NVLink 4 (450 GB/s), 8 x 400 Gb/s per node; the memory
     # allows 8 samples a GPU, so ZeRO-3 gathers the weights once per update

@@ -395,6 +395,7 @@ def flops_per_sample(a: PriorArgs, attended_pairs: list[int]) -> float:
     counting only attended pairs (QK^T and PV: 2 x 2 x d per pair, x 3 for backward)."""
     n, d = a.seq_len, a.d_model
     per_layer = 12 * d * d
-    dense = 6 * n * (a.n_layers * per_layer + d * (a.text_vocab + a.image_vocab))
+    heads = d * (a.text_len * a.text_vocab + a.grid * a.grid * a.image_vocab)  # each head on its own positions
+    dense = 6 * (n * a.n_layers * per_layer + heads)
     attn = 3 * 4 * d * sum(attended_pairs)
     return float(dense + attn)
