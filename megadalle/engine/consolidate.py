@@ -72,9 +72,12 @@ def zero_stage_of(folder: str | Path) -> int:
     optim = sorted(Path(folder).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
     if not optim:
         return 0
-    state = _load(optim[0])["optimizer_state_dict"]
+    return _stage(_load(optim[0])["optimizer_state_dict"], optim[0])
+
+
+def _stage(state: dict, path: Path) -> int:
     if "zero_stage" not in state:
-        raise ConversionError(f"{optim[0]}: no zero_stage (DeepSpeed's bf16 optimizer without ZeRO is not supported)")
+        raise ConversionError(f"{path}: no zero_stage (DeepSpeed's bf16 optimizer without ZeRO is not supported)")
     return int(state["zero_stage"])
 
 
@@ -88,8 +91,9 @@ def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullS
         model = folder / "mp_rank_00_model_states.pt"
         if not model.is_file():
             raise ConversionError(f"{folder} holds no DeepSpeed model or optimizer states")
-        return _read_zero0(folder, model, with_moments)
-    stage = zero_stage_of(folder)
+        return _read_zero0(model)
+    first = _load(optim[0])["optimizer_state_dict"]  # read once: the stage, the flat sizes, rank 0's state
+    stage = _stage(first, optim[0])
     if stage in (1, 2):
         raise ConversionError(f"{folder} was written at ZeRO stage {stage}: its gathered weights are in extra.pt "
                               "(export --weights ema, or live where the run kept no EMA); shards are read for "
@@ -100,7 +104,6 @@ def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullS
     model = _load(models[0])
     shapes: list[dict[str, torch.Size]] = model["param_shapes"]
     numels = [math.prod(shape) for group in shapes for shape in group.values()]
-    first = _load(optim[0])["optimizer_state_dict"]
     per_rank = sum(g.numel() for g in first["fp32_flat_groups"])
     # the ranks a parameter is split over: the world, or with PowerSGD a node group (zero.Init's data-parallel
     # group), whose shards the other node groups replicate
@@ -160,7 +163,7 @@ def _whole(per_rank: list[torch.Tensor], offset: int, part: int, numel: int, sha
     return torch.cat([t[offset : offset + part] for t in per_rank])[:numel].view(shape).clone()
 
 
-def _read_zero0(folder: Path, model_file: Path, with_moments: bool) -> FullState:
+def _read_zero0(model_file: Path) -> FullState:
     """ZeRO-0 (plain data parallelism): the module's weights as saved (the weights only)."""
     model = _load(model_file)
     out = FullState(world=1, zero_stage=0, buffers=_buffers(model))
