@@ -136,6 +136,12 @@ class Dvae:
     """Validation batches per evaluation."""
     grid_images: int = 8
     """Images in the reconstruction grid PNG written at each evaluation."""
+    warm_start_steps: int = 0
+    """Updates of the k-means warm start before the paper's objective (0, the paper: none). The decoder learns
+    to reconstruct from the k-means codes of the code cells' patches and the encoder to predict them
+    (cross-entropy); the tau and beta schedules count from its end. For short runs (configs/dvae_small.toml)."""
+    warm_start_images: int = 2000
+    """Train images (centre crops, manifest order) whose code-cell patches the warm start's k-means is fit on."""
 
 
 @dataclass
@@ -494,6 +500,11 @@ def validate(cfg: JobConfig) -> None:
         (
             set(cfg.checkpoint.requeue_on) <= {"USR1", "TERM"},
             f"checkpoint.requeue_on must name USR1 and/or TERM, got {cfg.checkpoint.requeue_on}",
+        ),
+        (cfg.dvae.warm_start_steps >= 0, f"dvae.warm_start_steps must be >= 0, got {cfg.dvae.warm_start_steps}"),
+        (
+            cfg.dvae.warm_start_images > 0,
+            f"dvae.warm_start_images must be positive, got {cfg.dvae.warm_start_images}",
         ),
         (cfg.logging.peak_tflops >= 0, f"logging.peak_tflops must be >= 0, got {cfg.logging.peak_tflops}"),
     ]

@@ -43,6 +43,7 @@ from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.heartbeat import Heartbeat
 from megadalle.engine.metrics import MetricsLogger, RankStatus, log, setup_logging
+from megadalle.engine.optim import reset_moments
 from megadalle.engine.preemption import StopSignals
 from megadalle.engine.progress import Progress
 from megadalle.engine.rng import rng_state, set_rng_state
@@ -233,6 +234,8 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
         while step < t.steps:
             t0 = time.time()
             sched = stage.schedules(step)
+            if step == stage.moments_reset_step:
+                log.info(f"step {step}: optimizer moments reset ({reset_moments(optimizer)} tensors had state)")
             micro = [next(batches) for _ in range(accum)]
             metrics = train_update(engine, optimizer, stage, micro, sched, flags=stop.flags())
             signals = stop.agreed(metrics)

@@ -373,7 +373,14 @@ def import_openai_dvae(encoder: str, decoder: str, out: str, verify: bool, tol: 
     if (dec.n_hid, dec.n_blk_per_group, dec.vocab_size) != (enc.n_hid, enc.n_blk_per_group, enc.vocab_size):
         raise ConversionError(f"{encoder} and {decoder} are not a pair: encoder {sizes}, decoder n_hid {dec.n_hid}, "
                               f"n_blk_per_group {dec.n_blk_per_group}, vocab_size {dec.vocab_size}")  # fmt: skip
-    flavor = next((name for name, a in FLAVORS.items() if all(getattr(a, k) == v for k, v in sizes.items())), None)
+    flavor = next(
+        (
+            name
+            for name, a in FLAVORS.items()
+            if a.upsample == "nearest" and all(getattr(a, k) == v for k, v in sizes.items())
+        ),
+        None,
+    )  # the release upsamples by nearest neighbour
     if flavor is None:
         raise ConversionError(f"the modules' sizes {sizes} match no dVAE flavor in megadalle.models.dvae.FLAVORS "
                               f"({ {n: asdict(a) for n, a in FLAVORS.items()} })")  # fmt: skip

@@ -69,6 +69,7 @@ QUICK_VOCAB = 256
 QUICK_SAMPLE_ARGS = {"candidates": 4, "keep": 2}
 QUICK_REPORT_ARGS = ["--images", "64", "--captions", "8", "--per-caption", "2", "--kmeans-images", "200"]
 SCHEDULE_FIELDS = (
+    "dvae.warm_start_steps",
     "dvae.kl_warmup_steps",
     "dvae.tau_steps",
     "dvae.lr_decay_steps",

@@ -38,6 +38,7 @@ from megadalle.data.loader import eval_images
 from megadalle.evaluation import fid_from_features, inception_features, perplexity
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
+from megadalle.models.kmeans import fit_kmeans, nearest, patches
 from megadalle.sample import Models, load_models, sample
 
 FIGURES: dict[str, tuple[str, ...]] = {
@@ -66,13 +67,6 @@ def bad_figures(rep: dict) -> list[str]:
 def psnr(se: float, n: int) -> float:
     """PSNR in dB of images in [0, 1] from a summed squared error over n values (nan when there are none)."""
     return 10 * math.log10(n / max(se, 1e-12)) if n else float("nan")
-
-
-def patches(images: torch.Tensor, f: int) -> torch.Tensor:
-    """(N, C, S, S) -> (N * (S/f)^2, C f f): the f x f patch of each code cell, flattened."""
-    c = images.shape[1]
-    p = images.unfold(2, f, f).unfold(3, f, f)  # (N, C, S/f, S/f, f, f)
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * f * f)
 
 
 @torch.no_grad()
@@ -108,18 +102,9 @@ def dvae_report(dvae: DiscreteVAE, images: torch.Tensor, batch: int = 64) -> tup
 def kmeans_psnr(train: torch.Tensor, val: torch.Tensor, f: int, k: int, iters: int = 15, seed: int = 0) -> float:
     """PSNR on `val` of the nearest of k centroids fit by k-means (Lloyd) to the f x f patches of `train`: what a
     codebook of k codes achieves when each code stands for its own patch alone, a yardstick for the dVAE."""
-    x, v = patches(train, f), patches(val, f)
-    distinct = torch.unique(x, dim=0)  # the white background repeats: seeds drawn from x would start as duplicates
-    k = min(k, len(distinct))
-    g = torch.Generator().manual_seed(seed)
-    centroids = distinct[torch.randperm(len(distinct), generator=g)[:k]].clone()  # (k, D)
-    for _ in range(iters):
-        owner = torch.cdist(x, centroids).argmin(dim=1)  # (P,)
-        sums = torch.zeros_like(centroids).index_add_(0, owner, x)
-        n = torch.bincount(owner, minlength=k).unsqueeze(1)  # (k, 1)
-        reseed = x[torch.randint(0, len(x), (k,), generator=g)]  # an empty cluster restarts at a random patch
-        centroids = torch.where(n > 0, sums / n.clamp(min=1), reseed)
-    se = (centroids[torch.cdist(v, centroids).argmin(dim=1)] - v).square()
+    v = patches(val, f)
+    centroids = fit_kmeans(patches(train, f), k, iters, seed)
+    se = (centroids[nearest(v, centroids)] - v).square()
     return psnr(float(se.sum()), se.numel())
 
 

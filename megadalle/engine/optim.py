@@ -42,6 +42,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def reset_moments(optimizer: torch.optim.Optimizer) -> int:
+    """Forget the per-parameter state (Adam's moments and step count) of the innermost torch optimizer under
+    DeepSpeed's wrappers (ZeRO's flat partitions included), in place: the next step starts it afresh, as at
+    initialisation. Returns how many parameter tensors had state.
+
+    DeepSpeed's ZeRO-1/2 and bf16 wrappers link views of the state into each parameter's fp32 fragment once
+    (`_hp_optimizer_states_linked`); the flag is cleared so that the next step links the new state, not the old."""
+    inner = optimizer
+    while True:
+        if getattr(inner, "_hp_optimizer_states_linked", False):
+            inner._hp_optimizer_states_linked = False
+        if not isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            break
+        inner = inner.optimizer
+    n = sum(1 for s in inner.state.values() if s)
+    inner.state.clear()
+    return n
+
+
 def group_names(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, list[str]]:
     """group name -> parameter names (for tests and the startup log)."""
     name_of = {p: n for n, p in model.named_parameters()}

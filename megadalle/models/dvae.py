@@ -22,6 +22,8 @@ from torch import nn
 
 from megadalle.models.dvae_loss import kl_to_uniform, logit_laplace_log_prob
 
+UPSAMPLING = ("nearest", "subpixel")
+
 
 @dataclass(frozen=True)
 class DVAEArgs:
@@ -39,6 +41,14 @@ class DVAEArgs:
     """Channels after the decoder's input 1x1 conv."""
     channels: int = 3
     """Image channels."""
+    upsample: str = "nearest"
+    """Decoder upsampling between groups: "nearest" (the paper's, x2 nearest-neighbour) or "subpixel" (a 1x1 conv
+    to 4x the next group's width, then a pixel shuffle; Shi et al. 2016). Subpixel lets the decoder place detail
+    inside a code's cell from that code alone; the demo's 3-group decoder needs it (configs/dvae_small.toml)."""
+
+    def __post_init__(self) -> None:
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
 
     @property
     def downsample(self) -> int:
@@ -52,8 +62,10 @@ class DVAEArgs:
 
 FLAVORS: dict[str, DVAEArgs] = {
     "paper": DVAEArgs(),
-    # CPU demo: 32 px -> 8x8 codes of 1024 (configs/dvae_small.toml says why 32 px)
-    "small": DVAEArgs(image_size=32, group_count=3, n_hid=64, n_blk_per_group=1, vocab_size=1024, n_init=64),
+    # CPU demo: 32 px -> 8x8 codes of 1024 (configs/dvae_small.toml says why 32 px and subpixel upsampling)
+    "small": DVAEArgs(
+        image_size=32, group_count=3, n_hid=64, n_blk_per_group=1, vocab_size=1024, n_init=64, upsample="subpixel"
+    ),
     # tests: 32 px -> 8x8 codes of 256
     "debug": DVAEArgs(image_size=32, group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=256, n_init=32),
 }
@@ -97,6 +109,18 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class SubpixelUpsample(nn.Module):
+    """x2 upsampling by a learned 1x1 conv to 4 * n_out channels and a pixel shuffle: (B, n_in, h, w) ->
+    (B, n_out, 2h, 2w); each of the four output pixels of a cell gets its own weights."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.conv = Conv2d(n_in, 4 * n_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.conv(x), 2)
 
 
 def _group(blocks: list[ResBlock], resize: tuple[str, nn.Module] | None) -> nn.Sequential:
@@ -146,9 +170,14 @@ class Decoder(nn.Module):
         for g in range(G):
             n_out = h * 2 ** (G - 1 - g)
             blocks = [ResBlock(n_in if i == 0 else n_out, n_out, n_layers, (1, 3, 3, 3)) for i in range(B)]
-            up = ("upsample", nn.Upsample(scale_factor=2, mode="nearest")) if g < G - 1 else None
-            layers.append((f"group_{g + 1}", _group(blocks, up)))
+            up: tuple[str, nn.Module] | None = None
             n_in = n_out
+            if g < G - 1 and args.upsample == "nearest":
+                up = ("upsample", nn.Upsample(scale_factor=2, mode="nearest"))
+            elif g < G - 1:  # straight to the next group's width: its first block needs no 1x1 skip conv
+                n_in = n_out // 2
+                up = ("upsample", SubpixelUpsample(n_out, n_in))
+            layers.append((f"group_{g + 1}", _group(blocks, up)))
         out_conv = Conv2d(n_in, 2 * args.channels, 1)
         layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", out_conv)]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
@@ -200,13 +229,20 @@ class DiscreteVAE(nn.Module):
         self.encoder = Encoder(args)
         self.decoder = Decoder(args)
 
-    def forward(self, x: torch.Tensor, tau: float, beta: float, hard: bool = False) -> DVAEOutput:
+    def forward(
+        self, x: torch.Tensor, tau: float, beta: float, hard: bool = False, target_codes: torch.Tensor | None = None
+    ) -> DVAEOutput:
         """x: mapped pixels (B, C, H, W), fp32. Relaxed codes (gumbel-softmax at temperature tau), or with `hard`
         one-hot codes sampled from q, which makes -loss at beta=1 an estimate of the true ELB. The encoder gets x
         in its parameters' dtype; the likelihood's target stays x as given (bf16 would merge 25 of the 256 pixel
-        levels)."""
+        levels).
+
+        With `target_codes` (B, h, w), the warm start (not in the paper; stages/dvae.py): the decoder gets those
+        codes one-hot, and the cross-entropy of q against them replaces beta * KL in the loss (KL still reported)."""
         logits = self.encoder(x.to(self.encoder.blocks.input.w.dtype))  # (B, K, h, w)
-        if hard:
+        if target_codes is not None:
+            z = F.one_hot(target_codes, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)  # (B, K, h, w)
+        elif hard:
             probs = F.softmax(logits.float(), dim=1).permute(0, 2, 3, 1)  # (B, h, w, K)
             codes = torch.distributions.Categorical(probs=probs).sample()  # (B, h, w)
             z = F.one_hot(codes, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)  # (B, K, h, w)
@@ -217,7 +253,11 @@ class DiscreteVAE(nn.Module):
         recon = logit_laplace_log_prob(x, decoded[:, :c], decoded[:, c:]).sum(dim=(1, 2, 3))  # (B,)
         kl = kl_to_uniform(logits)  # (B,)
         dims = x.shape[1] * x.shape[2] * x.shape[3]
-        loss = ((-recon + beta * kl) / dims).mean()
+        if target_codes is not None:
+            ce = F.cross_entropy(logits.float(), target_codes, reduction="none").sum(dim=(1, 2))  # (B,)
+            loss = ((-recon + ce) / dims).mean()
+        else:
+            loss = ((-recon + beta * kl) / dims).mean()
         return DVAEOutput(loss, recon.mean(), kl.mean(), logits, decoded)
 
     @torch.no_grad()

@@ -26,6 +26,9 @@ class Stage(Protocol):
     """Metric names on the readable rank-0 line."""
     skips: SkipCounter
     lr_schedule: LRSchedule
+    moments_reset_step: int | None
+    """Update (0-based) before which train.py zeroes the optimizer's moments, where the objective changes (the
+    dVAE's warm start ends: its gradients' scale changes with it); None: never."""
 
     def build_model(self) -> nn.Module:
         """The plain model (train.py builds it under zero.Init for ZeRO-3)."""
@@ -62,6 +65,7 @@ class StreamedData:
     """The training stream's state for a stage whose `batches` sets `self.stream` (and maybe has a tokenizer)."""
 
     stream: Any = None
+    moments_reset_step: int | None = None
 
     def loader_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"stream": self.stream.state() if self.stream is not None else None}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
@@ -19,7 +22,10 @@ from megadalle.engine.schedules import LRSchedule, cosine
 from megadalle.evaluation import perplexity
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
+from megadalle.models.kmeans import cell_codes, fit_kmeans, patches
 from megadalle.stages.base import StreamedData
+
+log = logging.getLogger(__name__)
 
 READABLE = ["loss", "recon_nats", "kl_nats", "tau", "beta", "lr", "grad_norm", "images_per_s"]
 
@@ -37,6 +43,10 @@ class DVAEStage(StreamedData):
         self.cfg = cfg
         self.args = dvae_args(cfg)
         self.skips = SkipCounter()
+        self._centroids: torch.Tensor | None = None
+        # Adam's moments from the warm start's cross-entropy would scale the first steps of the ELB: measured, they
+        # collapse a warm-started codebook to one code within 250 updates; fresh moments keep it (configs/dvae_small)
+        self.moments_reset_step = cfg.dvae.warm_start_steps or None
         o = cfg.optim
         # the paper's dVAE step size: a cosine from lr to lr_min over dvae.lr_decay_steps, no warm-up
         self.lr_schedule = LRSchedule("cosine", o.lr, 0, o.lr_min, cfg.dvae.lr_decay_steps)
@@ -49,12 +59,42 @@ class DVAEStage(StreamedData):
         return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedules(self, step: int) -> dict[str, float]:
+        """tau and beta count from the end of the warm start (dvae.warm_start_steps, 0 for the paper); lr from 0."""
         d = self.cfg.dvae
-        return {
-            "tau": cosine(step, d.tau_start, d.tau_end, d.tau_steps),
-            "beta": cosine(step, 0.0, d.kl_weight, d.kl_warmup_steps),
+        after = step - d.warm_start_steps
+        sched = {
+            "tau": cosine(after, d.tau_start, d.tau_end, d.tau_steps),
+            "beta": cosine(after, 0.0, d.kl_weight, d.kl_warmup_steps),
             "lr": self.lr_schedule.lr(step),
         }
+        if d.warm_start_steps:
+            sched["warm_start"] = float(after < 0)
+        return sched
+
+    def warm_start_centroids(self) -> torch.Tensor:
+        """The warm start's k-means codebook (vocab, C f f) over mapped pixels, fit once per process on the first
+        dvae.warm_start_images train images (centre crops at the training scale: crops of the stored image, as
+        Listing 1 takes them), seeded by job.seed; rank 0's is broadcast, so every rank trains towards the same
+        codes. A run resumed inside the warm start fits it again, identically."""
+        if self._centroids is None:
+            c, a = self.cfg, self.args
+            n, size = c.dvae.warm_start_images, a.image_size
+            stored = max(c.data.image_size, size)
+            t0 = time.time()
+            images, _, _ = next(eval_images(c.data.shards, "train", stored, n, n, s3_settings(c.data)))
+            o = (stored - size) // 2
+            images = images[:, :, o : o + size, o : o + size]  # (N, C, S, S) centre crops
+            centroids = fit_kmeans(patches(map_pixels(images), a.downsample), a.vocab_size, seed=c.job.seed)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                on = centroids.cuda() if dist.get_backend() == "nccl" else centroids  # nccl sends device tensors
+                dist.broadcast(on, src=0)
+                centroids = on.cpu()
+            self._centroids = centroids
+            log.info(
+                "dvae warm start: k-means of %d codes over %d patches of %d train images in %.1f s",
+                len(self._centroids), len(images) * a.grid_size**2, len(images), time.time() - t0,
+            )  # fmt: skip
+        return self._centroids
 
     def batches(self, rank: int, state: dict[str, Any] | None = None) -> Iterator[torch.Tensor]:
         """Mapped pixels (B, 3, S, S) augmented by Listing 1."""
@@ -71,7 +111,11 @@ class DVAEStage(StreamedData):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The per-image objective averaged over the global batch. x stays fp32: it is also the likelihood's
         target, and bf16 would merge pixel levels (the model casts the encoder's input itself)."""
-        out = model(x, sched["tau"], sched["beta"])
+        if sched.get("warm_start"):
+            codes = cell_codes(x, self.warm_start_centroids().to(x.device), self.args.downsample)  # (B, h, w)
+            out = model(x, sched["tau"], sched["beta"], target_codes=codes)
+        else:
+            out = model(x, sched["tau"], sched["beta"])
         share = len(x) / totals["samples"]
         loss = out.loss * share
         # share of the codebook the micro-batch's argmax codes use (the mean over micro-batches, at most B h w / K, so

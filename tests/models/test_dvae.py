@@ -178,3 +178,37 @@ def test_bf16_model_keeps_the_fp32_likelihood_target():
     torch.testing.assert_close(out.recon, want, rtol=1e-6, atol=1e-4)
     gap = (rounded - want).abs().item()
     assert gap > 1e-2 and gap > 100 * (out.recon - want).abs().item(), f"a bf16 target would shift recon by {gap}"
+
+
+def test_warm_start_objective_decodes_the_given_codes_and_uses_their_cross_entropy():
+    """With target_codes the decoder sees those codes one-hot and the loss is (-recon + CE(q, codes)) / dims."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(FLAVORS["debug"])
+    x = map_pixels(torch.rand(2, 3, 32, 32))
+    codes = torch.randint(0, FLAVORS["debug"].vocab_size, (2, 8, 8))
+    out = model(x, tau=0.5, beta=6.6, target_codes=codes)
+    assert torch.equal(out.decoded, model.decoder.decode_codes(codes))
+    recon = logit_laplace_log_prob(x, out.decoded[:, :3], out.decoded[:, 3:]).double().sum(dim=(1, 2, 3))  # (B,)
+    log_q = out.logits.double().log_softmax(dim=1)  # (B, K, h, w)
+    ce = -log_q.gather(1, codes[:, None]).sum(dim=(1, 2, 3))  # (B,)
+    assert out.loss.item() == pytest.approx(((-recon + ce) / (3 * 32 * 32)).mean().item(), rel=1e-5)
+    assert out.kl.item() == pytest.approx(kl_to_uniform(out.logits).mean().item())  # still reported
+
+
+def test_subpixel_upsampling_decoder():
+    """The demo's decoder: a 1x1 conv to 4x the next width and a pixel shuffle; the paper's stays nearest."""
+    assert FLAVORS["paper"].upsample == "nearest" and FLAVORS["small"].upsample == "subpixel"
+    args = DVAEArgs(image_size=32, group_count=3, n_hid=16, n_blk_per_group=1, vocab_size=32, n_init=16,
+                    upsample="subpixel")  # fmt: skip
+    dec = Decoder(args)
+    up = dec.blocks.group_1.upsample
+    assert up.conv.w.shape == (4 * 32, 64, 1, 1)  # group 1 is 64 wide, group 2 is 32
+    assert isinstance(dec.blocks.group_2.block_1.id_path, torch.nn.Identity)  # the shuffle gives group 2's width
+    h = torch.randn(1, 64, 8, 8)
+    y = up(h)  # (1, 32, 16, 16)
+    w = up.conv.w[:, :, 0, 0].view(32, 4, 64)  # (out, 2x2 sub-pixel, in): pixel_shuffle's channel order
+    want = torch.einsum("osi,i->os", w, h[0, :, 3, 5]) + up.conv.b.view(32, 4)  # cell (3, 5)
+    assert torch.allclose(y[0, :, 6:8, 10:12].reshape(32, 4), want, atol=1e-5)
+    assert dec(torch.randn(2, 32, 8, 8)).shape == (2, 6, 32, 32)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        DVAEArgs(upsample="bilinear")
