@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megadalle.config import load_config
 from megadalle.engine.distributed import init_distributed
 from megadalle.engine.ds_config import load_ds_config
-from megadalle.engine.optim import group_names
+from megadalle.engine.optim import group_names, reset_moments
 from megadalle.stages import make_stage
 from megadalle.train import build, train_update
 
@@ -60,6 +60,8 @@ def main() -> None:
     losses = []
     for step, per_rank in enumerate(steps):
         torch.manual_seed(1000 + step)  # the same random draws (dVAE gumbel noise) as the reference
+        if step == stage.moments_reset_step:  # as train.py does (the dVAE warm start's end)
+            reset_moments(optimizer)
         metrics = train_update(engine, optimizer, stage, per_rank[rank], stage.schedules(step))
         losses.append(metrics["loss"])
     out["losses"] = losses

@@ -24,7 +24,7 @@ LOSS_RTOL = 1e-4
 reduce-scatter), and 5 Adam updates amplify those fp32 rounding differences to ~1e-6 relative."""
 
 
-def _args(stage: str, token_shards: Path, tokenizer_model: Path, tmp_path: Path) -> list[str]:
+def _args(stage: str, token_shards: Path, tokenizer_model: Path, tmp_path: Path, shards: Path) -> list[str]:
     common = [f"--job.run_root={tmp_path}", "--parallel.deepspeed_config=ds_configs/zero3_cpu.json",
               "--train.micro_batch_size=2", "--optim.ema_decay=0", "--optim.grad_clip=1.0"]  # fmt: skip
     if stage.startswith("prior"):
@@ -34,9 +34,11 @@ def _args(stage: str, token_shards: Path, tokenizer_model: Path, tmp_path: Path)
         return ["--config", "megadalle/configs/prior_debug.toml", f"--prior.tokens={token_shards}",
                 f"--tokenizer.model_path={tokenizer_model}", "--train.activation_checkpointing=true",
                 "--optim.warmup_steps=0", "--optim.lr=3e-3", *common, *accum]  # fmt: skip
-    if stage == "dvae":  # weight decay 1e-4 x lr 1e-3 would be below fp32 resolution in the decay check
-        return ["--config", "megadalle/configs/dvae_debug.toml", "--dvae.kl_warmup_steps=2",
-                "--optim.weight_decay=0.1", *common]  # fmt: skip
+    if stage.startswith("dvae"):  # weight decay 1e-4 x lr 1e-3 would be below fp32 resolution in the decay check
+        # dvae_warm: 2 warm-start updates (k-means codes of the emoji shards), the moments reset, 3 of the ELB
+        warm = ["--dvae.warm_start_steps=2", "--dvae.warm_start_images=16"] if stage == "dvae_warm" else []
+        return ["--config", "megadalle/configs/dvae_debug.toml", "--dvae.kl_warmup_steps=2", f"--data.shards={shards}",
+                "--optim.weight_decay=0.1", *common, *warm]  # fmt: skip
     return ["--config", "megadalle/configs/clip_debug.toml", f"--tokenizer.model_path={tokenizer_model}",
             "--optim.warmup_steps=0", *common]  # fmt: skip
 
@@ -54,7 +56,7 @@ def _batches(stage: str, cfg) -> list[list[list]]:
         if stage == "prior_accum":  # rank 0: a 2-token and a 4-token caption, rank 1: two full ones
             return [[[(text[i : i + 1], codes[i : i + 1]) for i in (2 * r, 2 * r + 1)] for r in (0, 1)]] * STEPS
         halves = [(text[:2], codes[:2]), (text[2:], codes[2:])]
-    elif stage == "dvae":
+    elif stage.startswith("dvae"):
         x = 0.1 + 0.8 * torch.rand(4, 3, 32, 32, generator=g)  # mapped pixels
         halves = [x[:2], x[2:]]
     else:
@@ -76,6 +78,8 @@ def _reference(stage_name: str, cfg, steps: list[list]) -> dict:
     losses = []
     for step, halves in enumerate(steps):
         sched = stage.schedules(step)
+        if step == stage.moments_reset_step:
+            opt.state.clear()  # fresh Adam moments, as train.py's reset_moments
         for group in opt.param_groups:
             group["lr"] = sched["lr"]
         opt.zero_grad()
@@ -88,8 +92,10 @@ def _reference(stage_name: str, cfg, steps: list[list]) -> dict:
             loss = 0.0
             for half in micro:
                 torch.manual_seed(1000 + step)
-                out = model(half, sched["tau"], sched["beta"]) if stage_name == "dvae" else model(*half)
-                part = out.loss * len(half[0] if isinstance(half, tuple) else half) / 4
+                if stage_name.startswith("dvae"):  # the stage's loss: the warm start's k-means codes, then the ELB
+                    part = stage.loss(model, half, sched, {"samples": 4})[0]
+                else:
+                    part = model(*half).loss * len(half[0]) / 4
                 part.backward()
                 loss += part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -105,19 +111,21 @@ EXPECTED_DECAY = {
     "prior_accum": lambda n: n.endswith(("qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")),
     "prior_triton": lambda n: n.endswith(("qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")),
     "dvae": lambda n: n.endswith(".w"),
+    "dvae_warm": lambda n: n.endswith(".w"),
     "clip": lambda n: n.endswith(".weight") and not any(k in n for k in ("norm", ".ln", "tok.", "pos.")),
 }
 
 
 @pytest.mark.parametrize(
-    "stage_name", ["prior", "prior_accum", "dvae", "clip", pytest.param("prior_triton", marks=pytest.mark.slow)]
+    "stage_name",
+    ["prior", "prior_accum", "dvae", "dvae_warm", "clip", pytest.param("prior_triton", marks=pytest.mark.slow)],
 )
-def test_zero3_two_ranks_equal_plain_pytorch(stage_name, tmp_path, token_shards, tokenizer_model):
+def test_zero3_two_ranks_equal_plain_pytorch(stage_name, tmp_path, token_shards, tokenizer_model, emoji_shards):
     """prior_triton: ZeRO-3 with activation checkpointing and the Triton kernels in every layer (column layers
     transposed), against plain PyTorch with dense masked SDPA."""
     if stage_name == "prior_triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU ranks need the Triton interpreter (conftest sets it where there is no GPU)")
-    args = _args(stage_name, token_shards, tokenizer_model, tmp_path)
+    args = _args(stage_name, token_shards, tokenizer_model, tmp_path, emoji_shards)
     cfg = load_config(args)
     steps = _batches(stage_name, cfg)
     torch.save({"steps": steps}, tmp_path / "batches.pt")
