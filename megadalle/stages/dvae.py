@@ -59,13 +59,15 @@ class DVAEStage(StreamedData):
         return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedules(self, step: int) -> dict[str, float]:
-        """tau and beta count from the end of the warm start (dvae.warm_start_steps, 0 for the paper); lr from 0."""
+        """tau and beta count from the end of the warm start (dvae.warm_start_steps, 0 for the paper); lr from 0,
+        times dvae.elb_lr_scale after a warm start."""
         d = self.cfg.dvae
         after = step - d.warm_start_steps
+        scale = d.elb_lr_scale if d.warm_start_steps and after >= 0 else 1.0
         sched = {
             "tau": cosine(after, d.tau_start, d.tau_end, d.tau_steps),
             "beta": cosine(after, 0.0, d.kl_weight, d.kl_warmup_steps),
-            "lr": self.lr_schedule.lr(step),
+            "lr": self.lr_schedule.lr(step) * scale,
         }
         if d.warm_start_steps:
             sched["warm_start"] = float(after < 0)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from megadalle.config import load_config
+from megadalle.config import ConfigError, load_config
 from megadalle.data.loader import eval_images
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.models.kmeans import cell_codes
@@ -32,6 +32,16 @@ def test_schedules_count_from_the_end_of_the_warm_start(emoji_shards):
     assert stage.schedules(10)["lr"] == stage.lr_schedule.lr(10), "the step size counts from 0"
     assert stage.moments_reset_step == 10
     assert DVAEStage(load_config(["--config", "megadalle/configs/dvae_debug.toml"])).moments_reset_step is None
+
+
+def test_elb_lr_scale_applies_after_the_warm_start_only(emoji_shards):
+    stage = DVAEStage(warm_cfg(emoji_shards, "--dvae.elb_lr_scale=0.25"))
+    assert stage.schedules(9)["lr"] == stage.lr_schedule.lr(9), "the warm start keeps the full step size"
+    assert [stage.schedules(s)["lr"] for s in (10, 20)] == [0.25 * stage.lr_schedule.lr(s) for s in (10, 20)]
+    paper = DVAEStage(load_config(["--config", "megadalle/configs/dvae_debug.toml", "--dvae.elb_lr_scale=0.25"]))
+    assert paper.schedules(5)["lr"] == paper.lr_schedule.lr(5), "no warm start: no scale"
+    with pytest.raises(ConfigError, match="dvae.elb_lr_scale must be positive, got 0.0"):
+        warm_cfg(emoji_shards, "--dvae.elb_lr_scale=0")
 
 
 def test_warm_start_teaches_the_kmeans_codes(emoji_shards):
