@@ -144,7 +144,7 @@ class Dvae:
     """Train images (centre crops, manifest order) whose code-cell patches the warm start's k-means is fit on."""
     elb_lr_scale: float = 1.0
     """After a warm start, the step size of the paper's objective is the lr schedule's times this (1: unchanged).
-    The demo lowers it: at the warm start's step size the ELB traded reconstruction for confidence on the
+    The demo lowers it: at the full lr schedule the ELB traded reconstruction for confidence on the
     background (configs/dvae_small.toml). No effect without a warm start."""
 
 
