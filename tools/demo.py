@@ -57,7 +57,7 @@ CAPTIONS = "megadalle/configs/demo_captions.txt"
 AUGMENTATIONS = 4
 """Views per training image in the prior's token shards (central + Listing 2 crops)."""
 SAMPLE_ARGS = {"candidates": 8, "keep": 4}
-REPORT_ARGS: list[str] = []  # demo_report.py's defaults: 512 val images, 64 captions x 4 samples
+REPORT_ARGS: list[str] = []  # demo_report.py's defaults: 512 val images, 64 captions x 8 samples
 
 QUICK_SUFFIX = "_quick"
 QUICK_STEPS = 20
@@ -475,7 +475,7 @@ class Demo:
                   f"{d['codes_used_fraction']:.3f} | mean_rgb_mae {d['mean_rgb_mae']:.3f} | k-means yardstick "
                   f"{d.get('kmeans_psnr_db', float('nan')):.2f} dB")  # fmt: skip
             print(f"  prior       caption_following_x_chance {p['caption_following_x_chance']:.2f} "
-                  f"({p['captions']} captions; real images "
+                  f"(+- {p.get('caption_following_stderr_x', float('nan')):.2f}; {p['captions']} captions; real images "
                   f"{p.get('caption_following_real_x_chance', float('nan')):.2f}) | fid_samples {p['fid_samples']:.1f} "
                   f"| fid_floor {p['fid_floor']:.1f} "
                   f"| fid_ceiling {p['fid_ceiling']:.1f} | fid_fraction {p['fid_fraction']:.3f}")  # fmt: skip

@@ -2,7 +2,7 @@
 """The demo's quality targets (issue 9), measured from its checkpoints on the val split, into one JSON report.
 
     python tools/demo_report.py --prior outputs/prior_small/checkpoints --dvae outputs/dvae_small/checkpoints \
-        --clip outputs/clip_small/checkpoints --shards outputs/demo/shards [--captions 64 --per-caption 4] \
+        --clip outputs/clip_small/checkpoints --shards outputs/demo/shards [--captions 64 --per-caption 8] \
         [--images 512] --out outputs/demo/report.json
 
 dvae (EMA weights, argmax codes, val images at the dVAE's size):
@@ -15,6 +15,7 @@ dvae (EMA weights, argmax codes, val images at the dVAE's size):
 prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
+  caption_following_stderr_x  its binomial standard error (same unit): the sampling noise of that figure;
   caption_following_real_x_chance  the same for the real val images of those captions (a reference for the reranker);
   fid_samples                 FID of those images against the val images;
   fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
@@ -44,8 +45,8 @@ from megadalle.sample import Models, load_models, sample
 FIGURES: dict[str, tuple[str, ...]] = {
     "dvae": ("psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae",
              "kmeans_psnr_db"),
-    "prior": ("caption_following_x_chance", "caption_following_real_x_chance", "fid_samples", "fid_floor",
-              "fid_ceiling", "fid_fraction"),
+    "prior": ("caption_following_x_chance", "caption_following_stderr_x", "caption_following_real_x_chance",
+              "fid_samples", "fid_floor", "fid_ceiling", "fid_fraction"),
 }  # fmt: skip
 """The figures every report holds, by section."""
 
@@ -109,9 +110,11 @@ def kmeans_psnr(train: torch.Tensor, val: torch.Tensor, f: int, k: int, iters: i
 
 
 @torch.no_grad()
-def caption_following(models: Models, captions: list[str], images: torch.Tensor, owner: torch.Tensor) -> float:
+def caption_following(
+    models: Models, captions: list[str], images: torch.Tensor, owner: torch.Tensor
+) -> tuple[float, float]:
     """images (M, 3, S, S) generated for captions[owner[m]]: the share whose own caption the reranker ranks first
-    among all `captions`, divided by chance (1 / len(captions))."""
+    among all `captions`, divided by chance (1 / len(captions)), and its binomial standard error in that unit."""
     clip, tok = models.clip, models.clip_tokenizer
     device = clip.logit_scale.device
     size = clip.a.image_size
@@ -120,7 +123,8 @@ def caption_following(models: Models, captions: list[str], images: torch.Tensor,
     img = clip.embed_images(images.to(device))  # (M, E)
     txt = clip.embed_text(tok.encode_batch(captions)[0].to(device))  # (C, E)
     top = (img @ txt.T).argmax(dim=1).cpu()  # (M,)
-    return float((top == owner).float().mean()) * len(captions)
+    share = float((top == owner).float().mean())
+    return share * len(captions), math.sqrt(share * (1 - share) / len(owner)) * len(captions)
 
 
 @torch.no_grad()
@@ -160,9 +164,11 @@ def report(args: argparse.Namespace) -> dict:
     index = {c: i for i, c in enumerate(chosen)}
     mine = [i for i, c in enumerate(captions) if c in index]
     real_owner = torch.tensor([index[captions[i]] for i in mine])
+    following, stderr = caption_following(models, chosen, generated, owner)
     prior = {
-        "caption_following_x_chance": caption_following(models, chosen, generated, owner),
-        "caption_following_real_x_chance": caption_following(models, chosen, real[mine], real_owner),
+        "caption_following_x_chance": following,
+        "caption_following_stderr_x": stderr,
+        "caption_following_real_x_chance": caption_following(models, chosen, real[mine], real_owner)[0],
         "captions": len(chosen),
         "per_caption": args.per_caption,
         **fid,
@@ -177,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", required=True, help="reranker checkpoint (scores caption following)")
     p.add_argument("--shards", required=True, help="image shard set with a val split")
     p.add_argument("--captions", type=int, default=64, help="distinct val captions to generate for")
-    p.add_argument("--per-caption", type=int, default=4, help="images generated per caption")
+    p.add_argument("--per-caption", type=int, default=8,
+                   help="images generated per caption (8 x 64: as many samples as FID's 512 val images, and a "
+                        "caption-following figure with half the variance of 4 per caption)")  # fmt: skip
     p.add_argument("--images", type=int, default=512, help="val images for the dVAE figures and as FID's real set")
     p.add_argument("--kmeans-images", type=int, default=2000, help="train images for the k-means yardstick")
     p.add_argument("--batch", type=int, default=16, help="sampling batch")
@@ -201,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{d['kmeans_psnr_db']:.1f}), content perplexity "
           f"{d['content_perplexity']:.1f}, codes used {100 * d['codes_used_fraction']:.1f}%, mean-RGB MAE "
           f"{d['mean_rgb_mae']:.3f}")  # fmt: skip
-    print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance over {r['captions']} captions "
+    print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance (+- "
+          f"{r['caption_following_stderr_x']:.2f}) over {r['captions']} captions x {r['per_caption']} "
           f"(real val images: {r['caption_following_real_x_chance']:.2f}x); "
           f"FID samples {r['fid_samples']:.1f}, floor {r['fid_floor']:.1f}, ceiling {r['fid_ceiling']:.1f} "
           f"(fraction {r['fid_fraction']:.2f}) -> {out}")  # fmt: skip
