@@ -145,7 +145,7 @@ class Dvae:
     elb_lr_scale: float = 1.0
     """After a warm start, the step size of the paper's objective is the lr schedule's times this (1: unchanged).
     The demo lowers it: at the full lr schedule the ELB traded reconstruction for confidence on the
-    background (configs/dvae_small.toml). No effect without a warm start."""
+    background (configs/dvae_small.toml). Only with a warm start (warm_start_steps > 0)."""
 
 
 @dataclass
@@ -511,6 +511,11 @@ def validate(cfg: JobConfig) -> None:
             f"dvae.warm_start_images must be positive, got {cfg.dvae.warm_start_images}",
         ),
         (cfg.dvae.elb_lr_scale > 0, f"dvae.elb_lr_scale must be positive, got {cfg.dvae.elb_lr_scale}"),
+        (
+            cfg.dvae.elb_lr_scale == 1 or cfg.dvae.warm_start_steps > 0,
+            f"dvae.elb_lr_scale = {cfg.dvae.elb_lr_scale} scales the lr after a warm start, but "
+            "dvae.warm_start_steps is 0: set both, or leave elb_lr_scale at 1 (scale optim.lr instead)",
+        ),
         (cfg.logging.peak_tflops >= 0, f"logging.peak_tflops must be >= 0, got {cfg.logging.peak_tflops}"),
     ]
     for ok, msg in checks:

@@ -102,6 +102,7 @@ def test_dvae_paper_settings_are_the_defaults_and_the_run_file():
     for cfg in (load_config([]), load_config(["--config", str(REPO / "megadalle/configs/dvae_paper.toml")])):
         d, o = cfg.dvae, cfg.optim
         assert (d.kl_weight, d.kl_warmup_steps) == (6.6, 5000)
+        assert (d.warm_start_steps, d.elb_lr_scale) == (0, 1.0)  # the paper has no warm start
         assert (d.tau_start, d.tau_end, d.tau_steps) == (1.0, 1 / 16, 150000)
         assert (o.lr, o.lr_min, d.lr_decay_steps) == (1e-4, 1.25e-6, 1200000)
         assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.ema_decay) == (0.9, 0.999, 1e-8, 1e-4, 0.999)

@@ -15,7 +15,8 @@ dvae (EMA weights, argmax codes, val images at the dVAE's size):
 prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
-  caption_following_stderr_x  its binomial standard error (same unit): the sampling noise of that figure;
+  caption_following_stderr_x  its binomial standard error (same unit), given these captions: the sampling noise;
+  caption_following_4_x_chance  the same from the first 4 images of each caption only (the issue's 64 x 4 measure);
   caption_following_real_x_chance  the same for the real val images of those captions (a reference for the reranker);
   fid_samples                 FID of those images against the val images;
   fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
@@ -45,8 +46,8 @@ from megadalle.sample import Models, load_models, sample
 FIGURES: dict[str, tuple[str, ...]] = {
     "dvae": ("psnr_db", "content_psnr_db", "content_perplexity", "codes_used_fraction", "mean_rgb_mae",
              "kmeans_psnr_db"),
-    "prior": ("caption_following_x_chance", "caption_following_stderr_x", "caption_following_real_x_chance",
-              "fid_samples", "fid_floor", "fid_ceiling", "fid_fraction"),
+    "prior": ("caption_following_x_chance", "caption_following_stderr_x", "caption_following_4_x_chance",
+              "caption_following_real_x_chance", "fid_samples", "fid_floor", "fid_ceiling", "fid_fraction"),
 }  # fmt: skip
 """The figures every report holds, by section."""
 
@@ -110,11 +111,8 @@ def kmeans_psnr(train: torch.Tensor, val: torch.Tensor, f: int, k: int, iters: i
 
 
 @torch.no_grad()
-def caption_following(
-    models: Models, captions: list[str], images: torch.Tensor, owner: torch.Tensor
-) -> tuple[float, float]:
-    """images (M, 3, S, S) generated for captions[owner[m]]: the share whose own caption the reranker ranks first
-    among all `captions`, divided by chance (1 / len(captions)), and its binomial standard error in that unit."""
+def caption_scores(models: Models, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+    """The reranker's scores (M, C) of images (M, 3, S, S) against captions (C)."""
     clip, tok = models.clip, models.clip_tokenizer
     device = clip.logit_scale.device
     size = clip.a.image_size
@@ -122,9 +120,16 @@ def caption_following(
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
     img = clip.embed_images(images.to(device))  # (M, E)
     txt = clip.embed_text(tok.encode_batch(captions)[0].to(device))  # (C, E)
-    top = (img @ txt.T).argmax(dim=1).cpu()  # (M,)
-    share = float((top == owner).float().mean())
-    return share * len(captions), math.sqrt(share * (1 - share) / len(owner)) * len(captions)
+    return (img @ txt.T).cpu()
+
+
+def first_choice_x_chance(scores: torch.Tensor, owner: torch.Tensor) -> tuple[float, float]:
+    """scores (M, C) of M images against C captions, image m made for caption owner[m]: how often the image's own
+    caption scores highest, divided by chance (1 / C), and the binomial standard error of that figure (0 when
+    every image or none ranks its caption first)."""
+    share = float((scores.argmax(dim=1).cpu() == owner).float().mean())
+    c = scores.shape[1]
+    return share * c, math.sqrt(share * (1 - share) / len(owner)) * c
 
 
 @torch.no_grad()
@@ -164,11 +169,16 @@ def report(args: argparse.Namespace) -> dict:
     index = {c: i for i, c in enumerate(chosen)}
     mine = [i for i, c in enumerate(captions) if c in index]
     real_owner = torch.tensor([index[captions[i]] for i in mine])
-    following, stderr = caption_following(models, chosen, generated, owner)
+    scores = caption_scores(models, chosen, generated)  # (C * per_caption, C), caption-major
+    following, stderr = first_choice_x_chance(scores, owner)
+    first4 = torch.arange(len(owner)) % args.per_caption < 4  # each caption's first 4 samples
     prior = {
         "caption_following_x_chance": following,
         "caption_following_stderr_x": stderr,
-        "caption_following_real_x_chance": caption_following(models, chosen, real[mine], real_owner)[0],
+        "caption_following_4_x_chance": first_choice_x_chance(scores[first4], owner[first4])[0],
+        "caption_following_real_x_chance": first_choice_x_chance(
+            caption_scores(models, chosen, real[mine]), real_owner
+        )[0],
         "captions": len(chosen),
         "per_caption": args.per_caption,
         **fid,
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{d['content_perplexity']:.1f}, codes used {100 * d['codes_used_fraction']:.1f}%, mean-RGB MAE "
           f"{d['mean_rgb_mae']:.3f}")  # fmt: skip
     print(f"prior: caption following {r['caption_following_x_chance']:.2f}x chance (+- "
-          f"{r['caption_following_stderr_x']:.2f}) over {r['captions']} captions x {r['per_caption']} "
+          f"{r['caption_following_stderr_x']:.2f}; first 4 per caption {r['caption_following_4_x_chance']:.2f}x) "
+          f"over {r['captions']} captions x {r['per_caption']} "
           f"(real val images: {r['caption_following_real_x_chance']:.2f}x); "
           f"FID samples {r['fid_samples']:.1f}, floor {r['fid_floor']:.1f}, ceiling {r['fid_ceiling']:.1f} "
           f"(fraction {r['fid_fraction']:.2f}) -> {out}")  # fmt: skip

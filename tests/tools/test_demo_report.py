@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from demo_report import dvae_report, kmeans_psnr, patches, perplexity, psnr
+from demo_report import dvae_report, first_choice_x_chance, kmeans_psnr, patches, perplexity, psnr
 
 from megadalle.models.dvae import FLAVORS, DiscreteVAE
 
@@ -44,3 +44,15 @@ def test_patches_and_kmeans_yardstick():
     assert kmeans_psnr(images[:4], images[4:], 4, 3) > 60  # exact up to float rounding
     assert kmeans_psnr(images[:4], images[4:], 4, 1) < 20
     assert kmeans_psnr(images[:1], images[4:], 4, 10_000) > 60  # more codes than patches: k = the patches
+
+
+def test_first_choice_x_chance_and_its_standard_error():
+    """6 images for 3 captions (2 each): 3 rank their own caption first, so a share of 1/2 is 1.5x chance (1/3),
+    with the binomial standard error sqrt(1/2 * 1/2 / 6) x 3; none or all ranking it first leave no noise."""
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    scores = torch.zeros(6, 3)  # (M, C)
+    scores[torch.arange(6), torch.tensor([0, 1, 1, 2, 0, 2])] = 1.0  # own caption first for images 0, 2, 5
+    x, se = first_choice_x_chance(scores, owner)
+    assert x == pytest.approx(1.5) and se == pytest.approx(math.sqrt(0.25 / 6) * 3)
+    assert first_choice_x_chance(scores[[0, 2, 5]], owner[[0, 2, 5]]) == (3.0, 0.0)
+    assert first_choice_x_chance(scores[[1, 3, 4]], owner[[1, 3, 4]]) == (0.0, 0.0)
