@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from megadalle.data.transforms import center_resize, to_tensor, to_uint8
+from megadalle.engine.denormals import flush_denormals
 from megadalle.models.clip import ContrastiveModel
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
@@ -163,6 +164,7 @@ def write_grid(results: list[dict], path: Path, label_height: int = 14, min_side
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", required=True)
     p.add_argument("--dvae", required=True)

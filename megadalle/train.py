@@ -37,6 +37,7 @@ from megadalle.engine.checkpoint import (
     prepare_resume,
     save_checkpoint,
 )
+from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown, sum_over_ranks, world_size
 from megadalle.engine.distributed import rank as global_rank
 from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
@@ -409,6 +410,7 @@ def _local_grad_norm(engine) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     stop = StopSignals()  # first: SIGUSR1 during the start-up must not end the process (its default action)
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     try:

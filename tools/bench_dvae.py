@@ -27,7 +27,7 @@ def run(name: str, nproc: int, ds_config: str, args: argparse.Namespace, root: P
         f"--data.shards={args.shards}", f"--job.run_root={root}", f"--job.name={name}",
         f"--parallel.deepspeed_config={ds_config}", f"--train.steps={args.steps}", "--train.eval_every=0",
         f"--train.micro_batch_size={args.micro_batch}", f"--train.log_every={args.steps}", "--checkpoint.keep=1",
-        "--dvae.warm_start_steps=0",  # the paper's objective, not the demo's k-means warm start
+        "--dvae.warm_start_steps=0", "--dvae.elb_lr_scale=1",  # the paper's objective, no k-means warm start
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)))
     if nproc == 1:

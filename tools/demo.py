@@ -474,10 +474,11 @@ class Demo:
                   f"content_perplexity {d['content_perplexity']:.1f} | codes_used_fraction "
                   f"{d['codes_used_fraction']:.3f} | mean_rgb_mae {d['mean_rgb_mae']:.3f} | k-means yardstick "
                   f"{d.get('kmeans_psnr_db', float('nan')):.2f} dB")  # fmt: skip
+            nan = float("nan")
             print(f"  prior       caption_following_x_chance {p['caption_following_x_chance']:.2f} "
-                  f"(+- {p.get('caption_following_stderr_x', float('nan')):.2f}; {p['captions']} captions x "
-                  f"{p['per_caption']}; real images "
-                  f"{p.get('caption_following_real_x_chance', float('nan')):.2f}) | fid_samples {p['fid_samples']:.1f} "
+                  f"(+- {p.get('caption_following_stderr_x', nan):.2f}; {p['captions']} captions x {p['per_caption']}; "
+                  f"first 4 of each {p.get('caption_following_4_x_chance', nan):.2f}; real images "
+                  f"{p.get('caption_following_real_x_chance', nan):.2f}) | fid_samples {p['fid_samples']:.1f} "
                   f"| fid_floor {p['fid_floor']:.1f} "
                   f"| fid_ceiling {p['fid_ceiling']:.1f} | fid_fraction {p['fid_fraction']:.3f}")  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as e:

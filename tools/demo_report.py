@@ -16,7 +16,8 @@ prior (temperature 1, no reranking):
   caption_following_x_chance  --per-caption images for each of --captions val captions; the reranker scores each
                               image against all those captions; how often its own caption ranks first, / chance;
   caption_following_stderr_x  its binomial standard error (same unit), given these captions: the sampling noise;
-  caption_following_4_x_chance  the same from the first 4 images of each caption only (the issue's 64 x 4 measure);
+  caption_following_4_x_chance  the same from the first min(4, --per-caption) images of each caption (the issue's
+                               64 x 4 measure);
   caption_following_real_x_chance  the same for the real val images of those captions (a reference for the reranker);
   fid_samples                 FID of those images against the val images;
   fid_floor / fid_ceiling     the same for dVAE reconstructions of the val images (the floor) and for images decoded
@@ -37,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from megadalle.data.loader import eval_images
+from megadalle.engine.denormals import flush_denormals
 from megadalle.evaluation import fid_from_features, inception_features, perplexity
 from megadalle.models.dvae import DiscreteVAE
 from megadalle.models.dvae_loss import map_pixels, reconstruction
@@ -171,7 +173,7 @@ def report(args: argparse.Namespace) -> dict:
     real_owner = torch.tensor([index[captions[i]] for i in mine])
     scores = caption_scores(models, chosen, generated)  # (C * per_caption, C), caption-major
     following, stderr = first_choice_x_chance(scores, owner)
-    first4 = torch.arange(len(owner)) % args.per_caption < 4  # each caption's first 4 samples
+    first4 = torch.arange(len(owner)) % args.per_caption < 4  # each caption's first 4 samples (all if fewer)
     prior = {
         "caption_following_x_chance": following,
         "caption_following_stderr_x": stderr,
@@ -187,6 +189,7 @@ def report(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", required=True, help="prior checkpoint (folder, checkpoints/ folder or extra.pt)")
     p.add_argument("--dvae", required=True, help="dVAE checkpoint")

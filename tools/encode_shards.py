@@ -34,6 +34,7 @@ from megadalle.config import ConfigError
 from megadalle.data.loader import eval_images, eval_samples, s3_settings
 from megadalle.data.shards import FORMAT, MANIFEST, ShardWriter, read_any_manifest, write_json_atomic
 from megadalle.data.transforms import center_resize, prior_augment, to_tensor
+from megadalle.engine.denormals import flush_denormals
 from megadalle.models.dvae_loss import map_pixels
 from megadalle.stages.load import load_trained
 
@@ -124,6 +125,7 @@ def encode_shards(
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or its extra.pt) with EMA weights")
     p.add_argument("--shards", default=None, help="image shard set (default: the checkpoint config's data.shards)")

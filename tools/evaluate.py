@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megadalle.data.loader import eval_images
+from megadalle.engine.denormals import flush_denormals
 from megadalle.evaluation import blur as gaussian_blur
 from megadalle.evaluation import fid_from_features, inception_features, inception_score
 from megadalle.sample import load_models, rerank, sample
@@ -78,6 +79,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", required=True)
     p.add_argument("--dvae", required=True)
