@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter on the CPU; set before any @triton.jit
     os.environ.setdefault("TRITON_INTERPRET", "1")
-flush_denormals()  # the float mode of every entry point: in-process references compute as train.py does
+flush_denormals()  # the float mode of every entry point (and test worker): references compute as train.py does
 sys.path.insert(0, str(REPO / "tools"))  # the tools' helpers (train_tokenizer.captions, ...) are tested too
 
 

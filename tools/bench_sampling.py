@@ -27,11 +27,13 @@ import time
 
 import torch
 
+from megadalle.engine.denormals import flush_denormals
 from megadalle.models.transformer import FLAVORS, DallePrior
 from megadalle.sampling import generate, generate_uncached
 
 
 def main() -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="debug")
     p.add_argument("--full-sequence", action="store_true", help="the paper's 1280-position stream")

@@ -45,6 +45,7 @@ from megadalle.engine.checkpoint import (  # noqa: E402
     write_marker,
 )
 from megadalle.engine.consolidate import ConversionError, read_zero_checkpoint  # noqa: E402
+from megadalle.engine.denormals import flush_denormals  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_TOL = {"fp32": 0.0, "fp16": 2e-2, "bf16": 1e-1}
@@ -421,6 +422,7 @@ def import_openai_dvae(encoder: str, decoder: str, out: str, verify: bool, tol: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # before the first torch operation starts the thread pool
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 

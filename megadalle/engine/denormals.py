@@ -11,7 +11,7 @@ def flush_denormals() -> bool:
 
     Why: x86 CPUs compute subnormals in microcode, tens of times slower. A trained dVAE's relaxed codes (the
     softmax over 1,024 codes at tau 1/2) are mostly subnormal, and the demo dVAE's updates slowed from 143 to 55
-    images/s over its 5,500 updates (one forward and backward on 16 images: 116 ms at initialisation, 333 ms at
+    images/s over its (then) 5,500 updates (one forward and backward on 16 images: 116 ms at initialisation, 333 ms at
     the end; 119 ms with the flush, measured on the 2-core CPU). Values this small change no result: they are 0 after
     any addition to a normal value. CUDA kernels are not affected. Returns False where the CPU has no such mode."""
     return torch.set_flush_denormal(True)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megadalle.config import load_config
+from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import init_distributed
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.optim import group_names, reset_moments
@@ -29,6 +30,7 @@ def gathered(engine) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    flush_denormals()  # before the first torch operation starts the thread pool
     batches_path, out_path = sys.argv[1], sys.argv[2]
     rank, world = init_distributed()
     cfg = load_config(sys.argv[sys.argv.index("--") + 1 :])

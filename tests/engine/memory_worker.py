@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from megadalle.config import load_config
+from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import init_distributed, shutdown
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.stages import make_stage
@@ -21,6 +22,7 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def main() -> None:
+    flush_denormals()  # before the first torch operation starts the thread pool
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     cfg = load_config(argv)
     rank, world = init_distributed()

@@ -1,4 +1,5 @@
-"""flush_denormals: subnormal floats become 0 in the thread pool that torch starts after the call."""
+"""flush_denormals: subnormal floats become 0 in the thread pool that torch starts after the call, when it is called
+after the entry points' imports, as their main() does."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 PROGRAM = """
 import sys, torch
+import megadalle.sample, megadalle.train  # the entry points' imports start no thread pool before the call
 from megadalle.engine.denormals import flush_denormals
 if sys.argv[1] == "1":
     assert flush_denormals()
