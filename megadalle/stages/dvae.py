@@ -63,7 +63,7 @@ class DVAEStage(StreamedData):
         times dvae.elb_lr_scale after a warm start."""
         d = self.cfg.dvae
         after = step - d.warm_start_steps
-        scale = d.elb_lr_scale if d.warm_start_steps and after >= 0 else 1.0
+        scale = d.elb_lr_scale if after >= 0 else 1.0  # config: elb_lr_scale is 1 without a warm start
         sched = {
             "tau": cosine(after, d.tau_start, d.tau_end, d.tau_steps),
             "beta": cosine(after, 0.0, d.kl_weight, d.kl_warmup_steps),
