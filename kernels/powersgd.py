@@ -1,12 +1,25 @@
 """PowerSGD's kernels (Ramesh et al. 2021, Sec. 2.5, App. E.1-E.2) and the paper's 16-bit formats (App. D, E).
 
 16-bit formats, `FMT_169` (1 sign, 6 exponent, 9 significand bits: error buffers, the all-reduced P, Adam's first
-moment) and `FMT_0610` (no sign, 6 exponent, 10 significand bits: Adam's second moment). Both have exponent bias
-31, subnormals at exponent field 0 and no infinities: the top exponent field (63) holds NaN only, so the largest
-value is (2 - 2^-m) * 2^31 (4.29e9), the smallest normal 2^-30 and the smallest subnormal 2^-(30 + m). Encoding
-from fp32 rounds to nearest, ties to even; finite values beyond the largest and +-inf saturate to +-largest
-(infinities clamped keeping the sign, App. E.2); NaN stays NaN; the unsigned format stores negatives as +0.
-Codes are int16 tensors holding the 16-bit patterns.
+moment) and `FMT_0610` (no sign, 6 exponent, 10 significand bits: Adam's second moment). Subnormals at exponent
+field 0 and no infinities: the top exponent field (63) holds NaN only, so with exponent bias b the largest value is
+(2 - 2^-m) * 2^(62 - b), the smallest normal 2^(1 - b) and the smallest subnormal 2^(1 - b - m). The paper does
+not state the biases (App. B.2, D, E); each format's is chosen from what it stores:
+- 1-6-9, bias 31 (the IEEE-like 2^5 - 1): signed gradient-sized quantities, the PowerSGD error buffers (unscaled
+  gradients), the all-reduced P whose infinities App. E.2 clamps to the format's largest value, Adam's first
+  moment. Normal from 2^-30 (9.3e-10, subnormals to 2^-39 = 1.8e-12) up to 4.29e9: a per-element gradient of
+  1e-8 keeps 8 significant bits, and the clamp sits far above any finite gradient.
+- 0-6-10, bias 60: Adam's variance v, clipped to 5 (App. B.2) before it is stored. 60 is the largest bias whose
+  top value still holds the clip: (2 - 2^-10) * 2^2 = 7.996 (bias 61 would top out at 4). Its smallest normal
+  2^-59 = (2^-29.5)^2 matches the first moment's normal floor (sqrt(v) and |m| lose precision together), with
+  subnormals down to 2^-69 (1.7e-21): g^2 of per-element gradients down to ~1e-10 survives, and a flushed v moves
+  the update by under 2% (sqrt(25 x 2^-70) = 1.5e-10 against eps 1e-8, after the first step's bias correction).
+  With bias 31 (smallest 2^-40 = 9.1e-13) g^2 of per-element gradients below ~3e-6 flushes to zero and the
+  update becomes m / eps: at 1e-6, 85% of v was zero and the mean update 9.7x fp32 Adam's (tests/engine/
+  test_adam16.py compares both with fp32 AdamW from 1e-2 down to 1e-8).
+Encoding from fp32 rounds to nearest, ties to even; finite values beyond the largest and +-inf saturate to
++-largest (infinities clamped keeping the sign, App. E.2); NaN stays NaN; the unsigned format stores negatives as
++0. Codes are int16 tensors holding the 16-bit patterns.
 
     encode(x fp32 (...)) -> codes int16 (...)          decode(codes int16 (...)) -> fp32 (...)
     orthogonalize(p (n, r) fp32, eps) -> (n, r) fp32: the Q factor of p + eps * I by Householder reflections
@@ -30,34 +43,39 @@ import triton
 import triton.language as tl
 
 EXP_BITS = 6
-EXP_BIAS = 31  # 2^(EXP_BITS - 1) - 1
 TOP_EXP = 63  # 2^EXP_BITS - 1: NaN only
 
 
 @dataclass(frozen=True)
 class Fmt:
-    """A 16-bit format: `signed` (1 sign bit) and `m` significand bits; 6 exponent bits."""
+    """A 16-bit format: `signed` (1 sign bit), `m` significand bits, 6 exponent bits with exponent `bias`."""
 
     signed: bool
     m: int
+    bias: int = 31
+    """A value with exponent field 1 <= e <= 62 is (1 + mant / 2^m) * 2^(e - bias)."""
 
     def __post_init__(self) -> None:
         if int(self.signed) + EXP_BITS + self.m != 16:
             raise ValueError(
                 f"a 16-bit format needs sign + {EXP_BITS} + m = 16 bits, got {int(self.signed)} + m {self.m}"
             )
+        # every value (and the subnormal step the codecs multiply by) is an fp32 normal
+        if not 0 <= self.bias <= 127 - self.m:
+            raise ValueError(f"exponent bias {self.bias} with m {self.m}: need 0 <= bias <= {127 - self.m} for fp32 "
+                             "to hold every value")  # fmt: skip
 
     @property
     def max(self) -> float:
-        return (2 - 2.0**-self.m) * 2.0 ** (TOP_EXP - 1 - EXP_BIAS)
+        return (2 - 2.0**-self.m) * 2.0 ** (TOP_EXP - 1 - self.bias)
 
     @property
     def min_normal(self) -> float:
-        return 2.0 ** (1 - EXP_BIAS)
+        return 2.0 ** (1 - self.bias)
 
     @property
     def min_subnormal(self) -> float:
-        return 2.0 ** (1 - EXP_BIAS - self.m)
+        return 2.0 ** (1 - self.bias - self.m)
 
     @property
     def nan_code(self) -> int:
@@ -66,8 +84,8 @@ class Fmt:
         return c - (1 << 16) if c >= 1 << 15 else c
 
 
-FMT_169 = Fmt(signed=True, m=9)
-FMT_0610 = Fmt(signed=False, m=10)
+FMT_169 = Fmt(signed=True, m=9, bias=31)
+FMT_0610 = Fmt(signed=False, m=10, bias=60)
 
 
 # --- references ---------------------------------------------------------------------------------------------------
@@ -78,7 +96,7 @@ def quantize_ref(x: torch.Tensor, fmt: Fmt) -> torch.Tensor:
     x = x.double()
     a = x.abs()
     _, e = torch.frexp(a)  # a = f * 2^e, f in [0.5, 1): floor(log2 a) = e - 1
-    step = torch.exp2((e - 1).clamp(min=1 - EXP_BIAS).double() - fmt.m)  # the grid spacing at a's binade
+    step = torch.exp2((e - 1).clamp(min=1 - fmt.bias).double() - fmt.m)  # the grid spacing at a's binade
     q = (torch.round(a / step) * step).clamp(max=fmt.max)  # torch.round: half to even; a / step is exact
     q = torch.where(torch.isinf(a), fmt.max, q)
     q = torch.where(torch.signbit(x), -q, q) if fmt.signed else torch.where(x < 0, 0.0, q)  # -0 keeps its sign
@@ -91,7 +109,7 @@ def encode_ref(x: torch.Tensor, fmt: Fmt) -> torch.Tensor:
     a = q.abs()
     f, e = torch.frexp(a)  # a = f 2^e
     normal = a >= fmt.min_normal
-    exp = torch.where(normal, e - 1 + EXP_BIAS, 0)
+    exp = torch.where(normal, e - 1 + fmt.bias, 0)
     mant = torch.where(normal, (f * 2.0 ** (fmt.m + 1) - 2**fmt.m), a / fmt.min_subnormal)
     code = (exp.long() << fmt.m) | mant.round().long()
     if fmt.signed:
@@ -106,7 +124,7 @@ def decode_ref(codes: torch.Tensor, fmt: Fmt) -> torch.Tensor:
     sign = (c >> 15) & 1 if fmt.signed else torch.zeros_like(c)
     exp = (c >> fmt.m) & (TOP_EXP)
     mant = (c & ((1 << fmt.m) - 1)).double()
-    normal = (1 + mant / 2**fmt.m) * torch.exp2((exp - EXP_BIAS).double())
+    normal = (1 + mant / 2**fmt.m) * torch.exp2((exp - fmt.bias).double())
     value = torch.where(exp == 0, mant * fmt.min_subnormal, normal)
     value = torch.where(sign == 1, -value, value)
     return torch.where(exp == TOP_EXP, torch.nan, value).float()
@@ -154,21 +172,23 @@ def decompress_update_ref(
 
 
 @triton.jit
-def _encode(x, M: tl.constexpr, SIGNED: tl.constexpr):
+def _encode(x, M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr):
     """fp32 block -> int32 16-bit patterns (0..65535)."""
+    REBIAS: tl.constexpr = 127 - BIAS  # fp32's biased exponent of the format's exponent field 0 (96 for bias 31)
     bits = x.to(tl.int32, bitcast=True)
     sign = (bits >> 31) & 1
     a = bits & 0x7FFFFFFF
     big_e = a >> 23  # fp32's biased exponent
-    # a normal target (fp32 exponent >= 97, i.e. >= 2^-30): round the exponent|significand field to M bits (ties
-    # to even; a carry moves into the exponent), then rebias 127 -> 31
+    # a normal target (fp32 exponent >= REBIAS + 1, i.e. >= 2^(1 - BIAS)): round the exponent|significand field to
+    # M bits (ties to even; a carry moves into the exponent), then rebias 127 -> BIAS
     SHIFT: tl.constexpr = 23 - M
-    normal = ((a + ((1 << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1)) >> SHIFT) - (96 << M)
-    # a subnormal target: the full significand shifted to multiples of 2^-(30 + M), ties to even
+    normal = ((a + ((1 << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1)) >> SHIFT) - (REBIAS << M)
+    # a subnormal target: the full significand (a multiple of 2^(big_e - 150)) shifted to multiples of
+    # 2^(1 - BIAS - M), ties to even
     sig = (a & 0x7FFFFF) | tl.where(big_e > 0, 0x800000, 0)
-    sh = tl.minimum(tl.maximum(120 - M - tl.maximum(big_e, 1), 1), 31)  # (clamped where unused)
+    sh = tl.minimum(tl.maximum(151 - BIAS - M - tl.maximum(big_e, 1), 1), 31)  # (clamped where unused)
     sub = (sig + ((1 << (sh - 1)) - 1) + ((sig >> sh) & 1)) >> sh
-    code = tl.where(big_e >= 97, normal, sub)
+    code = tl.where(big_e > REBIAS, normal, sub)
     code = tl.minimum(code, (63 << M) - 1)  # saturate: beyond the largest, and +-inf
     if SIGNED:
         code = code | (sign << 15)
@@ -178,8 +198,9 @@ def _encode(x, M: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _decode(c, M: tl.constexpr, SIGNED: tl.constexpr):
+def _decode(c, M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr):
     """int32 16-bit patterns block -> fp32."""
+    REBIAS: tl.constexpr = 127 - BIAS
     c = c & 0xFFFF
     if SIGNED:
         sign = (c >> 15) & 1
@@ -188,43 +209,47 @@ def _decode(c, M: tl.constexpr, SIGNED: tl.constexpr):
         sign = c * 0
     exp = c >> M
     mant = c & ((1 << M) - 1)
-    normal = ((sign << 31) | ((exp + 96) << 23) | (mant << (23 - M))).to(tl.float32, bitcast=True)
-    sub = mant.to(tl.float32) * tl.full((), (97 - M) << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^-(30+M)
+    normal = ((sign << 31) | ((exp + REBIAS) << 23) | (mant << (23 - M))).to(tl.float32, bitcast=True)
+    STEP: tl.constexpr = (REBIAS + 1 - M) << 23  # fp32 bits of 2^(1 - BIAS - M), the subnormal step
+    sub = mant.to(tl.float32) * tl.full((), STEP, tl.int32).to(tl.float32, bitcast=True)
     sub = (sub.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)  # (-x would lose -0)
     value = tl.where(exp == 0, sub, normal)
     return tl.where(exp == 63, float("nan"), value)
 
 
 @triton.jit
-def _encode_kernel(X, C, N, M: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _encode_kernel(X, C, N, M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: tensors beyond 2^31 elements
     x = tl.load(X + offs, mask=offs < N, other=0.0)
-    tl.store(C + offs, _encode(x, M, SIGNED).to(tl.int16), mask=offs < N)
+    tl.store(C + offs, _encode(x, M, SIGNED, BIAS).to(tl.int16), mask=offs < N)
 
 
 @triton.jit
-def _decode_kernel(C, X, N, M: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _decode_kernel(C, X, N, M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     c = tl.load(C + offs, mask=offs < N, other=0).to(tl.int32)
-    tl.store(X + offs, _decode(c, M, SIGNED), mask=offs < N)
+    tl.store(X + offs, _decode(c, M, SIGNED, BIAS), mask=offs < N)
 
 
 @triton.jit
-def _error_feedback_add_kernel(E, G, N, inv_scale, M: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _error_feedback_add_kernel(
+    E, G, N, inv_scale, M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    e = _decode(tl.load(E + offs, mask=mask, other=0).to(tl.int32), M, SIGNED)
+    e = _decode(tl.load(E + offs, mask=mask, other=0).to(tl.int32), M, SIGNED, BIAS)
     g = tl.load(G + offs, mask=mask, other=0.0)
-    tl.store(E + offs, _encode(e + g * inv_scale, M, SIGNED).to(tl.int16), mask=mask)
+    tl.store(E + offs, _encode(e + g * inv_scale, M, SIGNED, BIAS).to(tl.int16), mask=mask)
 
 
 @triton.jit
 def _decompress_update_kernel(
     E, P, Q, D, m, n, r, inv_nodes,
-    M: tl.constexpr, SIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M: tl.constexpr, SIGNED: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M, BLOCK_N) tile of d = p q^T / n_nodes (p (m, r), q (n, r), row-major) and of e -= d."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * n beyond 2^31
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, r, BLOCK_K):
@@ -238,9 +263,9 @@ def _decompress_update_kernel(
     mask = (offs_m[:, None] < m) & (offs_n[None, :] < n)
     idx = offs_m[:, None] * n + offs_n[None, :]
     tl.store(D + idx, d, mask=mask)
-    e = _decode(tl.load(E + idx, mask=mask, other=0).to(tl.int32), M, SIGNED) - d
+    e = _decode(tl.load(E + idx, mask=mask, other=0).to(tl.int32), M, SIGNED, BIAS) - d
     e = tl.where(e - e == 0.0, e, 0.0)  # not finite: zeroed (App. E.2)
-    tl.store(E + idx, _encode(e, M, SIGNED).to(tl.int16), mask=mask)
+    tl.store(E + idx, _encode(e, M, SIGNED, BIAS).to(tl.int16), mask=mask)
 
 
 @triton.jit
@@ -318,7 +343,8 @@ def encode(x: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
     if x.numel():
-        _encode_kernel[_grid(x.numel())](x, out, x.numel(), M=fmt.m, SIGNED=fmt.signed, BLOCK=BLOCK)
+        _encode_kernel[_grid(x.numel())](x, out, x.numel(), M=fmt.m, SIGNED=fmt.signed, BIAS=fmt.bias,
+                                         BLOCK=BLOCK)  # fmt: skip
     return out
 
 
@@ -327,7 +353,8 @@ def decode(codes: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
     _check_codes(codes, "decode")
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     if codes.numel():
-        _decode_kernel[_grid(codes.numel())](codes, out, codes.numel(), M=fmt.m, SIGNED=fmt.signed, BLOCK=BLOCK)
+        _decode_kernel[_grid(codes.numel())](codes, out, codes.numel(), M=fmt.m, SIGNED=fmt.signed, BIAS=fmt.bias,
+                                             BLOCK=BLOCK)  # fmt: skip
     return out
 
 
@@ -340,7 +367,7 @@ def error_feedback_add_(e: torch.Tensor, g: torch.Tensor, scale: float, fmt: Fmt
     g = g.contiguous()
     if e.numel():
         _error_feedback_add_kernel[_grid(e.numel())](e, g, e.numel(), 1.0 / scale, M=fmt.m, SIGNED=fmt.signed,
-                                                     BLOCK=BLOCK)  # fmt: skip
+                                                     BIAS=fmt.bias, BLOCK=BLOCK)  # fmt: skip
     return e
 
 
@@ -359,8 +386,8 @@ def decompress_update_(
     d = torch.empty(m, n, dtype=torch.float32, device=e.device)
     bm, bn, bk = 32, 32, max(16, min(64, triton.next_power_of_2(r)))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _decompress_update_kernel[grid](e, p, q, d, m, n, r, 1.0 / n_nodes, M=fmt.m, SIGNED=fmt.signed, BLOCK_M=bm,
-                                    BLOCK_N=bn, BLOCK_K=bk)  # fmt: skip
+    _decompress_update_kernel[grid](e, p, q, d, m, n, r, 1.0 / n_nodes, M=fmt.m, SIGNED=fmt.signed, BIAS=fmt.bias,
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)  # fmt: skip
     return d
 
 
@@ -394,16 +421,16 @@ def _rne_shift(v: torch.Tensor, sh: torch.Tensor | int) -> torch.Tensor:
 def encode_torch(x: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
     """The kernels' integer algorithm in PyTorch (the CPU has no Triton backend): bit-identical to encode_ref.
     In place where it can: the normal path on every element, the subnormal one on the few that need it."""
-    m = fmt.m
+    m, rebias = fmt.m, 127 - fmt.bias
     bits = x.float().contiguous().view(torch.int32)
     a = bits & 0x7FFFFFFF
-    code = _rne_shift(a, 23 - m).sub_(96 << m).clamp_(max=(63 << m) - 1)  # normal targets; saturated
-    small = a < (97 << 23)  # below 2^-30 (zeros included): subnormal targets
+    code = _rne_shift(a, 23 - m).sub_(rebias << m).clamp_(max=(63 << m) - 1)  # normal targets; saturated
+    small = a < ((rebias + 1) << 23)  # below 2^(1 - bias) (zeros included): subnormal targets
     if bool(small.any()):
         s_a = a[small]
         big_e = s_a >> 23
         sig = (s_a & 0x7FFFFF) | ((big_e > 0).int() << 23)
-        code[small] = _rne_shift(sig, (120 - m - big_e.clamp(min=1)).clamp(1, 31))
+        code[small] = _rne_shift(sig, (151 - fmt.bias - m - big_e.clamp(min=1)).clamp(1, 31))
     if fmt.signed:
         code |= (bits >> 16) & 0x8000  # the sign bit, moved from bit 31 to bit 15
     else:
@@ -413,14 +440,17 @@ def encode_torch(x: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
 
 
 def decode_torch(codes: torch.Tensor, fmt: Fmt = FMT_169) -> torch.Tensor:
-    """The kernels' decoding in PyTorch: bit-identical to decode_ref."""
+    """The kernels' decoding in PyTorch: bit-identical to decode_ref. Like the kernel, it takes int16 codes only
+    (fp32 holding code values, as torch's Optimizer.load_state_dict makes of them, is an error, not a decode)."""
+    if codes.dtype != torch.int16:
+        raise ValueError(f"decode_torch: expected int16 codes, got {codes.dtype}")
     m = fmt.m
     c = codes.int() & 0xFFFF
     sign = (c >> 15) & 1 if fmt.signed else torch.zeros_like(c)
     c = c & 0x7FFF if fmt.signed else c
     exp, mant = c >> m, c & ((1 << m) - 1)
-    normal = ((sign << 31) | ((exp + 96) << 23) | (mant << (23 - m))).view(torch.float32)
-    sub = (mant.float() * 2.0 ** (-30 - m)).view(torch.int32) | (sign << 31)
+    normal = ((sign << 31) | ((exp + 127 - fmt.bias) << 23) | (mant << (23 - m))).view(torch.float32)
+    sub = (mant.float() * fmt.min_subnormal).view(torch.int32) | (sign << 31)
     value = torch.where(exp == 0, sub.view(torch.float32), normal)
     return torch.where(exp == 63, torch.nan, value)
 

@@ -1,9 +1,14 @@
 """AdamW with the paper's 16-bit moments (Ramesh et al. 2021, App. D and E): the first moment stored in the 1-6-9
 format, the second in 0-6-10 (no sign bit), clipped to `v_clip` (5) before it is stored (and used clipped); 4
 bytes of optimizer state per parameter instead of fp32 Adam's 8. A group with `moments16 = False` keeps fp32
-moments (`make_optimizer` gives that to gains, biases, embeddings and unembeddings, App. D.2). The update is
-computed in fp32 from the fresh moments, which are then encoded (kernels/powersgd.py's codec: Triton on a GPU,
-its bit-identical PyTorch twin on the CPU).
+moments (`make_optimizer` gives that to gains, biases, embeddings and unembeddings, App. D.2: the groups whose
+`kind` is not "matrix", whatever their weight decay). The update is computed in fp32 from the fresh moments, which
+are then encoded (kernels/powersgd.py's codec: Triton on a GPU, its bit-identical PyTorch twin on the CPU). The
+0-6-10 format's exponent bias (60) keeps g^2 of per-element gradients down to ~1e-10 (kernels/powersgd.py).
+
+The codes are int16 state tensors. torch's `Optimizer.load_state_dict` casts floating-point parameters' state to
+the parameter's dtype, which would turn them into fp32 holding the code values; a post hook casts them back
+(exact: fp32 holds every int16), so a resumed run continues bit for bit and the Triton decode accepts them.
 
 Decoupled weight decay and bias correction as torch.optim.AdamW. Plain torch.optim.Optimizer, so DeepSpeed's
 ZeRO stages take it as a client optimizer (they hand it their fp32 partitions as parameters).
@@ -34,6 +39,7 @@ class AdamW16(torch.optim.Optimizer):
         if v_clip <= 0:
             raise ValueError(f"AdamW16: v_clip must be positive, got {v_clip}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, v_clip=v_clip))
+        self.register_load_state_dict_post_hook(_restore_codes)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -74,17 +80,37 @@ class AdamW16(torch.optim.Optimizer):
         return loss
 
 
+def _restore_codes(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: the 16-bit moments back to int16 codes (torch made fp32 of them)."""
+    for group in optimizer.param_groups:
+        if not group.get("moments16", True):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].dtype != torch.int16:
+                    codes = state[key]
+                    if not bool(((codes == codes.round()) & (codes >= -(2**15)) & (codes < 2**15)).all()):
+                        raise ValueError(f"AdamW16.load_state_dict: {key} ({codes.dtype}) of a 16-bit group "
+                                         "holds values that are not int16 codes (fp32 moments?)")  # fmt: skip
+                    state[key] = codes.to(torch.int16)
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of tensor state the optimizer holds (moments), for the memory per parameter."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
 def make_optimizer(groups: list[dict[str, Any]], moments: str, lr: float, betas: tuple[float, float], eps: float):
-    """AdamW over `groups` (each with its weight decay), with fp32 moments (torch's) or the paper's 16-bit ones."""
+    """AdamW over `groups` (each with its weight decay and its `kind`, engine/optim.py's param_groups), with fp32
+    moments (torch's) or the paper's 16-bit ones: those for the matmul and conv weights (kind "matrix", with or
+    without weight decay); gains, biases, embeddings and unembeddings (kind "other") keep fp32 moments (App. D.2)."""
     if moments == "fp32":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-    if moments == "paper16":  # 16-bit moments for the decayed matmul weights; gains, biases, embeddings and
-        # unembeddings (the group without weight decay) keep fp32 moments (App. D.2)
-        groups = [{**g, "moments16": g.get("weight_decay", 0.0) > 0} for g in groups]
+    if moments == "paper16":
+        kinds = [g.get("kind") for g in groups]
+        if any(k not in ("matrix", "other") for k in kinds):
+            raise ValueError(f"optim.moments = paper16 needs each group's kind ('matrix' or 'other'), got {kinds}")
+        groups = [{**g, "moments16": g["kind"] == "matrix"} for g in groups]
         return AdamW16(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"optim.moments must be fp32 or paper16, got {moments!r}")

@@ -27,7 +27,8 @@ def decays(module: nn.Module, param_name: str) -> bool:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """[decayed, not decayed] groups covering every trainable parameter exactly once, in model order. Each group
-    carries a `name`, so tests and logs can tell them apart."""
+    carries a `name`, so tests and logs can tell them apart, and a `kind`: "matrix" (the matmul and conv weights,
+    which get the paper's 16-bit Adam moments, engine/adam16.py, whatever `weight_decay` is) or "other"."""
     decay: list[torch.Tensor] = []
     rest: list[torch.Tensor] = []
     for module in model.modules():
@@ -37,8 +38,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     if not decay:
         raise ValueError(f"{type(model).__name__}: no parameter to decay (no Linear or conv weight found)")
     return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": rest, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "kind": "matrix"},
+        {"name": "no_decay", "params": rest, "weight_decay": 0.0, "kind": "other"},
     ]
 
 

@@ -102,3 +102,29 @@ def test_the_command_line_prints_the_paper_and_an_h200_cluster(tmp_path) -> None
     bad = run("--nodes", "0")
     assert bad.returncode == 2 and "nodes must be at least 1" in bad.stderr
     assert not Path(tmp_path / "x").exists()
+
+
+def test_the_paper_preset_is_the_12b_run_file() -> None:
+    """The planner's `paper` preset describes megadalle/configs/prior_12b.toml as slurm/train_12b.sh launches it
+    (which adds PowerSGD between nodes): flavor, batch, checkpointing, precision, grad scaler, Adam's moments,
+    PowerSGD's rank, GPUs a node and the ZeRO-3 sizes of its DeepSpeed JSON."""
+    from megadalle.config import load_config
+    from megadalle.engine.ds_config import grad_scaler_mode, load_ds_config
+    from megadalle.engine.planner import PRESETS
+
+    cluster, s = PRESETS["paper"]
+    cfg = load_config(["--config", str(REPO / "megadalle/configs/prior_12b.toml")])
+    ds = load_ds_config(cfg, world_size=cluster.nodes * cluster.gpus_per_node)
+    z = ds["zero_optimization"]
+    assert s.flavor == cfg.model.prior_flavor
+    assert (s.micro_batch, s.global_batch) == (cfg.train.micro_batch_size, cfg.train.global_batch_size)
+    assert s.checkpointing == cfg.train.activation_checkpointing
+    assert (s.precision, s.grad_scaler) == (cfg.train.precision, grad_scaler_mode(cfg, ds))
+    assert s.moments == cfg.optim.moments == "paper16"  # App. D/E's 16-bit moments
+    assert s.powersgd_rank == cfg.powersgd.rank and cluster.gpus_per_node == cfg.parallel.gpus_per_node
+    assert "--powersgd.enabled=true" in (REPO / "slurm/train_12b.sh").read_text()
+    assert (s.persistence_threshold, s.max_live_parameters, s.reduce_bucket) == (
+        z["stage3_param_persistence_threshold"],
+        z["stage3_max_live_parameters"],
+        z["reduce_bucket_size"],
+    )

@@ -1,6 +1,7 @@
-"""PowerSGD's Triton kernels against their PyTorch references: the 1-6-9 and 0-6-10 formats (every code, ties,
-saturation, NaN), Householder orthogonalisation against its reference and LAPACK's QR, and the two error-feedback
-updates; under the interpreter on the CPU at odd shapes, and at 12B shard shapes under the `gpu` marker."""
+"""PowerSGD's Triton kernels against their PyTorch references: the 1-6-9 and 0-6-10 formats at their exponent
+biases (31 and 60) and at other biases (every code, ties, the edges, saturation, NaN), Householder
+orthogonalisation against its reference and LAPACK's QR, and the two error-feedback updates; under the interpreter
+on the CPU at odd shapes, and at 12B shard shapes under the `gpu` marker."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kernels.powersgd import (
     FMT_0610,
     FMT_169,
     TORCH,
+    Fmt,
     decode,
     decode_ref,
     decode_torch,
@@ -28,7 +30,11 @@ from kernels.powersgd import (
     quantize_ref,
 )
 
-FMTS = pytest.mark.parametrize("fmt", [FMT_169, FMT_0610], ids=["1-6-9", "0-6-10"])
+FMTS = pytest.mark.parametrize(
+    "fmt",
+    [FMT_169, FMT_0610, Fmt(signed=False, m=10, bias=31), Fmt(signed=True, m=9, bias=60)],
+    ids=["1-6-9", "0-6-10", "0-6-10 bias 31", "1-6-9 bias 60"],  # (the codecs take any bias, not only the two)
+)
 CODECS = pytest.mark.parametrize(
     "encode, decode", [(encode, decode), (encode_torch, decode_torch)], ids=["triton", "torch (the CPU's)"]
 )
@@ -44,9 +50,15 @@ def _all_codes() -> torch.Tensor:
 
 
 def test_format_ranges() -> None:
-    assert FMT_169.max == (2 - 2**-9) * 2**31 and FMT_0610.max == (2 - 2**-10) * 2**31  # ~4.29e9
-    assert FMT_169.min_normal == FMT_0610.min_normal == 2**-30
-    assert FMT_169.min_subnormal == 2**-39 and FMT_0610.min_subnormal == 2**-40
+    """1-6-9 (gradient-sized, signed): bias 31, normal from 2^-30 to 4.29e9. 0-6-10 (Adam's variance, clipped to 5):
+    bias 60, the largest bias whose top value still holds the clip, normal from 2^-59 = (2^-29.5)^2 (the first
+    moment's floor, squared), subnormal to 2^-69."""
+    assert FMT_169.bias == 31 and FMT_169.max == (2 - 2**-9) * 2**31  # ~4.29e9
+    assert FMT_169.min_normal == 2**-30 and FMT_169.min_subnormal == 2**-39
+    assert FMT_0610.bias == 60 and FMT_0610.max == (2 - 2**-10) * 2**2 == 7.99609375
+    assert Fmt(signed=False, m=10, bias=61).max < 5.0 < FMT_0610.max  # App. B.2's clip fits, one bias up it would not
+    assert FMT_0610.min_normal == 2**-59 and FMT_0610.min_subnormal == 2**-69
+    assert FMT_0610.min_normal**0.5 == 2**-29.5  # sqrt(v)'s floor beside |m|'s 2^-30
     for fmt in (FMT_169, FMT_0610):
         values = decode_ref(_all_codes(), fmt)
         finite = values[~values.isnan()]
@@ -92,6 +104,33 @@ def test_encode_rounds_to_nearest_even_like_the_reference(fmt, encode, decode) -
     # ties go to the even significand
     tie_codes = encode(mids, fmt).long() & ((1 << fmt.m) - 1)
     assert bool((tie_codes % 2 == 0).all())
+
+
+@CODECS
+@FMTS
+def test_edges_encode_to_their_codes_and_back(fmt, encode, decode) -> None:
+    """The largest value, the smallest normal, the largest and smallest subnormal, saturation and NaN, by code."""
+    m, top = fmt.m, (1 << fmt.m) - 1
+    values = [fmt.max, fmt.min_normal, fmt.min_normal - fmt.min_subnormal, fmt.min_subnormal, 0.0, fmt.max * 1.5,
+              float("inf"), float("nan")]  # fmt: skip
+    codes = [(62 << m) | top, 1 << m, top, 1, 0, (62 << m) | top, (62 << m) | top, fmt.nan_code]
+    codes = [c - (1 << 16) if c >= 1 << 15 else c for c in codes]  # as int16 values
+    x = torch.tensor(values, dtype=torch.float32)
+    assert encode(x, fmt).tolist() == codes
+    assert encode_ref(x, fmt).tolist() == codes
+    expect = torch.tensor(values[:5] + [fmt.max, fmt.max, float("nan")])
+    assert _same(decode(torch.tensor(codes, dtype=torch.int16), fmt), expect)
+    assert _same(decode_ref(torch.tensor(codes, dtype=torch.int16), fmt), expect)
+    # just below the smallest normal rounds up into it; half the smallest subnormal is a tie, to even (0)
+    near = torch.tensor([fmt.min_normal - fmt.min_subnormal / 2, fmt.min_subnormal / 2, fmt.min_subnormal * 0.75])
+    assert encode(near, fmt).tolist() == [1 << m, 0, 1]
+
+
+def test_formats_reject_biases_fp32_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="exponent bias 118 with m 10"):
+        Fmt(signed=False, m=10, bias=118)  # the smallest subnormal 2^-127 would be an fp32 subnormal
+    with pytest.raises(ValueError, match=r"sign \+ 6 \+ m = 16"):
+        Fmt(signed=True, m=10)
 
 
 @CODECS
@@ -178,8 +217,13 @@ def test_decompress_update_matches_reference_and_zeroes_non_finite() -> None:
 
 
 def test_decode_rejects_non_codes() -> None:
-    with pytest.raises(ValueError, match="int16 codes"):
-        decode(torch.zeros(4, dtype=torch.int32))
+    """The CPU's decode refuses what the Triton launcher refuses: fp32 holding code values (what torch's
+    Optimizer.load_state_dict makes of int16 state) is not a code tensor."""
+    for dec in (decode, decode_torch):
+        with pytest.raises(ValueError, match="int16 codes"):
+            dec(torch.zeros(4, dtype=torch.int32))
+        with pytest.raises(ValueError, match="int16 codes"):
+            dec(torch.zeros(4, dtype=torch.float32))
     with pytest.raises(ValueError, match="expected fp32"):
         encode(torch.zeros(4, dtype=torch.float16))
 
