@@ -29,14 +29,19 @@ Encoding from fp32 rounds to nearest, ties to even; finite values beyond the lar
         d = p q^T / n_nodes (the averaged gradient), e <- enc(dec(e) - d), set to 0 where not finite
 
 Each has its pure-PyTorch reference (`*_ref`, computed in float64 where it matters). None is differentiated, so
-there is no autograd wrapper. Interpreter (TRITON_INTERPRET=1, CPU): plain pointer arithmetic only.
+there is no autograd wrapper. Interpreter (TRITON_INTERPRET=1, CPU): plain pointer arithmetic only. The 1-D kernels
+and the decompression's rows index in int64 (tensors beyond 2^31 elements).
+
+`ops_for(device, orthogonalize)` gives the five operations: the Triton kernels on a GPU, their PyTorch twins on the
+CPU; the orthogonalisation from the ORTHOGONALIZE registry, by default torch.linalg.qr (cuSOLVER) on a GPU too: the
+Householder kernel is a single program (see AUTO_ORTHOGONALIZE).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -477,17 +482,38 @@ def _torch_decompress_update_(e: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
     return d
 
 
-def _torch_orthogonalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LAPACK's Householder QR (geqrf + orgqr): the same Q as orthogonalize_ref (tested), in fp32."""
+def torch_qr_orthogonalize(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Q (n, r) of p + eps * I (n, r), n >= r, by torch.linalg.qr: Householder QR (geqrf + orgqr) by LAPACK on the
+    CPU, cuSOLVER on a GPU, with LAPACK's sign conventions: the same Q as orthogonalize_ref (tested), in fp32."""
+    if p.dim() != 2 or p.dtype != torch.float32:
+        raise ValueError(f"torch_qr_orthogonalize: expected a 2-d fp32 matrix, got {p.dtype} {tuple(p.shape)}")
     n, r = p.shape
-    return torch.linalg.qr(p.float() + eps * torch.eye(n, r, dtype=torch.float32, device=p.device)).Q
+    if not 1 <= r <= n:
+        raise ValueError(f"torch_qr_orthogonalize: need 1 <= r <= n for p (n, r), got {tuple(p.shape)}")
+    return torch.linalg.qr(p + eps * torch.eye(n, r, dtype=torch.float32, device=p.device)).Q
 
 
 KERNELS = Ops(encode, decode, orthogonalize, error_feedback_add_, decompress_update_)
-TORCH = Ops(encode_torch, decode_torch, _torch_orthogonalize, _torch_error_feedback_add_, _torch_decompress_update_)
+TORCH = Ops(encode_torch, decode_torch, torch_qr_orthogonalize, _torch_error_feedback_add_, _torch_decompress_update_)
+
+ORTHOGONALIZE: dict[str, Callable[..., torch.Tensor]] = {
+    "householder": orthogonalize,
+    "torch_qr": torch_qr_orthogonalize,
+}
+"""The orthogonalisations of P, one signature (p (n, r) fp32, eps) -> Q (n, r): the Triton Householder kernel (one
+program, grid (1,)) or torch.linalg.qr (cuSOLVER on a GPU, LAPACK on the CPU); both give LAPACK's Q."""
+AUTO_ORTHOGONALIZE = "torch_qr"
+"""What `orthogonalize = "auto"` picks, on a GPU too: the Householder kernel is one Triton program, serial over the
+r columns, and one program cannot fill an H100 at a 12B shard (1984 x 112), while cuSOLVER's blocked QR can; to be
+revisited when tools/bench_powersgd_kernels.py has measured both on the GPU. (The CPU has no Triton backend.)"""
 
 
-def ops_for(device: torch.device | str) -> Ops:
+def ops_for(device: torch.device | str, orthogonalize: str = "auto") -> Ops:
     """The Triton kernels on a CUDA device; on the CPU, which has no Triton backend, PyTorch (the kernels'
-    integer codec, LAPACK's QR): the tests hold both to the references, the codecs bit for bit."""
-    return KERNELS if torch.device(device).type == "cuda" else TORCH
+    integer codec, LAPACK's QR): the tests hold both to the references, the codecs bit for bit. `orthogonalize`
+    names an entry of ORTHOGONALIZE, or "auto" (AUTO_ORTHOGONALIZE)."""
+    if orthogonalize != "auto" and orthogonalize not in ORTHOGONALIZE:
+        raise ValueError(f"orthogonalize must be auto or one of {sorted(ORTHOGONALIZE)}, got {orthogonalize!r}")
+    ops = KERNELS if torch.device(device).type == "cuda" else TORCH
+    name = AUTO_ORTHOGONALIZE if orthogonalize == "auto" else orthogonalize
+    return replace(ops, orthogonalize=ORTHOGONALIZE[name])

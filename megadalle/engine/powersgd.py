@@ -21,7 +21,8 @@ r per shard is the paper's rank divided by `gpus_per_node` ("112 a GPU" for r = 
 transformer's shards (Table 2: d x d/m, d x 4d/m, 4d/m x d) send r (m + 2) / (2 d m) of their elements.
 In the 16-bit all-reduce each rank sums one chunk of everyone's codes in rank order and re-encodes it, so all
 ranks get the same bits. `Collectives` counts the bytes each rank sends across node groups. The operations are
-kernels/powersgd.py's Triton kernels on a GPU and their PyTorch references on the CPU (`ops_for`).
+kernels/powersgd.py's Triton kernels on a GPU and their PyTorch references on the CPU (`ops_for`; P is orthogonalised
+by torch.linalg.qr on both, cuSOLVER on a GPU, unless `ops` says otherwise).
 
 Checkpoints (App. E.2) keep, per local ordinal, the sum of the error buffers over the node groups; a resume
 divides it by the number of node groups and gives it to every node group.

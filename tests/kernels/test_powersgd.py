@@ -5,7 +5,11 @@ on the CPU at odd shapes, and at 12B shard shapes under the `gpu` marker."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import torch
 from kernels.powersgd import (
     FMT_0610,
     FMT_169,
+    ORTHOGONALIZE,
     TORCH,
     Fmt,
     decode,
@@ -25,10 +30,13 @@ from kernels.powersgd import (
     encode_torch,
     error_feedback_add_,
     error_feedback_add_ref,
+    ops_for,
     orthogonalize,
     orthogonalize_ref,
     quantize_ref,
+    torch_qr_orthogonalize,
 )
+from tests.conftest import REPO
 
 FMTS = pytest.mark.parametrize(
     "fmt",
@@ -161,6 +169,24 @@ def test_orthogonalize_matches_reference_and_lapack(shape) -> None:
     assert (q.T @ q - torch.eye(r)).abs().max() < 2e-5
 
 
+@pytest.mark.parametrize("shape", [(37, 5), (130, 17), (3, 1), (65, 64), (1984 // 16, 7)])
+def test_torch_qr_is_the_default_orthogonalisation_with_the_references_q(shape) -> None:
+    """`ops_for` picks the orthogonalisation from a registry: torch.linalg.qr by default on a GPU too (the Householder
+    kernel is one program), with the same eps * I and LAPACK's signs, so the same Q as the reference."""
+    assert ops_for("cuda").orthogonalize is torch_qr_orthogonalize is ops_for("cpu").orthogonalize
+    assert ops_for("cuda", "householder").orthogonalize is orthogonalize is ORTHOGONALIZE["householder"]
+    assert ops_for("cuda").encode is encode and ops_for("cpu").encode is encode_torch  # the rest as before
+    g = torch.Generator().manual_seed(7 * sum(shape))
+    p = torch.randn(shape, generator=g)
+    ref = orthogonalize_ref(p, 1e-6)
+    for name, fn in ORTHOGONALIZE.items():
+        assert (fn(p, 1e-6) - ref).abs().max() < 2e-5, name
+    with pytest.raises(ValueError, match="orthogonalize must be auto or one of"):
+        ops_for("cuda", "cholesky_qr")
+    with pytest.raises(ValueError, match="1 <= r <= n"):
+        torch_qr_orthogonalize(torch.randn(3, 5))
+
+
 def test_orthogonalize_rank_deficient_p_is_regularised_by_eps() -> None:
     """A P with zero and repeated columns (a zero gradient, a rank-1 error buffer) still gives orthonormal Q."""
     p = torch.zeros(29, 6)
@@ -228,6 +254,57 @@ def test_decode_rejects_non_codes() -> None:
         encode(torch.zeros(4, dtype=torch.float16))
 
 
+_COMPILE = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.powersgd as ps
+
+fmt = ps.FMT_169
+consts = {"M": fmt.m, "SIGNED": fmt.signed, "BIAS": fmt.bias}
+kernels = {
+    "encode": (ps._encode_kernel, {"X": "*fp32", "C": "*i16", "N": "i32"}, {"BLOCK": ps.BLOCK}),
+    "decode": (ps._decode_kernel, {"C": "*i16", "X": "*fp32", "N": "i32"}, {"BLOCK": ps.BLOCK}),
+    "error_feedback_add": (ps._error_feedback_add_kernel, {"E": "*i16", "G": "*fp32", "N": "i32", "inv_scale": "fp32"},
+                           {"BLOCK": ps.BLOCK}),
+    "decompress_update": (ps._decompress_update_kernel, {"E": "*i16", "P": "*fp32", "Q": "*fp32", "D": "*fp32",
+                          "m": "i32", "n": "i32", "r": "i32", "inv_nodes": "fp32"},
+                          {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}),
+}
+out = {}
+for name, (fn, sig, meta) in kernels.items():
+    c = {**consts, **meta}
+    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in c}}, c)
+    out[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+json.dump(out, sys.stdout)
+"""
+
+
+def _program_id_uses(ttir: str, axis: str = "x") -> list[str]:
+    """The TTIR operations that use `tl.program_id` of `axis` (its SSA value)."""
+    (pid,) = re.findall(rf"(%[\w.]+) = tt.get_program_id {axis} : i32", ttir)
+    uses = re.compile(rf"{re.escape(pid)}(?![\w.])")
+    return [ln.strip() for ln in ttir.splitlines() if uses.search(ln) and "get_program_id" not in ln]
+
+
+def test_offsets_are_int64_in_the_kernels_compiled_for_hopper(tmp_path) -> None:
+    """Beyond 2^31 elements (a 12B model's flat moments on one GPU, or a shard's m x n) `program_id * BLOCK` in
+    int32 wraps. Compiled for sm_90 on the CPU with Triton's own compiler (no interpreter, no GPU): in each 1-D
+    kernel, and for the decompression's rows, the program id is only ever sign-extended to i64 before use."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ttirs = json.loads(proc.stdout)
+    assert sorted(ttirs) == ["decode", "decompress_update", "encode", "error_feedback_add"]
+    for name, ttir in ttirs.items():
+        uses = _program_id_uses(ttir)
+        assert uses and all(re.search(r"arith.extsi %[\w.]+ : i32 to i64", u) for u in uses), (name, uses)
+
+
 GPU = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("MEGADALLE_REQUIRE_GPU") != "1", reason="needs a CUDA device"
 )
@@ -244,6 +321,8 @@ def test_gpu_12b_shard_shapes() -> None:
         assert torch.equal(encode(x, fmt).cpu(), encode_ref(x.cpu(), fmt))
     p = torch.randn(n, r, generator=g, device="cuda")
     q = orthogonalize(p)
+    assert (q.cpu() - orthogonalize_ref(p.cpu())).abs().max() < 1e-4
+    q = ops_for("cuda").orthogonalize(p)  # cuSOLVER's QR: LAPACK's signs
     assert (q.cpu() - orthogonalize_ref(p.cpu())).abs().max() < 1e-4
     e = encode(x)
     pm, qm = torch.randn(m, r, generator=g, device="cuda"), torch.randn(n, r, generator=g, device="cuda")
