@@ -84,16 +84,16 @@ def fill_ds_config(ds: dict[str, Any], cfg: JobConfig, world_size: int, origin: 
     if out.get("torch_autocast", {}).get("enabled") and cfg.train.precision != "fp16":
         raise ConfigError(f"{origin}: torch_autocast is enabled but train.precision is {cfg.train.precision} "
                           "(megadalle enables it itself for fp16 with train.grad_scaler = per_resblock)")  # fmt: skip
-    if out.get("fp16", {}).get("enabled") and out.get("zero_optimization", {}).get("stage", 0) == 0:
-        # DeepSpeed 0.19.8's engine.backward scales the loss only for ZeRO optimizers: its ZeRO-0 FP16_Optimizer
-        # then divides unscaled gradients by the loss scale (updates ~2^-16 too small, clipping and the logged
-        # gradient norm off by the scale)
-        raise ConfigError(f"{origin}: train.precision = fp16 with zero_optimization.stage = 0 does not train in "
-                          "DeepSpeed 0.19.8 (the loss is never multiplied by the loss scale its optimizer divides "
-                          "by): use ZeRO 1-3 for fp16, or bf16")  # fmt: skip
     if cfg.optim.moments == "paper16":  # engine/adam16.py, a client optimizer ZeRO has not been told of
         out["zero_allow_untested_optimizer"] = True
     mode = grad_scaler_mode(cfg, out, origin)
+    if mode == "global" and out.get("zero_optimization", {}).get("stage", 0) == 0:
+        # DeepSpeed 0.19.8's engine.backward scales the loss only for ZeRO optimizers: its ZeRO-0 FP16_Optimizer
+        # then divides unscaled gradients by the loss scale (updates ~2^-16 too small, clipping and the logged
+        # gradient norm off by the scale); a static scale of 1 (train.grad_scaler = none) is right
+        raise ConfigError(f"{origin}: train.precision = fp16 with zero_optimization.stage = 0 does not train in "
+                          "DeepSpeed 0.19.8 (the loss is never multiplied by the loss scale its optimizer divides "
+                          "by): use ZeRO 1-3 for fp16, train.grad_scaler = none, or bf16")  # fmt: skip
     if mode == "none":
         out["fp16"]["loss_scale"] = 1  # no scaling: DeepSpeed's loss scale static at 1
     if mode == "per_resblock":

@@ -60,10 +60,14 @@ def test_conflicting_explicit_value_rejected(tmp_path, ds, argv, needles):
 def test_fp16_on_zero0_refused_naming_the_file():
     """DeepSpeed 0.19.8's ZeRO-0 fp16 optimizer divides by a loss scale the loss was never multiplied by (its
     updates and the logged gradient norm would be off by 2^16): refused, while fp16 on ZeRO 1-3 and bf16 on ZeRO-0
-    are filled."""
+    and fp16 on ZeRO-0 without loss scaling (train.grad_scaler = none, a static scale of 1: right there) are filled."""
     with pytest.raises(ConfigError, match=r"zero0_cpu.json: train.precision = fp16 with zero_optimization.stage = 0"):
         load_ds_config(cfg("--train.precision=fp16"), world_size=1, path=REPO / "ds_configs" / "zero0_cpu.json")
     assert load_ds_config(cfg("--train.precision=bf16"), 1, REPO / "ds_configs" / "zero0_cpu.json")["bf16"]["enabled"]
+    unscaled = load_ds_config(
+        cfg("--train.precision=fp16", "--train.grad_scaler=none"), 1, REPO / "ds_configs" / "zero0_cpu.json"
+    )
+    assert unscaled["fp16"]["loss_scale"] == 1
     for stage in (1, 2):
         ds = load_ds_config(cfg("--train.precision=fp16"), 1, REPO / "ds_configs" / f"zero{stage}_cpu.json")
         assert ds["fp16"]["enabled"]
@@ -85,9 +89,8 @@ def test_shipped_ds_configs_mark_owned_values_auto(path):
     for prec in ("fp16", "bf16"):
         assert ds[prec]["enabled"] == "auto"
     for precision in ("fp32", "bf16", "fp16"):
-        if precision == "fp16" and ds["zero_optimization"]["stage"] == 0:
-            continue  # refused (test_fp16_on_zero0_refused_naming_the_file)
-        load_ds_config(cfg(f"--train.precision={precision}"), 8, path)
+        scaler = ["--train.grad_scaler=none"] if precision == "fp16" and ds["zero_optimization"]["stage"] == 0 else []
+        load_ds_config(cfg(f"--train.precision={precision}", *scaler), 8, path)  # (test_fp16_on_zero0_refused...)
 
 
 WORKER = """
