@@ -327,7 +327,7 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
         if "grad_scaler" in loop:
             scaler.load_state_dict(loop["grad_scaler"])
         else:
-            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from M * 2^13")
+            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from 2^13")
         ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
     psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
     if psgd is not None:

@@ -6,7 +6,8 @@ fp32 (App. D.2); the matmul weights (`megadalle.models.layers.Linear`) are gathe
 reduce-scattered in fp16, and autocast runs the matmuls in fp16. The Linear biases, which DeepSpeed would
 gather in fp16 with their weights, are taken back to fp32 here. DeepSpeed's own fp16 scaler (a
 `torch.amp.GradScaler`) is removed; the loss is multiplied by the scaler's S, its scale for the parameters
-outside the resblocks (DeepSpeed's `custom_loss_scaler`), DeepSpeed divides every gradient by S, and the
+outside the resblocks (DeepSpeed's `custom_loss_scaler`, times the accumulation count that DeepSpeed divides the
+loss by), DeepSpeed divides every gradient by that, and the
 gradient partitions accumulate in fp32 (`data_types.grad_accum_dtype`). At each update, before DeepSpeed
 computes the gradient norm (for clipping) and steps, `_overflow_check_and_loss_scale_update` is replaced by
 one that
@@ -85,9 +86,13 @@ def _update_scales(self: Any) -> None:
 
 
 def _set_loss_scale(optimizer: Any, value: float) -> None:
-    """DeepSpeed multiplies the loss by `value` and divides the gradients by it (`override_loss_scale` without
-    its log line at every change)."""
-    optimizer.custom_loss_scaler, optimizer.external_loss_scale = True, value
+    """DeepSpeed multiplies the loss by `value` times the accumulation count and divides the gradients by that
+    (`override_loss_scale` without its log line at every change). DeepSpeed's engine divides each micro-batch's
+    loss by the accumulation count before it reaches the optimizer: the count here puts it back, so that each
+    micro-batch's backward carries `value` times its own mean loss (train_update), at any accumulation count and
+    world size: the per-resblock scales are App. D's for one micro-batch (engine/grad_scaler.py)."""
+    optimizer.custom_loss_scaler = True
+    optimizer.external_loss_scale = value * optimizer.gradient_accumulation_steps
 
 
 def install(optimizer: Any, model: nn.Module, scaler: PerBlockScaler) -> None:

@@ -21,12 +21,18 @@ the outside ones S: each is divided by its own before the optimizer, in fp32 (`u
 parameters; under ZeRO-3 in fp16, engine/ds_grad_scaler.py divides its fp32 partitions by s_i / S and
 DeepSpeed divides everything by its loss scale S).
 
-Update rules (App. D): scale_0 = M * 2^13 (M data-parallel replicas); after an applied update, each block
-whose gradients were finite grows by 2^(1/1000); a block with non-finite gradients is divided by sqrt(2) and the
-whole update is skipped, but a scale is not divided again within 125 update attempts (skipped ones count: a
-window of applied updates could never end under persistent overflow) of its last division; scales stay in
-[M * 2^7, M * 2^24]. We read "after an update" literally: when the update is skipped, no scale grows. The
-outside scale S follows the same rules, driven by the outside parameters' gradients.
+Update rules (App. D): each scale starts at 2^13; after an applied update, each block whose gradients were
+finite grows by 2^(1/1000); a block with non-finite gradients is divided by sqrt(2) and the whole update is
+skipped, but a scale is not divided again within 125 update attempts (skipped ones count: a window of applied
+updates could never end under persistent overflow) of its last division; scales stay in [2^7, 2^24]. We read
+"after an update" literally: when the update is skipped, no scale grows. The outside scale S follows the same
+rules, driven by the outside parameters' gradients.
+
+App. D's M * 2^13 (M data-parallel replicas) is paired with a loss divided by the global batch, M included, so a
+rank's backward carries 2^13 times the gradient of its own mean loss. Here the loss a micro-batch's backward
+carries is its own mean (train.py's `train_update`, and DeepSpeed's loss scale S times the accumulation count,
+engine/ds_grad_scaler.py): the scales are App. D's without the factor M, and every fp16 activation gradient is
+the same at 1 rank or 1,024 for the same micro-batch (tests/engine/test_world_size_invariance.py).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from megadalle.models.transformer import Residual, plain_residual
 
 @dataclass(frozen=True)
 class ScalerRules:
-    """App. D's constants, in log2 units of the scale (M's factor added by the scaler)."""
+    """App. D's constants, in log2 units of the scale, per micro-batch mean loss (App. D's M factor is the loss
+    normalisation's: see the module docstring)."""
 
     init_log2: float = 13.0
     growth_log2: float = 1 / 1000
@@ -62,12 +69,11 @@ class PerBlockScaler:
     `flags` (n_blocks,) bool on the model's device collects, during backward, which blocks' outgoing activation
     gradients were not finite."""
 
-    def __init__(self, n_blocks: int, replicas: int = 1, rules: ScalerRules = ScalerRules()) -> None:
-        if n_blocks < 1 or replicas < 1:
-            raise ValueError(f"need n_blocks >= 1 and replicas >= 1, got {n_blocks}, {replicas}")
-        self.rules, self.replicas = rules, replicas
-        self.log2_m = math.log2(replicas)
-        self.log2_scales = torch.full((n_blocks + 1,), self.log2_m + rules.init_log2, dtype=torch.float64)
+    def __init__(self, n_blocks: int, rules: ScalerRules = ScalerRules()) -> None:
+        if n_blocks < 1:
+            raise ValueError(f"need n_blocks >= 1, got {n_blocks}")
+        self.rules = rules
+        self.log2_scales = torch.full((n_blocks + 1,), rules.init_log2, dtype=torch.float64)
         self.last_division = torch.full((n_blocks + 1,), -(10**9), dtype=torch.int64)
         self.skips = torch.zeros(n_blocks + 1, dtype=torch.int64)
         """Per slot (blocks, then outside): updates skipped because its gradients were not finite."""
@@ -116,7 +122,7 @@ class PerBlockScaler:
             self.skipped_updates += 1
         else:
             self.log2_scales += r.growth_log2
-        self.log2_scales.clamp_(self.log2_m + r.min_log2, self.log2_m + r.max_log2)
+        self.log2_scales.clamp_(r.min_log2, r.max_log2)
         self.updates += 1
         return skip
 
@@ -167,16 +173,15 @@ class PerBlockScaler:
     def state_dict(self) -> dict[str, Any]:
         return {"log2_scales": self.log2_scales.clone(), "last_division": self.last_division.clone(),
                 "skips": self.skips.clone(), "updates": self.updates, "skipped_updates": self.skipped_updates,
-                "replicas": self.replicas}  # fmt: skip
+                "per_micro_batch_mean": True}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["log2_scales"].numel() != self.n_blocks + 1:
             raise ValueError(f"scaler state has {state['log2_scales'].numel() - 1} resblock scales, this model "
                              f"{self.n_blocks}")  # fmt: skip
-        if int(state["replicas"]) != self.replicas:  # init and clamps are M * 2^k: the scales would not fit
-            raise ValueError(f"scaler state is for {state['replicas']} data-parallel replicas, this run has "
-                             f"{self.replicas}")  # fmt: skip
         self.log2_scales = state["log2_scales"].detach().to("cpu", torch.float64).clone()
+        if not state.get("per_micro_batch_mean"):  # saved when the scales carried App. D's M: the same backward here
+            self.log2_scales -= math.log2(int(state["replicas"]))
         self.last_division = state["last_division"].detach().to("cpu", torch.int64).clone()
         self.skips = state["skips"].detach().to("cpu", torch.int64).clone()
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
@@ -253,13 +258,13 @@ def outside_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p not in inside]
 
 
-def apply_grad_scaler(model: nn.Module, replicas: int = 1, rules: ScalerRules = ScalerRules()) -> PerBlockScaler:
+def apply_grad_scaler(model: nn.Module, rules: ScalerRules = ScalerRules()) -> PerBlockScaler:
     """Give every resblock of `model` (a model with `layers` of resblocks that join through `residual`) its
     gradient scale; returns the scaler the training loop steps (`step`, or `unscale_and_check` + `update`)."""
     blocks = resblocks(model)
     if any(block.residual is not plain_residual for block in blocks):
         raise ValueError("the resblocks' residual joins are already replaced (apply_grad_scaler twice?)")
-    scaler = PerBlockScaler(len(blocks), replicas, rules)
+    scaler = PerBlockScaler(len(blocks), rules)
     for i, block in enumerate(blocks):
         block.residual = scaled_residual(block, scaler, i)
     return scaler

@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.engine.distributed import world_size
 from megadalle.engine.grad_scaler import apply_grad_scaler
 from megadalle.models.transformer import BlockRunner, DallePrior
 
@@ -49,5 +48,5 @@ def apply_wrappers(model: nn.Module, cfg: JobConfig, grad_scaler: str = "off") -
     if grad_scaler == "per_resblock":
         if not isinstance(model, DallePrior):
             raise ConfigError(f"train.grad_scaler = per_resblock: {type(model).__name__} has no resblocks")
-        model.grad_scaler = apply_grad_scaler(model, replicas=world_size())
+        model.grad_scaler = apply_grad_scaler(model)
     return model

@@ -8,7 +8,7 @@ becomes Inf at update UPDATE (its forward count: no activation checkpointing, on
 block's parameter gradients stay finite, so only rank 0's activation flag knows: the skip on rank 1 proves the
 flags are agreed across ranks. FP16_WORKER_NORM_INF: DeepSpeed's clipping norm is Inf at update UPDATE although
 every gradient partition is finite. FP16_WORKER_SPREAD: the blocks' log2 scales start at 14 + (i - 4), not all at
-log2(M) + 13, so that a wrong or missing division of a block's scale shows in the loss and the gradient norm.
+13, so that a wrong or missing division of a block's scale shows in the loss and the gradient norm.
 FP16_WORKER_DUMP: each rank saves its scaler state to DIR/scaler_RANK.pt at the end, and to DIR/dtypes_RANK.json
 its parameters' stored dtypes, the dtype each parameter's gradient was reduce-scattered in, whether the last
 gathered values of each Linear's weight and bias are fp16-representable, and its modules' output dtypes.
@@ -83,8 +83,8 @@ def record_dtypes() -> None:
 def instrument(poison: str) -> None:
     original = wrap.apply_grad_scaler
 
-    def apply(model, replicas=1, **kw):
-        scaler = original(model, replicas, **kw)
+    def apply(model, **kw):
+        scaler = original(model, **kw)
         SCALERS.append(scaler)
         if os.environ.get("FP16_WORKER_SPREAD"):
             n = scaler.n_blocks

@@ -37,20 +37,20 @@ def _events(scaler: PerBlockScaler, events: list[list[bool]]) -> list[list[float
 
 
 def test_update_rules_growth_division_and_clamps() -> None:
-    s = PerBlockScaler(2, replicas=4)  # M = 4: log2 scales (2 blocks, then outside) start at 2 + 13
-    assert s.log2_scales.tolist() == [15.0, 15.0, 15.0] and s.loss_scale == 2.0**15
+    s = PerBlockScaler(2)  # log2 scales (2 blocks, then outside) start at 13 at any world size (App. D's M x 2^13
+    assert s.log2_scales.tolist() == [13.0, 13.0, 13.0] and s.loss_scale == 2.0**13  # on a global-batch loss)
     got = _events(s, [[False, False, False], [True, False, False], [True, False, False], [False, True, True]])
-    assert got[0] == pytest.approx([15 + G] * 3)  # all finite: all grow
-    assert got[1] == pytest.approx([15 + G - 0.5, 15 + G, 15 + G])  # block 0 overflows: / sqrt(2), nobody grows
-    assert got[2] == pytest.approx([15 + G - 0.5, 15 + G, 15 + G])  # again within 125 updates: no second division
-    assert got[3] == pytest.approx([15 + G - 0.5, 15 + G - 0.5, 15 + G - 0.5])  # block 1 and outside: divided
+    assert got[0] == pytest.approx([13 + G] * 3)  # all finite: all grow
+    assert got[1] == pytest.approx([13 + G - 0.5, 13 + G, 13 + G])  # block 0 overflows: / sqrt(2), nobody grows
+    assert got[2] == pytest.approx([13 + G - 0.5, 13 + G, 13 + G])  # again within 125 updates: no second division
+    assert got[3] == pytest.approx([13 + G - 0.5, 13 + G - 0.5, 13 + G - 0.5])  # block 1 and outside: divided
     assert s.skips.tolist() == [2, 1, 1] and s.skipped_updates == 3 and s.updates == 4
-    low = PerBlockScaler(1, replicas=4, rules=ScalerRules(init_log2=7.2))
+    low = PerBlockScaler(1, rules=ScalerRules(init_log2=7.2))
     _events(low, [[True, True]])
-    assert low.log2_scales.tolist() == [2 + 7, 2 + 7]  # clamped at M * 2^7
-    high = PerBlockScaler(1, replicas=4, rules=ScalerRules(init_log2=24 - 0.0005))
+    assert low.log2_scales.tolist() == [7, 7]  # clamped at 2^7
+    high = PerBlockScaler(1, rules=ScalerRules(init_log2=24 - 0.0005))
     _events(high, [[False, False]])
-    assert high.log2_scales.tolist() == [2 + 24, 2 + 24]  # clamped at M * 2^24
+    assert high.log2_scales.tolist() == [24, 24]  # clamped at 2^24
 
 
 def test_the_125_update_window_counts_attempts_both_sides() -> None:
@@ -75,16 +75,19 @@ def test_an_overflow_outside_the_resblocks_divides_only_the_outside_scale() -> N
 
 
 def test_state_round_trip() -> None:
-    s = PerBlockScaler(3, replicas=2)
+    s = PerBlockScaler(3)
     _events(s, [[False, True, False, False], [False, False, False, False]])
-    t = PerBlockScaler(3, replicas=2)
+    t = PerBlockScaler(3)
     t.load_state_dict(s.state_dict())
     assert torch.equal(t.log2_scales, s.log2_scales) and torch.equal(t.last_division, s.last_division)
     assert (t.updates, t.skipped_updates, t.skips.tolist()) == (2, 1, [0, 1, 0, 0])
     with pytest.raises(ValueError, match="3 resblock scales"):
-        PerBlockScaler(4, replicas=2).load_state_dict(s.state_dict())
-    with pytest.raises(ValueError, match="replicas"):
-        PerBlockScaler(3, replicas=4).load_state_dict(s.state_dict())
+        PerBlockScaler(4).load_state_dict(s.state_dict())
+    # a state saved when the scales carried App. D's M (4 replicas: 2 + 13 ...) loads as the same backward here
+    legacy = {**s.state_dict(), "log2_scales": s.log2_scales + 2, "replicas": 4}
+    del legacy["per_micro_batch_mean"]
+    t.load_state_dict(legacy)
+    assert torch.equal(t.log2_scales, s.log2_scales)
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,13 +323,15 @@ def test_per_block_scales_keep_late_block_gradients_that_one_global_scale_flushe
 def test_deepspeed_skip_on_a_nonfinite_clipping_norm_divides_the_outside_scale() -> None:
     """Inside ZeRO-3 (engine/ds_grad_scaler.py) the scales are updated after DeepSpeed's own last check: a clipping
     norm that is not finite although every partition was (a sum of squares that overflowed) skips the update and
-    is charged to S, which every partition carries by then; a clean update grows every scale."""
+    is charged to S, which every partition carries by then; a clean update grows every scale. DeepSpeed's loss
+    scale is S times the accumulation count (3 here), which DeepSpeed's engine divides each micro-batch's loss by."""
     from megadalle.engine.ds_grad_scaler import _update_scales
 
-    s = PerBlockScaler(2, replicas=1)
-    opt = SimpleNamespace(megadalle_scaler=s, megadalle_flags=(torch.zeros(2, dtype=torch.bool), False), overflow=True)
+    s = PerBlockScaler(2)
+    flags = (torch.zeros(2, dtype=torch.bool), False)
+    opt = SimpleNamespace(megadalle_scaler=s, megadalle_flags=flags, overflow=True, gradient_accumulation_steps=3)
     _update_scales(opt)
-    assert s.log2_scales.tolist() == [13.0, 13.0, 12.5] and opt.external_loss_scale == 2.0**12.5
+    assert s.log2_scales.tolist() == [13.0, 13.0, 12.5] and opt.external_loss_scale == 3 * 2.0**12.5
     assert s.skipped_updates == 1
     opt.overflow = False
     _update_scales(opt)
