@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sysdeps demo test lint format clean debug-data bench-dvae bench-sampling bench-attention
+.PHONY: setup sysdeps demo test lint format clean debug-data bench-dvae bench-sampling bench-attention compile-kernels
 
 setup: sysdeps $(STAMP)
 
@@ -44,6 +44,11 @@ bench-sampling: setup
 
 bench-attention: setup
 	$(PY) tools/bench_attention.py --cpu
+
+# Every Triton kernel configuration that training and tools/gpu_check.sh launch, compiled for sm_90 (H100/H200) on
+# the CPU: shared memory, registers and spills per variant; fails on a compile error or too much shared memory.
+compile-kernels: setup
+	$(PY) tools/compile_kernels.py
 
 # Small data for the debug run files (dvae_debug, prior_debug, clip_debug) under outputs/debug/, ~1 minute.
 debug-data: setup

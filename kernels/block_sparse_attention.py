@@ -261,10 +261,27 @@ def default_block(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 64
 
 
+FP32_WARPS, FP32_STAGES = 16, 1
+"""fp32 runs its dots in full fp32 on the CUDA cores (IEEE, no tensor cores): at Triton's default 4 warps and 3
+stages its 64 x 64 tiles spill tens of KB per thread and ptxas takes 10-60 s a kernel for sm_90 (dK/dV at head
+dim 128: 59 s, 57 KB of spill stores). 16 warps and no pipelining (tools/compile_kernels.py on a 2-core CPU, head
+dim 64 / 128, fwd + dK/dV + dQ): 8.3 s / 10 s against 30-45 s / 95 s at (4, 3), 0-1.3 KB / 0-2 KB of spills.
+fp32 is the reference precision (tests, an fp32 run), not the fast path."""
+
+
+def launch_config(dtype: torch.dtype, hd: int) -> dict[str, int]:
+    """num_warps and num_stages of the three kernels for q's dtype and head dim: the launchers' one choice
+    (kernels/compile_kernels.py compiles what it returns for sm_90). fp16, bf16: Triton's defaults, 4 warps and
+    3 stages, at every head dim up to 128 (the widest tested). fp32: FP32_WARPS and FP32_STAGES."""
+    if dtype == torch.float32:
+        return dict(num_warps=FP32_WARPS, num_stages=FP32_STAGES)
+    return dict(num_warps=4, num_stages=3)
+
+
 def _meta(q: torch.Tensor, spec: MaskSpec, block: int) -> dict:
     upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRET)
     return dict(KIND=KINDS[spec.kind], BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-                UPCAST=upcast, IEEE=upcast)  # fmt: skip
+                UPCAST=upcast, IEEE=upcast, **launch_config(q.dtype, q.shape[-1]))  # fmt: skip
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> None:

@@ -8,7 +8,13 @@ causal mask (FlashAttention: the dense-causal work a sparse kernel must beat) an
 block layout (the same BlockMask). TFLOP/s count attended pairs only: 4 hd flops per pair forward, 14 forward +
 backward (FlashAttention's convention: the backward is 2.5x the forward).
 
-    python tools/bench_attention.py [--heads 16 62] [--batch 8] [--dtypes fp16 bf16] [--json out.json]
+Flex is compiled once per (layout, dtype, heads) it is measured at (megadalle/engine/compiled.py: its own
+torch.compile each, dynamo's recompile limit raised to cover them, a fallback to eager an error), for the dtypes
+and heads of --flex-dtypes and --flex-heads (default: all rows; each costs an Inductor compile); the other rows
+have `flex_compiled: false` and print "not compiled" instead of a ratio.
+
+    python tools/bench_attention.py [--heads 16 62] [--batch 8] [--dtypes fp16 bf16] [--flex-heads 16]
+        [--flex-dtypes fp16] [--json out.json]
 
 CPU (--cpu): the attention op's training step (forward + backward of attention alone, no projections) of
 `blocked` against dense masked SDPA, d 256 (4 heads of 64), at 256 + 32x32 (batch 2) and 64 + 16x16 (batch 8):
@@ -88,30 +94,37 @@ def bench_cpu(reps: int) -> list[dict]:
     return rows
 
 
-def bench_gpu(heads: list[int], batch: int, dtypes: list[str]) -> list[dict]:
+def bench_gpu(heads: list[int], batch: int, dtypes: list[str], flex_heads: list[int] | None = None,
+              flex_dtypes: list[str] | None = None, on_row: Callable[[list[dict]], None] | None = None
+              ) -> list[dict]:  # fmt: skip
+    """The GPU rows; `on_row(rows so far)` after each (the JSON is rewritten as rows come: a timeout keeps them)."""
+    from torch.nn.attention.flex_attention import flex_attention
     from triton.testing import do_bench
 
     from kernels.block_sparse_attention import block_sparse_attention
-    from megadalle.models.attention import _flex_attention, block_mask_from_spec
+    from megadalle.engine.compiled import CompiledPerKey
+    from megadalle.models.attention import block_mask_from_spec
 
     t, grid, hd = 256, 32, 64
+    flex = CompiledPerKey(flex_attention)
     rows = []
     for kind in LAYOUTS:
         spec = MaskSpec(kind, t, grid, grid)
         mask = spec.dense().cuda()
         pairs = int(mask.sum())
         block_mask = block_mask_from_spec(spec, "cuda", 128)
-        flex = _flex_attention(True)
         for h in heads:
             for name in dtypes:
                 q, k, v = _inputs(batch, h, spec.n, hd, DTYPES[name], "cuda")
+                with_flex = (flex_heads is None or h in flex_heads) and (flex_dtypes is None or name in flex_dtypes)
                 for backward in (False, True):
                     impls = {
                         "triton": functools.partial(block_sparse_attention, spec=spec),
                         "sdpa_causal": functools.partial(F.scaled_dot_product_attention, is_causal=True),
-                        "flex": functools.partial(flex, block_mask=block_mask),
                     }
-                    ms = {}
+                    if with_flex:  # its own compiled callable per (layout, dtype, heads)
+                        impls["flex"] = functools.partial(flex, (kind, name, h), block_mask=block_mask)
+                    ms = {"flex": float("nan")}
                     for impl, fn in impls.items():
                         try:
                             ms[impl] = do_bench(_step(fn, q, k, v, backward), warmup=25, rep=100)
@@ -120,20 +133,31 @@ def bench_gpu(heads: list[int], batch: int, dtypes: list[str]) -> list[dict]:
                             if impl == "triton":
                                 raise
                             ms[impl] = float("nan")
+                    compiled = bool(flex.compiled.get((kind, name, h))) and ms["flex"] == ms["flex"]
                     flops = batch * h * pairs * hd * (14 if backward else 4)
                     rows.append({"layout": kind, "heads": h, "dtype": name, "pass": "fwd+bwd" if backward else "fwd",
                                  "ms": {k_: round(v_, 3) for k_, v_ in ms.items()},
                                  "tflops": round(flops / ms["triton"] / 1e9, 1),
                                  "x_sdpa_causal": round(ms["sdpa_causal"] / ms["triton"], 2),
-                                 "x_flex": round(ms["flex"] / ms["triton"], 2)})  # fmt: skip
+                                 "flex_compiled": compiled,
+                                 "x_flex": round(ms["flex"] / ms["triton"], 2) if compiled else None})  # fmt: skip
+                    if on_row is not None:
+                        on_row(rows)
     print(f"GPU {torch.cuda.get_device_name()}: N {t + grid * grid}, hd {hd}, batch {batch}; x = baseline time / "
           "triton time (> 1: triton faster)")  # fmt: skip
-    print(f"{'layout':>7} {'heads':>5} {'dtype':>5} {'pass':>8} {'triton ms':>10} {'TFLOP/s':>8} "
-          f"{'x sdpa-causal':>13} {'x flex':>7}")  # fmt: skip
-    for r in rows:
-        print(f"{r['layout']:>7} {r['heads']:>5} {r['dtype']:>5} {r['pass']:>8} {r['ms']['triton']:>10.3f} "
-              f"{r['tflops']:>8.1f} {r['x_sdpa_causal']:>12.2f}x {r['x_flex']:>6.2f}x")  # fmt: skip
+    print(format_rows(rows))
     return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The GPU table (tools/gpu_check.sh prints it again in its summary)."""
+    lines = [f"{'layout':>7} {'heads':>5} {'dtype':>5} {'pass':>8} {'triton ms':>10} {'TFLOP/s':>8} "
+             f"{'x sdpa-causal':>13} {'x flex':>13}"]  # fmt: skip
+    for r in rows:
+        flex = f"{r['x_flex']:>12.2f}x" if r.get("flex_compiled") else f"{'not compiled':>13}"
+        lines.append(f"{r['layout']:>7} {r['heads']:>5} {r['dtype']:>5} {r['pass']:>8} {r['ms']['triton']:>10.3f} "
+                     f"{r['tflops']:>8.1f} {r['x_sdpa_causal']:>12.2f}x {flex}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -142,22 +166,32 @@ def main() -> int:
     p.add_argument("--heads", type=int, nargs="+", default=[16, 62])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--flex-heads", type=int, nargs="+", default=None, help="compile Flex at these heads (all)")
+    p.add_argument("--flex-dtypes", nargs="+", default=None, choices=sorted(DTYPES), help="... and dtypes (all)")
     p.add_argument("--reps", type=int, default=3, help="CPU: best of this many steps")
     p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args()
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else torch.cuda.get_device_name()
     if args.cpu:
         rows = bench_cpu(args.reps)
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: the GPU benchmark needs one (use --cpu for the blocked path)", file=sys.stderr)
             return 2
-        rows = bench_gpu(args.heads, args.batch, args.dtypes)
-    line = json.dumps({"device": "cpu" if args.cpu else torch.cuda.get_device_name(), "rows": rows})
+        rows = bench_gpu(args.heads, args.batch, args.dtypes, args.flex_heads, args.flex_dtypes,
+                         functools.partial(_write, args.json, device) if args.json else None)  # fmt: skip
+    line = json.dumps({"device": device, "rows": rows})
     print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+        _write(args.json, device, rows, done=True)
     return 0
+
+
+def _write(path: str, device: str, rows: list[dict], done: bool = False) -> None:
+    """The JSON so far: the device, the rows, the printed table (GPU rows), whether every row is in."""
+    table = format_rows(rows) if rows and "x_flex" in rows[0] else None
+    with open(path, "w") as f:
+        f.write(json.dumps({"device": device, "rows": rows, "table": table, "complete": done}) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ matrix shard as one GPU of a node holds it: rows m / 8 of (d_ff = 4 x 3968) x 39
 
 Median milliseconds per operation after a warm-up; the ratio is what to read. On the CPU the Triton side runs
 under the interpreter: pass small shapes (--rows 64 --cols 48 --rank 4 --iters 2) for a smoke run.
+
+Orthogonalisation is also timed head to head, whatever `ops_for` picks: the Triton Householder kernel
+(`kernels.powersgd.orthogonalize`, one program: grid (1,), serial over the r columns) against cuSOLVER's
+`torch.linalg.qr` (the Q factor of p + eps I), on the (rows, rank) P of the shard: the JSON's
+`orthogonalize_faster` ("triton" or "torch_qr") is the one the engine should use on this device.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def orthogonalize_head_to_head(p: torch.Tensor, iters: int, device: torch.device, eps: float = 1e-6) -> dict:
+    """Median ms of the Triton Householder kernel and of torch.linalg.qr's Q of p + eps I, their ratio, and which
+    is faster (`ops_for` may pick either; this measures both)."""
+    from kernels.powersgd import orthogonalize
+
+    eye = eps * torch.eye(*p.shape, dtype=p.dtype, device=p.device)
+    triton_ms = timed(lambda: orthogonalize(p, eps), iters, device)
+    qr_ms = timed(lambda: torch.linalg.qr(p + eye).Q, iters, device)
+    return {"triton_ms": triton_ms, "torch_qr_ms": qr_ms, "torch_qr_over_triton": qr_ms / triton_ms,
+            "faster": "triton" if triton_ms < qr_ms else "torch_qr"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4 * 3968 // 8)
@@ -71,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             "orthogonalize_ms": timed(lambda ops=ops: ops.orthogonalize(p), a.iters, device),
         })  # fmt: skip
     keys = [k for k in rows[0] if k.endswith("_ms")]
+    ortho = orthogonalize_head_to_head(p, a.iters, device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": a.rows,
               "cols": a.cols, "rank": a.rank, "ms": rows,
-              "torch_over_triton": {k[:-3]: rows[1][k] / rows[0][k] for k in keys}}  # fmt: skip
+              "torch_over_triton": {k[:-3]: rows[1][k] / rows[0][k] for k in keys},
+              "orthogonalize": ortho, "orthogonalize_faster": ortho["faster"]}  # fmt: skip
     print(f"{'operation':<20}{'triton ms':>12}{'torch ms':>12}{'torch / triton':>16}")
     for k in keys:
         print(f"{k[:-3]:<20}{rows[0][k]:>12.3f}{rows[1][k]:>12.3f}{rows[1][k] / rows[0][k]:>15.2f}x")
+    slow, fast = sorted((ortho["triton_ms"], ortho["torch_qr_ms"]), reverse=True)
+    print(f"orthogonalize P ({a.rows} x {a.rank}): Triton Householder (one program) {ortho['triton_ms']:.3f} ms, "
+          f"torch.linalg.qr {ortho['torch_qr_ms']:.3f} ms: {ortho['faster']} faster, {slow / fast:.2f}x")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     return 0

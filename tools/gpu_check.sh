@@ -1,73 +1,177 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine: in under 10 minutes on one H200 it runs the `gpu`-marked tests (the
-# Triton kernels at full size: attention and PowerSGD's; PowerSGD's engine and the per-resblock fp16 scaler on CUDA;
-# the transformer with `triton`
-# against `dense`), tools/bench_attention.py, tools/bench_powersgd_kernels.py (PowerSGD's kernels against their
-# PyTorch twins at a 12B shard) and tools/bench_train_gpu.py (20 updates of the 1p3b prior, tokens/s
-# and MFU beside the planner's estimate; PEAK_TFLOPS: the GPU's peak, 989 for an H200), then
-# prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel is wrong, and when a
-# selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a failure).
-# Later issues add their benchmarks to the summary.
+# One prepared command for a GPU machine (one H100 or H200): in at most 7 minutes (the step timeouts below add up to
+# 420 s; the device's command limit is 600 s) it runs a preflight, warms Triton's cache with every kernel variant the
+# check launches (compiled in parallel on the machine's cores), the `gpu`-marked tests (the Triton kernels at full
+# size: attention and PowerSGD's; PowerSGD's engine and the per-resblock fp16 scaler on CUDA; the transformer with
+# `triton` against `dense`), tools/bench_attention.py, tools/bench_powersgd_kernels.py (PowerSGD's kernels against
+# their PyTorch twins at a 12B shard, and the Householder kernel against torch.linalg.qr) and tools/bench_train_gpu.py
+# (20 updates of the 1p3b prior, tokens/s and MFU beside the planner's estimate; PEAK_TFLOPS: the GPU's peak, 989
+# for an H100 / H200), then prints one summary table. It fails loudly (exit != 0) when a GPU is present but a kernel
+# is wrong, and when a selected test skips instead of running (MEGADALLE_REQUIRE_GPU=1 turns "no GPU" into a
+# failure). Every step writes its log (and JSON) under the results folder as it ends, and a line to summary.txt
+# there, so a step that times out still leaves the others' results and a partial summary.
 #
-#   bash tools/gpu_check.sh            # results also under $OUT (the device tool) or build/gpu_check
+#   bash tools/gpu_check.sh            # results under $OUT (the device tool) or build/gpu_check
 #
-# Needs python3 with torch (CUDA) and triton, plus pytest, as the GPU image provides; nothing is downloaded.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# Needs python3 with torch (CUDA) and triton, plus pytest, a C compiler and the Python headers (Triton builds its
+# launcher), as the GPU image provides; nothing is downloaded.
+#
+# The plan (seconds). Compile counts and CPU seconds from kernels/compile_kernels.py (`tools/compile_kernels.py
+# --only 'gpu_check/*'` lists the variants of each step; timed on a shared 2-core CPU, load ~5, for sm_90):
+#   step               timeout  planned  what it is made of
+#   environment             15        5  nvidia-smi, import torch, CUDA init
+#   preflight               20        5  one trivial @triton.jit kernel: ptxas, gcc + Python.h (the launcher), a launch
+#   warm cache              70       35  98 variants, 252 CPU-s (2-core figure) over 16 processes ~16 s, + imports,
+#                                        recording the launches (~8 s), the slowest variant (~10 s) as the tail
+#   gpu tests              115       45  80 variants (26 fp32 at 16 warps, 110 CPU-s; fp16/bf16 ~2 s each), cached by
+#                                        the warm step: ~0.01 s each; tests ~25 s (CPU references at 12B shard size),
+#                                        pytest + CUDA start ~10 s. Cold (warm step failed): 215 s of compile, so the
+#                                        tests then take bench_attention's time too (and that benchmark is skipped)
+#   bench_attention        100       70  36 Triton variants (18 beyond the tests', cached); 24 rows x (Triton, SDPA)
+#                                        do_bench ~0.3 s; Flex compiled (Inductor) for fp16 at 16 heads only: 3
+#                                        layouts x ~15-20 s; the other rows report Flex "not compiled"
+#   bench_powersgd          30       12  5 variants (cached by the tests); 2 x 5 ops x 21 calls at 1984 x 3968, the
+#                                        Householder kernel (one program) against torch.linalg.qr
+#   bench_train_gpu         55       35  9 variants (the tests' bf16 ones); the 1p3b prior's init on the CPU ~15 s,
+#                                        25 updates ~10 s
+#   summary                 15        2
+#   total                  420      209
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-build/gpu_check}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MEGADALLE_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-
-nvidia-smi -L || { echo "gpu_check: FAILED: no NVIDIA GPU visible (nvidia-smi)" >&2; exit 2; }
-"$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
-print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
-
+SUMMARY="$RESULTS/summary.txt"
+START=$SECONDS
 status=0
-echo "== gpu-marked tests"
+
+sed -n '/^# The plan/,/^#   total/s/^# \{0,1\}//p' "$0" | tee "$RESULTS/plan.txt"  # the table above
+printf '%-16s %8s %8s  %s\n' step took_s limit_s result | tee "$SUMMARY"
+
+# step NAME LIMIT_S LOG CMD...: run CMD under a timeout, its output tee'd into $RESULTS/LOG; one summary line.
+step() {
+    local name=$1 limit=$2 log=$3 t0=$SECONDS rc verdict
+    shift 3
+    echo "== $name (timeout ${limit} s; $((SECONDS - START)) s so far)"
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$RESULTS/$log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) verdict=ok ;;
+        124 | 137) verdict="TIMEOUT" ;;
+        *) verdict="FAILED (exit $rc)" ;;
+    esac
+    printf '%-16s %8s %8s  %s\n' "$name" "$((SECONDS - t0))" "$limit" "$verdict" | tee -a "$SUMMARY"
+    LAST_RC=$rc
+    [ "$rc" = 0 ] || status=1
+    return 0
+}
+
+ENV_CHECK="import torch, triton
+assert torch.cuda.is_available(), 'torch sees no CUDA device'
+print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+# shellcheck disable=SC2016  # $1, $2 are the inner shell's
+step environment 15 environment.log bash -c 'nvidia-smi -L && "$1" -c "$2"' _ "$PY" "$ENV_CHECK"
+step preflight 20 preflight.log "$PY" -c "from kernels.compile_kernels import preflight; \
+print(f'preflight: a trivial Triton kernel compiled, built its launcher and ran in {preflight():.1f} s')"
+if [ "$LAST_RC" != 0 ]; then
+    echo "gpu_check: FAILED: no working GPU, or Triton cannot compile and launch a kernel here (see above): stopping" >&2
+    exit 2
+fi
+
+# exit 1: a kernel failed to compile for sm_90 or needs too much shared memory (a failure); any other failure only
+# means the cache stays cold: the tests then compile their own kernels and get bench_attention's time for it
+echo "== warm cache: the check's kernel variants, compiled on $(nproc) cores into Triton's cache"
+t0=$SECONDS
+timeout -k 5 70 "$PY" tools/compile_kernels.py --only 'gpu_check/*' --jobs "$(nproc)" --warm-cache \
+    --json "$RESULTS/compile_kernels.json" 2>&1 | tee "$RESULTS/compile_kernels.log"
+rc=${PIPESTATUS[0]}
+warm=$([ "$rc" = 0 ] && echo 1 || echo 0)
+case $rc in
+    0) verdict=ok ;;
+    1) verdict="FAILED (a kernel does not build for sm_90)"; status=1 ;;
+    124 | 137) verdict="TIMEOUT (cold cache: the tests compile)" ;;
+    *) verdict="not warmed (exit $rc; the tests compile)" ;;
+esac
+printf '%-16s %8s %8s  %s\n' "warm cache" "$((SECONDS - t0))" 70 "$verdict" | tee -a "$SUMMARY"
+
 # the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/kernels/test_block_sparse_attention.py \
-    tests/models/test_blocked_attention.py tests/kernels/test_powersgd.py tests/engine/test_powersgd.py \
-    tests/engine/test_grad_scaler.py \
-    --junitxml="$RESULTS/gpu_tests.xml" 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
-summary=$(tail -n 1 "$RESULTS/gpu_tests.log")
-if grep -q "skipped" <<<"$summary"; then
-    echo "gpu_check: FAILED: gpu tests skipped on a GPU machine: $summary" >&2
+tests_limit=115
+[ "$warm" = 1 ] || tests_limit=215
+step "gpu tests" "$tests_limit" gpu_tests.log "$PY" -m pytest -q -p no:cacheprovider \
+    -m gpu -rs tests/kernels/test_block_sparse_attention.py tests/models/test_blocked_attention.py \
+    tests/kernels/test_powersgd.py tests/engine/test_powersgd.py tests/engine/test_grad_scaler.py \
+    --junitxml="$RESULTS/gpu_tests.xml"
+tests=$(tail -n 1 "$RESULTS/gpu_tests.log")
+if grep -q "skipped" <<<"$tests"; then
+    echo "gpu_check: FAILED: gpu tests skipped on a GPU machine: $tests" >&2
+    printf '%-16s %8s %8s  %s\n' "gpu tests" - - "FAILED: skipped tests" | tee -a "$SUMMARY"
     status=1
 fi
 
-echo "== tools/bench_attention.py"
-timeout 180 "$PY" tools/bench_attention.py --json "$RESULTS/bench_attention.json" 2>&1 \
-    | tee "$RESULTS/bench_attention.log" || status=1
-
-echo "== tools/bench_powersgd_kernels.py: PowerSGD's kernels against their PyTorch twins, one 12B shard"
-timeout 60 "$PY" tools/bench_powersgd_kernels.py --json "$RESULTS/bench_powersgd_kernels.json" 2>&1 \
-    | tee "$RESULTS/bench_powersgd_kernels.log" || status=1
-
-echo "== tools/bench_train_gpu.py: 20 updates of the 1p3b prior on one GPU, beside the planner's estimate"
-timeout 150 "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 --micro-batch 4 --precision bf16 \
-    --peak-tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/bench_train_gpu.json" 2>&1 \
-    | tee "$RESULTS/bench_train_gpu.log" || status=1
+if [ "$warm" = 1 ]; then
+    step bench_attention 100 bench_attention.log "$PY" tools/bench_attention.py --flex-heads 16 --flex-dtypes fp16 \
+        --json "$RESULTS/bench_attention.json"
+else
+    printf '%-16s %8s %8s  %s\n' bench_attention - - "skipped: its time went to the cold-cache tests" \
+        | tee -a "$SUMMARY"
+fi
+step bench_powersgd 30 bench_powersgd_kernels.log "$PY" tools/bench_powersgd_kernels.py \
+    --json "$RESULTS/bench_powersgd_kernels.json"
+step bench_train_gpu 55 bench_train_gpu.log "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 \
+    --micro-batch 4 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/bench_train_gpu.json"
 
 echo "== summary"
-echo "tests: $summary"
-"$PY" - "$RESULTS/bench_attention.json" <<'PYEOF' || status=1
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-print(f"{'layout':>7} {'heads':>5} {'dtype':>5} {'pass':>8} {'ms':>8} {'TFLOP/s':>8} {'x sdpa-causal':>13} {'x flex':>7}")
-for r in rows:
-    print(f"{r['layout']:>7} {r['heads']:>5} {r['dtype']:>5} {r['pass']:>8} {r['ms']['triton']:>8.3f} {r['tflops']:>8.1f} "
-          f"{r['x_sdpa_causal']:>12.2f}x {r['x_flex']:>6.2f}x")
+{
+    echo
+    echo "tests: $tests"
+    timeout 15 "$PY" - "$RESULTS" <<'PYEOF' || echo "summary: FAILED to read the results"
+import json, os, sys
+d = sys.argv[1]
+
+def part(name, show):
+    """One result file's lines; a missing or unreadable one says so without hiding the others."""
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+        print(f"{name}: no results")
+        return
+    try:
+        show(json.load(open(path)))
+    except Exception as e:
+        print(f"{name}: unreadable ({type(e).__name__}: {e})")
+
+def kernels(k):
+    s = k["summary"]
+    print(f"kernels for sm_90: {s['variants']} variants, {s['failed']} failed, max shared {s['max_shared']:,} B, "
+          f"max registers {s['max_registers']}, {len(s['spilling'])} spilling, {k['wall_s']} s to warm the cache")
+
+def attention(a):
+    print(a["table"] or "bench_attention: no rows")
+    if not a["complete"]:
+        print("(bench_attention: partial, the step ended early)")
+
+def powersgd(p):
+    print("PowerSGD kernels, torch twin / Triton:", ", ".join(f"{op} {x:.2f}x" for op, x in p["torch_over_triton"].items()))
+    o = p["orthogonalize"]
+    print(f"orthogonalize {p['rows']} x {p['rank']}: Triton Householder {o['triton_ms']:.3f} ms, torch.linalg.qr "
+          f"{o['torch_qr_ms']:.3f} ms: orthogonalize_faster = {p['orthogonalize_faster']}")
+
+def train(t):
+    q = t["planner"]
+    print(f"1p3b on {t['device']}: {t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%}, {t['memory_gib'] or 0:.1f} GiB; "
+          f"planner: {q['tokens_per_s']:,.0f} tokens/s, MFU {q['mfu']:.1%}, {q['total_bytes'] / 2**30:.1f} GiB")
+
+part("compile_kernels.json", kernels)
+part("bench_attention.json", attention)
+part("bench_powersgd_kernels.json", powersgd)
+part("bench_train_gpu.json", train)
 PYEOF
-"$PY" - "$RESULTS/bench_powersgd_kernels.json" "$RESULTS/bench_train_gpu.json" <<'PYEOF' || status=1
-import json, sys
-k = json.load(open(sys.argv[1]))
-print("PowerSGD kernels, torch twin / Triton:", ", ".join(f"{op} {x:.2f}x" for op, x in k["torch_over_triton"].items()))
-t = json.load(open(sys.argv[2]))
-p = t["planner"]
-print(f"1p3b on {t['device']}: {t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%}, {t['memory_gib']:.1f} GiB; "
-      f"planner: {p['tokens_per_s']:,.0f} tokens/s, MFU {p['mfu']:.1%}, {p['total_bytes'] / 2**30:.1f} GiB")
-PYEOF
-[ "$status" = 0 ] && echo "gpu_check: OK" || echo "gpu_check: FAILED" >&2
+    echo "total: $((SECONDS - START)) s"
+} 2>&1 | tee -a "$SUMMARY"
+if [ "$status" = 0 ]; then
+    echo "gpu_check: OK$([ "$warm" = 1 ] || echo " (cache not warmed: bench_attention skipped)")" | tee -a "$SUMMARY"
+else
+    echo "gpu_check: FAILED" | tee -a "$SUMMARY" >&2
+fi
 exit "$status"

@@ -29,3 +29,7 @@ def test_bench_powersgd_kernels_smoke_on_cpu(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
     assert set(r["torch_over_triton"]) == {"encode", "decode", "error_feedback", "decompress_update", "orthogonalize"}
+    o = r["orthogonalize"]  # the head to head the engine's choice rests on: Triton Householder vs torch.linalg.qr
+    assert o["triton_ms"] > 0 and o["torch_qr_ms"] > 0 and r["orthogonalize_faster"] == o["faster"]
+    assert o["faster"] == ("triton" if o["triton_ms"] < o["torch_qr_ms"] else "torch_qr")
+    assert "torch.linalg.qr" in proc.stdout
