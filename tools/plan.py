@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -41,6 +42,13 @@ def table(plans: list[dict], names: list[str]) -> str:
     lines.append(
         _row("PowerSGD rank", [str(x["powersgd_rank"]) if p["powersgd"] else "off" for x, p in zip(st, plans)])
     )
+    fp16 = ["-"] * len(plans)  # the per-resblock scales' start (any world size) and the fp16 reduce's pre-division
+    for i, p in enumerate(plans):
+        if "fp16_reduce_predivide" in p:
+            first = "global" if p["grad_scale_log2_init"] is None else f"2^{p['grad_scale_log2_init']:g}"
+            n = p["fp16_reduce_predivide"]
+            fp16[i] = f"{first}, /{n} ({math.log2(n):.0f} bits)"
+    lines.append(_row("fp16 scale, reduce /", fp16))
     lines.append("memory per GPU")
     for key, label in (("params_bytes", "  parameters"), ("grads_bytes", "  gradients"),
                        ("optimizer_bytes", "  optimizer (master, moments)"), ("powersgd_bytes", "  PowerSGD buffers"),

@@ -29,6 +29,11 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
   (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
   collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
+- **fp16 range**: the per-resblock scales start at 2^13 at any world size and accumulation count (each
+  micro-batch's backward carries its own mean loss, engine/grad_scaler.py); what grows with the world is
+  DeepSpeed's fp16 reduce-scatter, which divides each rank's gradients by its group (the shard group) before
+  summing: log2(shard group) bits taken from fp16's subnormal end (3 at 8 GPUs a node group, 10 at 1,024 when
+  ZeRO-3 spans every rank).
 """
 
 from __future__ import annotations
@@ -209,6 +214,9 @@ def plan(cluster: Cluster, s: Setting) -> dict:
                compute_s=compute_s, intra_node_bytes=intra, intra_node_s=intra_s, inter_node_bytes=inter,
                inter_node_s=inter_s, step_s=step_s, tokens_per_s=s.global_batch * seq / step_s)  # fmt: skip
     out["mfu"] = out["model_flops_per_update"] / step_s / (world * cluster.peak_tflops * 1e12)
+    if s.precision == "fp16":  # the scales do not grow with the world; the reduce's pre-division does
+        out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
+        out["fp16_reduce_predivide"] = shard
     out["cluster"], out["setting"] = asdict(cluster), asdict(s)
     return out
 

@@ -128,3 +128,17 @@ def test_the_paper_preset_is_the_12b_run_file() -> None:
         z["stage3_max_live_parameters"],
         z["reduce_bucket_size"],
     )
+
+
+def test_fp16_scales_do_not_grow_with_the_world_but_the_reduce_predivision_does() -> None:
+    """STYLE rule 19 for issue 26's item 1: the per-resblock scales start at 2^13 at 8 and 1,024 GPUs; DeepSpeed's
+    fp16 reduce-scatter divides by the shard group (8 with PowerSGD between node groups, 1,024 without)."""
+    from dataclasses import replace
+
+    from megadalle.engine.planner import PRESETS, plan
+
+    cluster, s = PRESETS["paper"]
+    with_psgd, without = plan(cluster, s), plan(cluster, replace(s, powersgd_rank=0))
+    assert with_psgd["grad_scale_log2_init"] == without["grad_scale_log2_init"] == 13
+    assert (with_psgd["fp16_reduce_predivide"], without["fp16_reduce_predivide"]) == (8, 1024)
+    assert "fp16_reduce_predivide" not in plan(*PRESETS["h200"])  # bf16
