@@ -16,13 +16,18 @@ Scenarios (name -> launches):
     train/<flavor>/<dtype>    the prior's attention layers (each kind of the flavor's layer schedule), forward
                               and backward, q, k, v as strided views of the qkv projection (12b, 1p3b; fp16, bf16,
                               fp32)
-    train/powersgd/<flavor>/r<rank>, train/codec  PowerSGD's kernels on the flavor's resblock matrix shards (8 GPUs a
-                              node) in both 16-bit formats; the codec on sizes not divisible by 16 (Adam's moments)
+    train/powersgd/<flavor>/r<r>  PowerSGD's kernels on the flavor's resblock matrix shards (8 GPUs a node) in
+                              both 16-bit formats, r a GPU: 16, 112 (the paper's 896 over 8) and 896 (a node group
+                              of one; at 1p3b no shard compresses at 896)
+    train/codec               the codec and error feedback on sizes 1, odd and divisible by 16 (Adam's moments,
+                              the 16-bit all-reduce's chunks), both formats
     gpu_check/<step>          what each step of tools/gpu_check.sh launches (the gpu-marked tests, the benchmarks)
-Sampling launches no Triton kernel (incremental decoding attends with SDPA over the KV cache).
+Sampling launches no Triton kernel (incremental decoding attends with SDPA over the KV cache). Not compiled: a
+pointer that is not 16-byte aligned (the same code with narrower loads; the JIT compiles it if it ever happens).
 
     variants = collect(scenario_names)          # list[Variant], deduplicated, each with the scenarios using it
     results = compile_all(variants, jobs=2)      # list[Result]: shared memory, registers, spills, seconds, error
+    preflight()                                  # on a GPU machine: one trivial kernel compiled and launched
 
 The environment must not set TRITON_INTERPRET=1 (the kernels must be real `JITFunction`s).
 """

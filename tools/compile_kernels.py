@@ -7,6 +7,7 @@ on a compile error or shared memory over Hopper's 232,448 bytes (kernels/compile
 
 --warm-cache compiles into Triton's own cache, so that later launches on this machine find their kernels
 (tools/gpu_check.sh, on the GPU machine's cores); the default is a fresh temporary cache (a cold timing).
+Exit 0: all compiled within Hopper's limits; 1: a kernel failed (listed); 2: the tool itself failed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile them, not interpret them
 
@@ -31,13 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    variants = collect(select(a.only))
+    try:
+        variants = collect(select(a.only))
+    except Exception:  # not a kernel's failure (exit 1 means that): say so with exit 2
+        traceback.print_exc()
+        print("compile_kernels: could not record the launches (exit 2)", file=sys.stderr)
+        return 2
     print(f"{len(variants)} kernel variants for sm_90 ({time.perf_counter() - t0:.1f} s to record the launches)")
     if a.list:
         for v in variants:
             print(f"{v.name:<28} {v.config():<70} {v.num_warps}/{v.num_stages}  {' '.join(v.scenarios)}")
         return 0
-    results = compile_all(variants, a.jobs, None if a.warm_cache else "")
+    try:
+        results = compile_all(variants, a.jobs, None if a.warm_cache else "")
+    except Exception:  # the pool itself (a compile error is a result, not an exception)
+        traceback.print_exc()
+        print("compile_kernels: the compile processes failed (exit 2)", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
     print(table(results))
     s = summary(results)

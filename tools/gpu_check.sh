@@ -17,25 +17,27 @@
 # launcher), as the GPU image provides; nothing is downloaded.
 #
 # The plan (seconds). Compile counts and CPU seconds from kernels/compile_kernels.py (`tools/compile_kernels.py
-# --only 'gpu_check/*'` lists the variants of each step; timed on a shared 2-core CPU, load ~5, for sm_90):
+# --only 'gpu_check/*' --list` lists each step's kernel variants; timed for sm_90 on a shared 2-core CPU, load ~5):
 #   step               timeout  planned  what it is made of
 #   environment             15        5  nvidia-smi, import torch, CUDA init
 #   preflight               20        5  one trivial @triton.jit kernel: ptxas, gcc + Python.h (the launcher), a launch
-#   warm cache              70       35  98 variants, 252 CPU-s (2-core figure) over 16 processes ~16 s, + imports,
-#                                        recording the launches (~8 s), the slowest variant (~10 s) as the tail
-#   gpu tests              115       45  80 variants (26 fp32 at 16 warps, 110 CPU-s; fp16/bf16 ~2 s each), cached by
-#                                        the warm step: ~0.01 s each; tests ~25 s (CPU references at 12B shard size),
-#                                        pytest + CUDA start ~10 s. Cold (warm step failed): 215 s of compile, so the
-#                                        tests then take bench_attention's time too (and that benchmark is skipped)
-#   bench_attention        100       70  36 Triton variants (18 beyond the tests', cached); 24 rows x (Triton, SDPA)
-#                                        do_bench ~0.3 s; Flex compiled (Inductor) for fp16 at 16 heads only: 3
-#                                        layouts x ~15-20 s; the other rows report Flex "not compiled"
-#   bench_powersgd          30       12  5 variants (cached by the tests); 2 x 5 ops x 21 calls at 1984 x 3968, the
-#                                        Householder kernel (one program) against torch.linalg.qr
+#   warm cache              70       30  98 variants, 161 CPU-s (2-core figure, slowest 4.5 s) over 16 processes
+#                                        ~10 s, + 16 imports of torch ~5 s, recording the launches ~8 s
+#   gpu tests              115       45  80 variants (27 fp32 at 16 warps: 61 CPU-s; 44 fp16/bf16 ~1.4 s each),
+#                                        cached by the warm step (a cache hit ~0.01 s); the tests ~25 s (CPU
+#                                        references at 12B shard size), pytest + CUDA start ~10 s. Cold (warm step
+#                                        failed): +124 s of compile, so the tests then get bench_attention's time too
+#                                        (215 s) and that benchmark is skipped
+#   bench_attention        100       70  36 Triton variants (18 beyond the tests', 37 CPU-s, cached); 24 rows x
+#                                        (Triton, SDPA) do_bench ~0.3 s each; Flex compiled by Inductor for fp16 at
+#                                        16 heads only (3 layouts x ~15-20 s, not measured here: no GPU); the other
+#                                        rows report Flex "not compiled"; rows are written as they come
+#   bench_powersgd          30       12  5 variants (the tests' ones); 2 x 5 ops x 21 calls at 1984 x 3968, and the
+#                                        Householder kernel (one program) against torch.linalg.qr at 1984 x 112
 #   bench_train_gpu         55       35  9 variants (the tests' bf16 ones); the 1p3b prior's init on the CPU ~15 s,
 #                                        25 updates ~10 s
 #   summary                 15        2
-#   total                  420      209
+#   total                  420      204
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}

@@ -9,7 +9,11 @@ import json
 import os
 import subprocess
 
-from kernels.compile_kernels import HOPPER_SMEM, Result, Variant, summary, table
+import pytest
+import torch
+
+from kernels.block_sparse_attention import launch_config
+from kernels.compile_kernels import DTYPES, HOPPER_SMEM, Result, Variant, preflight, summary, table
 from tests.conftest import REPO, python
 
 
@@ -38,14 +42,15 @@ def test_a_subset_compiles_for_sm90_with_its_resources_reported(tmp_path) -> Non
 
 def test_the_launchers_choices_are_what_is_compiled() -> None:
     """The 1p3b prior's attention: its three layer kinds, forward, dK/dV and dQ, in each dtype, with the launcher's
-    num_warps / num_stages (fp32: 16 warps, no pipelining), and its matrix shards' PowerSGD kernels."""
+    num_warps / num_stages (`launch_config`), and its matrix shards' PowerSGD kernels."""
     proc = _run(["tools/compile_kernels.py", "--list", "--only", "train/1p3b/*", "train/powersgd/1p3b/r112"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()[1:]]
     attention = [w for w in lines if w[0] in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
     assert len(attention) == 3 * 3 * 3  # kinds x kernels x dtypes
     for w in attention:
-        assert ("16/1" if w[1] == "fp32" else "4/3") in w, w
+        chosen = launch_config(DTYPES[w[1]], 64)
+        assert f"{chosen['num_warps']}/{chosen['num_stages']}" in w, w
         assert "BLOCK=64" in w and "BLOCK_D=64" in w, w
     assert {w[0] for w in lines} - {w[0] for w in attention} == {"_error_feedback_add_kernel", "_decode_kernel",
                                                                  "_encode_kernel", "_decompress_update_kernel",
@@ -84,3 +89,10 @@ def test_over_hoppers_shared_memory_or_a_compile_error_fails() -> None:
     assert s["failed"] == 2 and s["max_shared"] == HOPPER_SMEM + 1 and s["variants"] == 3
     text = table([fine, over, broken])
     assert f"shared > {HOPPER_SMEM}" in text and "CompilationError" in text
+
+
+def test_preflight_says_what_is_missing_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: gpu_check.sh runs the preflight itself")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        preflight()
