@@ -7,8 +7,11 @@ are then encoded (kernels/powersgd.py's codec: Triton on a GPU, its bit-identica
 0-6-10 format's exponent bias (60) keeps g^2 of per-element gradients down to ~1e-10 (kernels/powersgd.py).
 
 The codes are int16 state tensors. torch's `Optimizer.load_state_dict` casts floating-point parameters' state to
-the parameter's dtype, which would turn them into fp32 holding the code values; a post hook casts them back
-(exact: fp32 holds every int16), so a resumed run continues bit for bit and the Triton decode accepts them.
+the parameter's dtype, which would turn them into fp32 holding the code values; a pre hook checks that the saved
+16-bit groups' moments are int16 codes and a post hook casts them back (exact: fp32 holds every int16), so a
+resumed run continues bit for bit and the Triton decode accepts them. Each group records the variance format's
+exponent bias (`v_bias`); a state saved without it is from when the 0-6-10 format had bias 31, and its variance
+codes are re-encoded at the current bias on load (exact: every bias-31 value up to the clip is representable).
 
 Decoupled weight decay and bias correction as torch.optim.AdamW. Plain torch.optim.Optimizer, so DeepSpeed's
 ZeRO stages take it as a client optimizer (they hand it their fp32 partitions as parameters).
@@ -21,7 +24,10 @@ from typing import Any
 
 import torch
 
-from kernels.powersgd import FMT_0610, FMT_169, ops_for
+from kernels.powersgd import FMT_0610, FMT_169, Fmt, decode_torch, encode_torch, ops_for
+
+LEGACY_V_BIAS = 31
+"""The 0-6-10 format's exponent bias in states saved without `v_bias` (megadalle before issue 26)."""
 
 
 class AdamW16(torch.optim.Optimizer):
@@ -38,7 +44,9 @@ class AdamW16(torch.optim.Optimizer):
             raise ValueError(f"AdamW16: betas must be in [0, 1), got {betas}")
         if v_clip <= 0:
             raise ValueError(f"AdamW16: v_clip must be positive, got {v_clip}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, v_clip=v_clip))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, v_clip=v_clip, v_bias=FMT_0610.bias)
+        super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_check_codes)
         self.register_load_state_dict_post_hook(_restore_codes)
 
     @torch.no_grad()
@@ -80,20 +88,40 @@ class AdamW16(torch.optim.Optimizer):
         return loss
 
 
-def _restore_codes(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict`: the 16-bit moments back to int16 codes (torch made fp32 of them)."""
-    for group in optimizer.param_groups:
+def _check_codes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Before `load_state_dict` (which casts them to fp32): the saved 16-bit groups' moments must be int16 codes."""
+    for group in state_dict["param_groups"]:
         if not group.get("moments16", True):
             continue
+        for i in group["params"]:
+            for key, value in state_dict["state"].get(i, {}).items():
+                if key in ("exp_avg", "exp_avg_sq") and value.dtype != torch.int16:
+                    raise ValueError(f"AdamW16.load_state_dict: {key} of a 16-bit group is {value.dtype}, not int16 "
+                                     "codes (a state saved with fp32 moments?)")  # fmt: skip
+    for group in state_dict["param_groups"]:
+        bias = group.get("v_bias", LEGACY_V_BIAS)
+        if bias not in (LEGACY_V_BIAS, FMT_0610.bias):
+            raise ValueError(f"AdamW16.load_state_dict: the variance was saved in 0-6-10 with exponent bias {bias}; "
+                             f"this version reads {FMT_0610.bias} (and re-encodes {LEGACY_V_BIAS})")  # fmt: skip
+
+
+def _restore_codes(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: the 16-bit moments back to int16 codes (torch made fp32 of them; `_check_codes`
+    saw int16), the variance re-encoded at the current exponent bias if it was saved at the legacy one."""
+    legacy = Fmt(signed=False, m=FMT_0610.m, bias=LEGACY_V_BIAS)
+    for group in optimizer.param_groups:
+        if not group.get("moments16", True):
+            group["v_bias"] = FMT_0610.bias
+            continue
+        rebias = group.get("v_bias", LEGACY_V_BIAS) != FMT_0610.bias
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state and state[key].dtype != torch.int16:
-                    codes = state[key]
-                    if not bool(((codes == codes.round()) & (codes >= -(2**15)) & (codes < 2**15)).all()):
-                        raise ValueError(f"AdamW16.load_state_dict: {key} ({codes.dtype}) of a 16-bit group "
-                                         "holds values that are not int16 codes (fp32 moments?)")  # fmt: skip
-                    state[key] = codes.to(torch.int16)
+                    state[key] = state[key].to(torch.int16)
+            if rebias and "exp_avg_sq" in state:
+                state["exp_avg_sq"] = encode_torch(decode_torch(state["exp_avg_sq"], legacy), FMT_0610)
+        group["v_bias"] = FMT_0610.bias
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -132,9 +132,37 @@ def test_load_state_dict_restores_the_int16_codes_and_continues_bit_for_bit() ->
         step(a, opts[0], x)
         step(b, resumed, x)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    broken = {**saved, "state": {k: {**v, "exp_avg": v["exp_avg"].float() + 0.5} for k, v in saved["state"].items()}}
-    with pytest.raises(ValueError, match="not int16 codes"):
+    broken = {**saved, "state": {k: {**v, "exp_avg": v["exp_avg"].float()} for k, v in saved["state"].items()}}
+    with pytest.raises(ValueError, match="not int16"):
         AdamW16(b.parameters()).load_state_dict(broken)
+
+
+def test_a_state_saved_at_the_legacy_variance_bias_is_re_encoded() -> None:
+    """States saved before the groups recorded `v_bias` hold 0-6-10 codes at exponent bias 31: read as bias 60 they
+    would decode 2^29 too small (sqrt(v) below eps: updates ~100x too large at 1e-6). They are re-encoded on load,
+    exactly; an unknown bias is refused."""
+    from kernels.powersgd import Fmt, encode_ref
+
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = AdamW16([p], lr=1e-3, betas=(0.9, 0.96))
+    p.grad = torch.tensor([1e-2, 1e-3, 3e-4, 0.0, 2.0])  # v = 0.04 g^2: in bias 31's normal range (>= 2^-30), or 0
+    opt.step()
+    v = decode_ref(opt.state[p]["exp_avg_sq"], FMT_0610)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["v_bias"] == FMT_0610.bias == 60
+    legacy = {"state": {0: {**saved["state"][0], "exp_avg_sq": encode_ref(v, Fmt(False, 10, 31))}},
+              "param_groups": [{k: x for k, x in saved["param_groups"][0].items() if k != "v_bias"}]}  # fmt: skip
+    assert not torch.equal(legacy["state"][0]["exp_avg_sq"], saved["state"][0]["exp_avg_sq"])
+    clone = AdamW16([torch.nn.Parameter(p.detach().clone())], lr=1e-3, betas=(0.9, 0.96))
+    clone.load_state_dict(legacy)
+    state = next(iter(clone.state.values()))
+    assert torch.equal(state["exp_avg_sq"], saved["state"][0]["exp_avg_sq"]) and clone.param_groups[0]["v_bias"] == 60
+    small = decode_ref(encode_ref(torch.tensor([3e-13, 4e-10]), Fmt(False, 10, 31)), Fmt(False, 10, 31))
+    legacy["state"][0]["exp_avg_sq"][:2] = encode_ref(small, Fmt(False, 10, 31))  # bias 31's subnormals, kept
+    clone.load_state_dict(legacy)
+    assert torch.equal(decode_ref(next(iter(clone.state.values()))["exp_avg_sq"][:2], FMT_0610), small)
+    with pytest.raises(ValueError, match="exponent bias 45"):
+        AdamW16([p]).load_state_dict({**saved, "param_groups": [{**saved["param_groups"][0], "v_bias": 45}]})
 
 
 @pytest.mark.parametrize("weight_decay", [0.045, 0.0])
