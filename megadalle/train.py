@@ -325,7 +325,9 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
         from megadalle.engine import ds_grad_scaler
 
         if "grad_scaler" in loop:
-            scaler.load_state_dict(loop["grad_scaler"])
+            if not scaler.load_state_dict(loop["grad_scaler"]):
+                log.warning(f"{resume} holds per-resblock gradient scales of an older megadalle (App. D's M on a "
+                            "backward divided by the accumulation count): starting them from 2^13")  # fmt: skip
         else:
             log.warning(f"{resume} holds no per-resblock gradient scales: starting them from 2^13")
         ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler

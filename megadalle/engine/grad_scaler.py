@@ -37,7 +37,6 @@ the same at 1 rank or 1,024 for the same micro-batch (tests/engine/test_world_si
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -175,16 +174,22 @@ class PerBlockScaler:
                 "skips": self.skips.clone(), "updates": self.updates, "skipped_updates": self.skipped_updates,
                 "per_micro_batch_mean": True}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Returns False when `state` was saved when the scales carried App. D's M on a backward divided by the
+        accumulation count (megadalle before issue 26): its scales do not map to these without the run's
+        accumulation count, so they restart at 2^13 (the counters are kept)."""
         if state["log2_scales"].numel() != self.n_blocks + 1:
             raise ValueError(f"scaler state has {state['log2_scales'].numel() - 1} resblock scales, this model "
                              f"{self.n_blocks}")  # fmt: skip
-        self.log2_scales = state["log2_scales"].detach().to("cpu", torch.float64).clone()
-        if not state.get("per_micro_batch_mean"):  # saved when the scales carried App. D's M: the same backward here
-            self.log2_scales -= math.log2(int(state["replicas"]))
-        self.last_division = state["last_division"].detach().to("cpu", torch.int64).clone()
         self.skips = state["skips"].detach().to("cpu", torch.int64).clone()
         self.updates, self.skipped_updates = int(state["updates"]), int(state["skipped_updates"])
+        if not state.get("per_micro_batch_mean"):
+            self.log2_scales.fill_(self.rules.init_log2)
+            self.last_division.fill_(-(10**9))
+            return False
+        self.log2_scales = state["log2_scales"].detach().to("cpu", torch.float64).clone()
+        self.last_division = state["last_division"].detach().to("cpu", torch.int64).clone()
+        return True
 
     def metrics(self, per_block: bool = False) -> dict[str, Any]:
         """For the JSON step line: the blocks' min / max log2 scale, the outside (loss) scale's, skipped updates;

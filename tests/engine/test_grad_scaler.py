@@ -83,11 +83,14 @@ def test_state_round_trip() -> None:
     assert (t.updates, t.skipped_updates, t.skips.tolist()) == (2, 1, [0, 1, 0, 0])
     with pytest.raises(ValueError, match="3 resblock scales"):
         PerBlockScaler(4).load_state_dict(s.state_dict())
-    # a state saved when the scales carried App. D's M (4 replicas: 2 + 13 ...) loads as the same backward here
+    assert t.load_state_dict(s.state_dict())
+    # a state saved when the scales carried App. D's M on a backward divided by the accumulation count: that count
+    # is not in it, so the scales restart at 2^13 (counters kept) and the caller is told (train.py warns)
     legacy = {**s.state_dict(), "log2_scales": s.log2_scales + 2, "replicas": 4}
     del legacy["per_micro_batch_mean"]
-    t.load_state_dict(legacy)
-    assert torch.equal(t.log2_scales, s.log2_scales)
+    assert not t.load_state_dict(legacy)
+    assert t.log2_scales.tolist() == [13.0] * 4 and t.last_division.tolist() == [-(10**9)] * 4
+    assert (t.updates, t.skipped_updates, t.skips.tolist()) == (2, 1, [0, 1, 0, 0])
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
