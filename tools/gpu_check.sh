@@ -102,11 +102,17 @@ printf '%-16s %8s %8s  %s\n' "warm cache" "$((SECONDS - t0))" 70 "$verdict" | te
 # the files are named: -m still imports every module it collects, and the GPU image lacks the data stack
 tests_limit=115
 [ "$warm" = 1 ] || tests_limit=215
+CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+touch "$RESULTS/.before_tests"
 step "gpu tests" "$tests_limit" gpu_tests.log "$PY" -m pytest -q -p no:cacheprovider \
     -m gpu -rs tests/kernels/test_block_sparse_attention.py tests/models/test_blocked_attention.py \
     tests/kernels/test_powersgd.py tests/engine/test_powersgd.py tests/engine/test_grad_scaler.py \
     --junitxml="$RESULTS/gpu_tests.xml"
 tests=$(tail -n 1 "$RESULTS/gpu_tests.log")
+# whether the warm step's cache was hit: kernels the tests had to compile themselves (0 when every key matched)
+compiled=$(find "$CACHE" -name '*.cubin' -newer "$RESULTS/.before_tests" 2>/dev/null | wc -l)
+printf '%-16s %8s %8s  %s
+' "tests' compiles" - - "$compiled kernels not found in the warm cache" | tee -a "$SUMMARY"
 if grep -q "skipped" <<<"$tests"; then
     echo "gpu_check: FAILED: gpu tests skipped on a GPU machine: $tests" >&2
     printf '%-16s %8s %8s  %s\n' "gpu tests" - - "FAILED: skipped tests" | tee -a "$SUMMARY"

@@ -9,7 +9,8 @@ takes micro-batches [r * k, (r + 1) * k), k = len / W (its accumulation count). 
 overflows). Rank 0 writes OUT.pt: for each run, the global loss of each update, the scaler's state after each
 update, DeepSpeed's skipped steps, and per update and resblock the largest |gradient| entering the branch (at its
 output: the fp16 activation gradient, max over micro-batches and ranks), the sum of its squares (over
-micro-batches and ranks) and its dtype; and the initial and final parameters.
+micro-batches and ranks) and its dtype; the initial and final parameters; how many shards PowerSGD compressed and
+its update count; the dtypes Adam's first moments are stored in.
 """
 
 import json
@@ -88,6 +89,10 @@ def run(spec: dict, steps: list, rank: int, world: int) -> dict:
         out["amax"].append(a)
         out["sumsq"].append(s)
     out["dtypes"] = sorted(set(dtypes.values()))
+    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)  # what PowerSGD compressed, how often
+    out["powersgd"] = None if psgd is None else {"compressed": len(psgd.compressed), "updates": psgd.updates}
+    inner = engine.optimizer.optimizer  # the client optimizer under ZeRO-3: its first moments' storage
+    out["moments"] = sorted({str(s["exp_avg"].dtype) for s in inner.state.values() if "exp_avg" in s})
     out["final"] = gathered(engine)
     del engine, optimizer
     return out

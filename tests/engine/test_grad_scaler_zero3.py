@@ -40,7 +40,10 @@ def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_sh
     divided by its own scale for the fp16 run to track the fp32 one."""
     fp32 = _run(tmp_path, "fp32", token_shards, tokenizer_model, f"--train.steps={STEPS}")
     monkeypatch.setenv("FP16_WORKER_SPREAD", "1")
-    fp16 = _run(tmp_path, "fp16", token_shards, tokenizer_model, f"--train.steps={STEPS}", "--train.precision=fp16")
+    p16 = "--optim.moments=paper16"  # prior_12b.toml's 16-bit Adam moments, resumed below
+    fp16 = _run(
+        tmp_path, "fp16", token_shards, tokenizer_model, f"--train.steps={STEPS}", "--train.precision=fp16", p16
+    )
     assert [r["step"] for r in fp16] == list(range(1, STEPS + 1))
     for a, b in zip(fp16, fp32):  # the same data and initial weights: fp16 rounding only
         assert abs(a["loss"] - b["loss"]) <= 0.02 * b["loss"], (a["step"], a["loss"], b["loss"])
@@ -62,7 +65,7 @@ def test_fp16_per_resblock_tracks_fp32_and_resumes_its_scales(tmp_path, token_sh
 
     # checkpoint round trip, with activation checkpointing (recomputed under autocast): 10 updates, which track the
     # run without it, then a resumed run to 20 continues the scales (not the initial ones again) and the losses
-    ckpt = ["--train.precision=fp16", "--train.activation_checkpointing=true"]
+    ckpt = ["--train.precision=fp16", "--train.activation_checkpointing=true", p16]
     _run(tmp_path, "resumed", token_shards, tokenizer_model, "--train.steps=10", *ckpt)
     resumed = _run(tmp_path, "resumed", token_shards, tokenizer_model, f"--train.steps={STEPS}", *ckpt)
     after = [r for r in resumed if r["step"] == 11]
