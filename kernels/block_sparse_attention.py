@@ -271,7 +271,7 @@ fp32 is the reference precision (tests, an fp32 run), not the fast path."""
 
 def launch_config(dtype: torch.dtype, hd: int) -> dict[str, int]:
     """num_warps and num_stages of the three kernels for q's dtype and head dim: the launchers' one choice
-    (kernels/compile_kernels.py compiles what it returns for sm_90). fp16, bf16: Triton's defaults, 4 warps and
+    (megadalle/engine/kernel_compile.py compiles what it returns for sm_90). fp16, bf16: Triton's defaults, 4 warps and
     3 stages, at every head dim up to 128 (the widest tested). fp32: FP32_WARPS and FP32_STAGES."""
     if dtype == torch.float32:
         return dict(num_warps=FP32_WARPS, num_stages=FP32_STAGES)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile every Triton kernel configuration that training and tools/gpu_check.sh launch, for sm_90 (H100/H200),
 on the CPU with Triton's own compiler; print one line per variant (shared memory, registers, spills) and exit 1
-on a compile error or shared memory over Hopper's 232,448 bytes (kernels/compile_kernels.py).
+on a compile error or shared memory over Hopper's 232,448 bytes (megadalle/engine/kernel_compile.py).
 
     python tools/compile_kernels.py [--only 'train/*' ...] [--jobs 2] [--json OUT] [--warm-cache]
 
@@ -21,7 +21,7 @@ import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are imported: compile them, not interpret them
 
-from kernels.compile_kernels import HOPPER_SMEM, collect, compile_all, per_scenario, select, summary, table  # noqa: E402
+from megadalle.engine.kernel_compile import HOPPER_SMEM, collect, compile_all, per_scenario, select, summary, table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@
 # Needs python3 with torch (CUDA) and triton, plus pytest, a C compiler and the Python headers (Triton builds its
 # launcher), as the GPU image provides; nothing is downloaded.
 #
-# The plan (seconds). Compile counts and CPU seconds from kernels/compile_kernels.py (`tools/compile_kernels.py
+# The plan (seconds). Compile counts and CPU seconds from megadalle/engine/kernel_compile.py (`tools/compile_kernels.py
 # --only 'gpu_check/*' --list` lists each step's kernel variants; timed for sm_90 on a shared 2-core CPU, load ~5):
 #   step               timeout  planned  what it is made of
 #   environment             15        5  nvidia-smi, import torch, CUDA init
@@ -75,7 +75,7 @@ assert torch.cuda.is_available(), 'torch sees no CUDA device'
 print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 # shellcheck disable=SC2016  # $1, $2 are the inner shell's
 step environment 15 environment.log bash -c 'nvidia-smi -L && "$1" -c "$2"' _ "$PY" "$ENV_CHECK"
-step preflight 20 preflight.log "$PY" -c "from kernels.compile_kernels import preflight; \
+step preflight 20 preflight.log "$PY" -c "from megadalle.engine.kernel_compile import preflight; \
 print(f'preflight: a trivial Triton kernel compiled, built its launcher and ran in {preflight():.1f} s')"
 if [ "$LAST_RC" != 0 ]; then
     echo "gpu_check: FAILED: no working GPU, or Triton cannot compile and launch a kernel here (see above): stopping" >&2

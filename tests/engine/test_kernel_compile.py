@@ -1,5 +1,5 @@
-"""kernels/compile_kernels.py and tools/compile_kernels.py: the launched Triton kernel configurations compile for
-sm_90 on the CPU (a subset here; .ci/run compiles them all), the table reports shared memory, registers and
+"""megadalle/engine/kernel_compile.py and tools/compile_kernels.py: the launched Triton kernel configurations compile
+for sm_90 on the CPU (a subset here; .ci/run compiles them all), the table reports shared memory, registers and
 spills, a variant over Hopper's shared memory fails, and the variants are keyed exactly as Triton's JIT keys
 them (so --warm-cache fills the cache the GPU run reads). Subprocesses: the kernels must not be interpreted."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels.block_sparse_attention import launch_config
-from kernels.compile_kernels import DTYPES, HOPPER_SMEM, Result, Variant, preflight, summary, table
+from megadalle.engine.kernel_compile import DTYPES, HOPPER_SMEM, Result, Variant, preflight, summary, table
 from tests.conftest import REPO, python
 
 
@@ -63,7 +63,7 @@ def test_variants_have_the_jits_cache_keys() -> None:
     code = """
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
-import kernels.compile_kernels as ck
+import megadalle.engine.kernel_compile as ck
 backend = make_backend(ck.target())
 n = 0
 for kernel, module, name, args, kwargs in ck.record("gpu_check/bench_train_gpu") + ck.record("train/codec"):
