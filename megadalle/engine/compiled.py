@@ -38,7 +38,9 @@ class CompiledPerKey:
     def _limits(self) -> dict[str, Any]:
         cfg = torch._dynamo.config
         n = 8 + GRAPHS_PER_KEY * len(self.callables)
-        out: dict[str, Any] = {"fail_on_recompile_limit_hit": True}
+        out: dict[str, Any] = {}
+        if hasattr(cfg, "fail_on_recompile_limit_hit"):  # (absent from older torch: config.patch would raise)
+            out["fail_on_recompile_limit_hit"] = True
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                      "accumulated_cache_size_limit"):  # fmt: skip
             if hasattr(cfg, name):  # (renamed across torch versions; the old names are aliases)
