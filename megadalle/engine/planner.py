@@ -29,6 +29,12 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
   (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
   collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
+- **Checkpoints and evaluation, as megadalle does them today** (issue 27 replaces the gathers): each rank writes
+  DeepSpeed's file of its fp32 partitions and Adam moments (about its optimizer-state bytes, measured on 2 and 4
+  ranks in tests/engine/test_planner.py), and rank 0 also writes `extra.pt` with the whole EMA (or live) weights in
+  fp32, 4 B a parameter, which every rank first gathers: that gather (and at evaluation a plain model on rank 0)
+  is the peak beside training's, on every GPU (`gather_peak_bytes`, `fits_gather`). The write time is rank 0's
+  bytes at `fs_gbps`.
 - **fp16 range**: the per-resblock scales start at 2^13 at any world size and accumulation count (each
   micro-batch's backward carries its own mean loss, engine/grad_scaler.py); what grows with the world is
   DeepSpeed's fp16 reduce-scatter, which divides each rank's gradients by its group (the shard group) before
@@ -57,12 +63,14 @@ class Cluster:
     """GB/s one GPU moves inside its node (NVLink, PCIe)."""
     inter_gbps: float = 12.5
     """GB/s one GPU moves across nodes (its share of the node's network: 8 x 100 Gb/s NICs give 12.5)."""
+    fs_gbps: float = 1.0
+    """GB/s one rank writes to the checkpoint filesystem."""
 
     def check(self) -> None:
         for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("gpu_memory_gib", "peak_tflops", "intra_gbps", "inter_gbps"):
+        for name in ("gpu_memory_gib", "peak_tflops", "intra_gbps", "inter_gbps", "fs_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"cluster: {name} must be positive, got {getattr(self, name)}")
 
@@ -214,6 +222,15 @@ def plan(cluster: Cluster, s: Setting) -> dict:
                compute_s=compute_s, intra_node_bytes=intra, intra_node_s=intra_s, inter_node_bytes=inter,
                inter_node_s=inter_s, step_s=step_s, tokens_per_s=s.global_batch * seq / step_s)  # fmt: skip
     out["mfu"] = out["model_flops_per_update"] / step_s / (world * cluster.peak_tflops * 1e12)
+    # checkpoint and evaluation (engine/checkpoint.py, train.py's _evaluate): DeepSpeed's per-rank file holds the
+    # fp32 partitions (the master, or under per-resblock fp16 the parameters, which are their own master) and
+    # the moments, and node group 0 the summed PowerSGD error buffers (fp32, this GPU's compressed shards); rank
+    # 0's extra.pt the whole fp32 weights, gathered on every rank first
+    out["checkpoint_rank_bytes"] = states * 4 + moment_bytes + (matrix_params / shard * 4 if powersgd else 0)
+    out["checkpoint_extra_bytes"] = shapes.total * 4
+    out["checkpoint_write_s"] = (out["checkpoint_rank_bytes"] + out["checkpoint_extra_bytes"]) / (cluster.fs_gbps * 1e9)
+    out["gather_peak_bytes"] = out["model_states_bytes"] + shapes.total * 4
+    out["fits_gather"] = out["gather_peak_bytes"] <= 0.9 * cluster.gpu_memory_gib * GiB
     if s.precision == "fp16":  # the scales do not grow with the world; the reduce's pre-division does
         out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
         out["fp16_reduce_predivide"] = shard

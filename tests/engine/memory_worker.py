@@ -1,5 +1,6 @@
-"""One rank of a ZeRO-3 prior after an update: the bytes of its model states, as DeepSpeed holds them, written
-to OUT/rank<R>.json (tests/engine/test_planner.py compares them with megadalle/engine/planner.py)."""
+"""One rank of a ZeRO-3 prior after an update: the bytes of its model states, as DeepSpeed holds them, and of the
+checkpoint it then writes (its DeepSpeed files; rank 0's extra.pt), to OUT/rank<R>.json
+(tests/engine/test_planner.py compares them with megadalle/engine/planner.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from megadalle.config import load_config
+from megadalle.engine.checkpoint import EXTRA, save_checkpoint
 from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import init_distributed, shutdown
 from megadalle.engine.ds_config import load_ds_config
@@ -45,6 +47,9 @@ def main() -> None:
     )
     record = {"rank": rank, "world": world, "params": params, "master": 0 if shared else master, "moments": moments,
               "grads": grads}  # fmt: skip
+    folder = save_checkpoint(engine, out / "checkpoints", 1, None, cfg, keep=0)
+    record["checkpoint_rank"] = sum(f.stat().st_size for f in folder.glob(f"*zero_pp_rank_{rank}_*"))
+    record["checkpoint_extra"] = (folder / EXTRA).stat().st_size
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     shutdown()
 

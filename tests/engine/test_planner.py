@@ -76,6 +76,13 @@ def test_model_states_against_deepspeed_on_real_ranks(world, precision, token_sh
         assert m["params"] == pytest.approx(p["params_bytes"], rel=0.02), (m, p["params_bytes"])
         assert m["grads"] == pytest.approx(p["grads_bytes"], rel=0.02), (m, p["grads_bytes"])
         assert m["master"] + m["moments"] == pytest.approx(p["optimizer_bytes"], rel=0.02), (m, p["optimizer_bytes"])
+        # the checkpoint: DeepSpeed's files of this rank (fp32 partitions and moments; persistent parameters whole,
+        # pickling) and rank 0's extra.pt with the whole fp32 weights
+        assert m["checkpoint_rank"] == pytest.approx(p["checkpoint_rank_bytes"], rel=0.05), (
+            m,
+            p["checkpoint_rank_bytes"],
+        )
+    assert measured[0]["checkpoint_extra"] == pytest.approx(p["checkpoint_extra_bytes"], rel=0.05)
 
 
 def test_bad_descriptions_are_clear_errors() -> None:
@@ -142,3 +149,18 @@ def test_fp16_scales_do_not_grow_with_the_world_but_the_reduce_predivision_does(
     assert with_psgd["grad_scale_log2_init"] == without["grad_scale_log2_init"] == 13
     assert (with_psgd["fp16_reduce_predivide"], without["fp16_reduce_predivide"]) == (8, 1024)
     assert "fp16_reduce_predivide" not in plan(*PRESETS["h200"])  # bf16
+
+
+def test_checkpoint_and_evaluation_as_done_today_are_stated_at_12b() -> None:
+    """Issue 27's subject, stated in the planner until it is fixed: every rank gathers the whole fp32 weights (49 GB
+    at 12B: the paper's 16 GB V100 cannot), rank 0 writes them into extra.pt, each rank writes its partitions and
+    moments (measured on real ranks in test_model_states_against_deepspeed_on_real_ranks)."""
+    from megadalle.engine.planner import PRESETS, plan
+
+    cluster, s = PRESETS["paper"]
+    p = plan(cluster, s)
+    assert p["checkpoint_extra_bytes"] == 4 * p["parameters"] and p["checkpoint_extra_bytes"] > 49e9
+    assert p["gather_peak_bytes"] > p["checkpoint_extra_bytes"] and not p["fits_gather"]
+    want = (p["checkpoint_rank_bytes"] + p["checkpoint_extra_bytes"]) / (cluster.fs_gbps * 1e9)
+    assert p["checkpoint_write_s"] == pytest.approx(want)
+    assert p["checkpoint_rank_bytes"] < p["checkpoint_extra_bytes"] / 2  # the shards are the small part
