@@ -11,6 +11,7 @@ Writes into `<job.run_root>/<job.name>/`: config.toml (resolved), ds_config.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -31,7 +32,6 @@ from megadalle.engine import distributed
 from megadalle.engine.adam16 import make_optimizer
 from megadalle.engine.checkpoint import (
     CheckpointError,
-    gathered_state,
     load_checkpoint,
     older_complete,
     prepare_resume,
@@ -396,10 +396,23 @@ def _save(engine, ckpt_root: Path, step: int, ema, cfg: JobConfig, stage: Stage)
 
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
-    """Collective: EMA weights (or the live ones) gathered on every rank, evaluated on rank 0."""
-    state = ema.full_state_dict() if ema is not None else gathered_state(engine)
-    metrics = stage.evaluate(state, step, run_dir / "images") if is_main() else {}
-    barrier()
+    """Collective: the EMA weights (or the live ones) evaluated on the training engine by every rank, each on its
+    share of the batches (stages/base.py): the EMA swapped into the parameters' own storage (under ZeRO-3 each rank
+    swaps its shards; no rank gathers the model) and the live values back bit for bit afterwards. The module runs
+    as the training forward does: in training precision, under the engine's autocast where it has one. Every rank
+    returns the metrics; rank 0 logs them."""
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    weights = ema.swapped_in(engine.optimizer if zero3 else None) if ema is not None else contextlib.nullcontext()
+    was_training = module.training
+    with weights, torch.no_grad(), autocast_if_enabled(engine):
+        module.eval()
+        try:
+            metrics = stage.evaluate(module, step, run_dir / "images", device=engine.device)
+        finally:
+            module.train(was_training)
     if is_main():
         logger.log(step, metrics, kind="eval")
     return metrics

@@ -16,7 +16,17 @@ import torch.distributed as dist
 
 from megadalle.engine.launcher import free_port, rendezvous_env
 
-__all__ = ["barrier", "free_port", "init_distributed", "is_main", "rank", "shutdown", "sum_over_ranks", "world_size"]
+__all__ = [
+    "barrier",
+    "free_port",
+    "init_distributed",
+    "is_main",
+    "rank",
+    "shutdown",
+    "sum_over_ranks",
+    "sum_tensor_over_ranks",
+    "world_size",
+]
 
 
 LAUNCHER = "single"
@@ -98,6 +108,16 @@ def sum_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
             t = t.cuda()
         dist.all_reduce(t)
     return {k: float(v) for k, v in zip(keys, t)}
+
+
+def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """One all-reduce of a tensor of any shape: the elementwise sum over ranks, a new tensor on `t`'s device."""
+    out = t.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on = out.cuda() if dist.get_backend() == "nccl" and not out.is_cuda else out  # NCCL reduces device tensors
+        dist.all_reduce(on)
+        out = on.to(t.device)
+    return out
 
 
 def shutdown(barrier: bool = True) -> None:

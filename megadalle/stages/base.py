@@ -6,13 +6,21 @@ into `totals`, and `loss(model, batch, sched, totals)` returns this micro-batch'
 objective (a sum over the micro-batch divided by a global total), so that the shares of every micro-batch on
 every rank add up to the objective of the whole batch. Statistics are shares in the same sense: train.py sums
 them. train.py alone calls backward.
+
+Evaluation: `evaluate(model, step, out_dir, device)` is collective. Every rank calls it with the model to evaluate,
+in eval mode under no_grad: during training DeepSpeed's `engine.module` with the EMA swapped into its own
+parameter storage (train.py's `_evaluate`; under ZeRO-3 each rank holds its shards only and every module call
+gathers the parameters it needs, so no rank ever holds the whole model), in a single process a plain model.
+Batch i of each split is evaluated on rank i % world (`eval_share`), the sums are added over ranks, and every rank
+returns the same metrics, equal to one process's to float rounding. Training precision: under bf16/fp16 the module
+computes as the training forward does (its parameters' dtype, the engine's autocast).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -57,8 +65,41 @@ class Stage(Protocol):
     def throughput(self, samples_per_s: float) -> dict[str, float]:
         """Stage-specific rates for the metrics line (tokens/s, TFLOP/s); may be empty."""
 
-    def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
-        """Validation metrics with the given (EMA) weights, on rank 0."""
+    def evaluate(
+        self, model: nn.Module, step: int, out_dir: Path, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
+        """Collective: validation metrics of `model` (see the module docstring), the same on every rank. Eval batches
+        go to `device` (the engine's: a ZeRO-3 parameter's own `.device` says nothing of where it is gathered);
+        every rank makes the same sequence of model calls, a rank without a batch of its own in the last round on a
+        stand-in (ZeRO-3 gathers parameters collectively in each call). Images (grids) are written by rank 0."""
+
+
+T = TypeVar("T")
+
+
+def eval_share(batches: Iterable[T], rank: int, world: int) -> Iterator[tuple[int, T, bool]]:
+    """This rank's share of an evaluation's batches: (i, batch i, True) for i = rank, rank + world, ... . Every rank
+    yields the same number of items, ceil(n / world) for n batches: in a last, partial round a rank without a batch
+    gets the round's first batch as a stand-in, (its index, batch, False), to make the same model calls as the others
+    and add nothing to the sums. Every rank reads every batch, in the same order (the evaluation splits are small),
+    and keeps two of them at most."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    first: T | None = None
+    mine: T | None = None
+    n = 0
+    for i, batch in enumerate(batches):
+        j = i % world  # the batch's place in its round
+        if j == 0:
+            first, mine = batch, None
+        if j == rank:
+            mine = batch
+        if j == world - 1:
+            yield i - j + rank, mine, True
+        n = i + 1
+    if n % world:  # a partial last round, from batch `start`
+        start = n - n % world
+        yield (start + rank, mine, True) if start + rank < n else (start, first, False)
 
 
 class StreamedData:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ from torch import nn
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
 from megadalle.data.transforms import prior_augment
+from megadalle.engine import distributed
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
 from megadalle.models.clip import FLAVORS, ClipArgs, ContrastiveModel, recall_at_k
 from megadalle.models.tokenizer import BPETokenizer
-from megadalle.stages.base import StreamedData
+from megadalle.stages.base import StreamedData, eval_share
 
 READABLE = ["loss", "logit_scale", "lr", "grad_norm", "images_per_s"]
 
@@ -87,24 +89,45 @@ class ClipStage(StreamedData):
     def throughput(self, samples_per_s: float) -> dict[str, float]:
         return {}  # images/s is logged for every stage
 
-    @torch.no_grad()
-    def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
-        """Retrieval on val and zeroshot: R@1 and R@5, image->text and text->image; chance is k / N."""
+    def _eval_batches(self, split: str, sizes: list[int]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """(images, captions) batches of 64 of the split's first train.eval_samples; appends each batch's size to
+        `sizes` as it is read."""
         c = self.cfg
-        model = ContrastiveModel(self.args).eval()
-        model.load_state_dict(state)
+        for images, captions, _ in eval_images(
+            c.data.shards, split, self.args.image_size, 64, c.train.eval_samples, s3_settings(c.data)
+        ):
+            sizes.append(len(images))
+            yield images, captions
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, step: int, out_dir: Path, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
+        """Collective (stages/base.py): retrieval among the first train.eval_samples pairs of val and of zeroshot:
+        R@1 and R@5, image->text and text->image; chance is k / N. Each rank embeds its batches; the (N, d)
+        embeddings (small) are then added over ranks into one matrix in batch order, zeros elsewhere (exact), and
+        every rank ranks the same similarities."""
+        c = self.cfg
+        rank, world = distributed.rank(), distributed.world_size()
         tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
         metrics: dict[str, float] = {}
         for split in ("val", "zeroshot"):
-            img, txt = [], []
-            for images, captions, _ in eval_images(
-                c.data.shards, split, self.args.image_size, 64, c.train.eval_samples, s3_settings(c.data)
-            ):
-                img.append(model.embed_images(images))
-                txt.append(model.embed_text(tok.encode_batch(captions)[0]))
-            if not img:
+            sizes: list[int] = []
+            mine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for i, (images, captions), counted in eval_share(self._eval_batches(split, sizes), rank, world):
+                img = model.embed_images(images.to(device))  # (B, d) fp32, both calls on every rank
+                txt = model.embed_text(tok.encode_batch(captions)[0].to(device))  # (B, d)
+                if counted:
+                    mine[i] = img, txt
+            if not sizes:
                 continue
-            sim = torch.cat(img) @ torch.cat(txt).T  # (N, N)
+            offsets = [0, *itertools.accumulate(sizes)]
+            both = torch.zeros(2, offsets[-1], img.shape[1], device=device)  # (2, N, d): images, texts
+            for i, (img, txt) in mine.items():
+                both[0, offsets[i] : offsets[i + 1]] = img
+                both[1, offsets[i] : offsets[i + 1]] = txt
+            both = distributed.sum_tensor_over_ranks(both).cpu()
+            sim = both[0] @ both[1].T  # (N, d) x (d, N) -> (N, N)
             metrics.update({
                 f"{split}_n": float(len(sim)),
                 f"{split}_i2t_r1": recall_at_k(sim, 1), f"{split}_i2t_r5": recall_at_k(sim, 5),

@@ -1,4 +1,4 @@
-"""Stage 1, the dVAE: model, schedules, one training step, and the evaluation with EMA weights."""
+"""Stage 1, the dVAE: model, schedules, one training step, and the evaluation (with EMA weights in training)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from torch import nn
 from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
 from megadalle.data.transforms import to_uint8
+from megadalle.engine import distributed
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import LRSchedule, cosine
 from megadalle.evaluation import perplexity
 from megadalle.models.dvae import FLAVORS, DiscreteVAE, DVAEArgs
 from megadalle.models.dvae_loss import map_pixels, reconstruction
 from megadalle.models.kmeans import cell_codes, fit_kmeans, patches
-from megadalle.stages.base import StreamedData
+from megadalle.stages.base import StreamedData, eval_share
 
 log = logging.getLogger(__name__)
 
@@ -136,42 +137,54 @@ class DVAEStage(StreamedData):
         return {}  # images/s is logged for every stage
 
     @torch.no_grad()
-    def evaluate(self, ema_state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
-        """Validation with EMA weights on one rank: relaxed and hard ELB (nats/dim), MSE/PSNR of the argmax
-        reconstruction, codebook usage and perplexity; writes the reconstruction grid PNG."""
+    def evaluate(
+        self, model: nn.Module, step: int, out_dir: Path, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
+        """Collective (stages/base.py): validation of `model` (a DiscreteVAE, or DeepSpeed's module of one with the
+        EMA swapped in): relaxed and hard ELB (nats/dim), MSE/PSNR of the argmax reconstruction, codebook usage and
+        perplexity over the val split's first dvae.eval_batches micro-batches; rank 0 writes the reconstruction grid
+        PNG of batch 0. Batch i draws its gumbel and code samples from the i-th seed of a generator seeded by
+        job.seed, whichever rank evaluates it: the same samples at every evaluation and every world size."""
         c, a = self.cfg, self.args
-        model = DiscreteVAE(a).eval()
-        model.load_state_dict(ema_state)
+        device = torch.device(device)
+        rank, world = distributed.rank(), distributed.world_size()
         tau = self.schedules(step)["tau"]
-        dims = a.channels * a.image_size**2
-        sums = {"elb_relaxed": 0.0, "elb_hard": 0.0, "mse": 0.0}
-        counts = torch.zeros(a.vocab_size, dtype=torch.long)
-        n = 0
-        gen = torch.Generator().manual_seed(c.job.seed)  # same gumbel / code samples at every evaluation
-        grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        sums = dict.fromkeys(("elb_relaxed", "elb_hard", "mse", "images"), 0.0)  # Python floats: float64 sums
+        counts = torch.zeros(a.vocab_size, dtype=torch.long, device=device)
+        gen = torch.Generator().manual_seed(c.job.seed)
+        seeds: list[int] = []  # seeds[i]: batch i's
         limit = c.dvae.eval_batches * c.train.micro_batch_size
-        for images, _captions, _meta in eval_images(
-            c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit, s3_settings(c.data)
-        ):
+        val = eval_images(c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit, s3_settings(c.data))
+        for i, (images, _captions, _meta), counted in eval_share(val, rank, world):
+            while len(seeds) <= i:
+                seeds.append(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            images = images.to(device)
             x = map_pixels(images)
-            with torch.random.fork_rng():
-                torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            # the same three model calls on every rank, stand-ins included (ZeRO-3 gathers in each)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seeds[i])
                 soft = model(x, tau, 1.0)
                 hard = model(x, tau, 1.0, hard=True)
+            codes = soft.logits.argmax(dim=1)  # (B, h, w)
+            recon = reconstruction(model.decoder.decode_codes(codes))  # (B, C, H, W) fp32 in [0, 1]
+            if not counted:
+                continue
             b = images.shape[0]
             sums["elb_relaxed"] += float(-soft.loss) * b
             sums["elb_hard"] += float(-hard.loss) * b
-            codes = soft.logits.argmax(dim=1)  # (B, h, w)
-            recon = reconstruction(model.decoder.decode_codes(codes))
             sums["mse"] += float((recon - images).square().mean(dim=(1, 2, 3)).sum())
+            sums["images"] += b
             counts += torch.bincount(codes.flatten(), minlength=a.vocab_size)
-            n += b
-            if grid is None:
-                grid = (images[: c.dvae.grid_images], recon[: c.dvae.grid_images])
+            if i == 0:  # on rank 0
+                g = c.dvae.grid_images
+                write_grid(images[:g].cpu(), recon[:g].cpu(), out_dir / f"recon_step{step:08d}.png")
+        sums = distributed.sum_over_ranks(sums)
+        counts = distributed.sum_tensor_over_ranks(counts).cpu()
+        n = int(sums["images"])
         if n == 0:
             raise ValueError(f"validation split of {c.data.shards} is empty")
         mse = sums["mse"] / n
-        metrics = {
+        return {
             "elb_relaxed_nats_per_dim": sums["elb_relaxed"] / n,
             "elb_hard_nats_per_dim": sums["elb_hard"] / n,
             "mse": mse,
@@ -179,11 +192,8 @@ class DVAEStage(StreamedData):
             "codebook_used_fraction": float((counts > 0).float().mean()),
             "codebook_perplexity": perplexity(counts),
             "val_images": n,
-            "dims": dims,
+            "dims": a.channels * a.image_size**2,
         }
-        if grid is not None:
-            write_grid(grid[0], grid[1], out_dir / f"recon_step{step:08d}.png")
-        return metrics
 
 
 def write_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:

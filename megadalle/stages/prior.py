@@ -13,13 +13,14 @@ from megadalle.config import ConfigError, JobConfig
 from megadalle.data.loader import SkipCounter, eval_images, eval_tokens, s3_settings, train_images, train_tokens
 from megadalle.data.shards import read_any_manifest
 from megadalle.data.transforms import prior_augment
+from megadalle.engine import distributed
 from megadalle.engine.optim import param_groups
 from megadalle.engine.schedules import lr_schedule
 from megadalle.models.dvae_loss import map_pixels
 from megadalle.models.sparsity import attended_pairs, layer_kinds
 from megadalle.models.tokenizer import PAD_ID, BPETokenizer
 from megadalle.models.transformer import FLAVORS, DallePrior, PriorArgs, check_token_ranges, flops_per_sample
-from megadalle.stages.base import StreamedData
+from megadalle.stages.base import StreamedData, eval_share
 from megadalle.stages.load import load_trained
 
 READABLE = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mb"]
@@ -148,6 +149,7 @@ class PriorStage(StreamedData):
         }
 
     def _eval_batches(self, split: str, limit: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """(image codes (B, H W) or, with a frozen dVAE, images (B, 3, S, S) for `_codes`, captions)."""
         c = self.cfg
         if self.dvae is None:
             for codes, captions, _ in eval_tokens(
@@ -159,25 +161,39 @@ class PriorStage(StreamedData):
         for images, captions, _ in eval_images(
             c.data.shards, split, size, c.train.micro_batch_size, limit, s3_settings(c.data)
         ):
-            yield self.dvae.encode_codes(map_pixels(images)).flatten(1), captions
+            yield images, captions
+
+    def _codes(self, codes_or_images: torch.Tensor) -> torch.Tensor:
+        """An `_eval_batches` item's image codes (B, H W): images are encoded by the frozen dVAE (a plain model, on
+        the CPU and outside any autocast the evaluation runs under, as in training's data path)."""
+        if self.dvae is None:
+            return codes_or_images
+        with torch.autocast("cpu", enabled=False):
+            return self.dvae.encode_codes(map_pixels(codes_or_images)).flatten(1)
 
     @torch.no_grad()
-    def evaluate(self, state: dict[str, torch.Tensor], step: int, out_dir: Path) -> dict[str, float]:
-        """Validation and zero-shot losses with the given (EMA) weights, captions without BPE-dropout."""
+    def evaluate(
+        self, model: nn.Module, step: int, out_dir: Path, device: torch.device | str = "cpu"
+    ) -> dict[str, float]:
+        """Collective (stages/base.py): validation and zero-shot losses of `model` (a DallePrior, or DeepSpeed's
+        module of one with the EMA swapped in) over each split's first prior.eval_batches micro-batches, captions
+        without BPE-dropout, normalised over the split's targets as training is over the global batch."""
         c = self.cfg
-        model = DallePrior(self.args, c.model.attention).eval()
-        model.load_state_dict(state)
+        rank, world = distributed.rank(), distributed.world_size()
         tok = BPETokenizer(c.tokenizer.model_path, c.tokenizer.max_len, 0.0, c.tokenizer.lowercase).eval()
         metrics: dict[str, float] = {}
         w = self.args.text_loss_weight
+        limit = c.prior.eval_batches * c.train.micro_batch_size
         for split in ("val", "zeroshot"):
-            sums = dict.fromkeys(("text_nll", "text_count", "image_nll", "image_count"), 0.0)
-            limit = c.prior.eval_batches * c.train.micro_batch_size
-            for codes, captions in self._eval_batches(split, limit):
-                out = model(tok.encode_batch(captions)[0], codes)
-                for k in sums:
-                    sums[k] += float(getattr(out, k))
-            if sums["image_count"]:  # normalised over the split's targets, as training is over the global batch
+            sums = dict.fromkeys(("text_nll", "text_count", "image_nll", "image_count"), 0.0)  # float64 sums
+            for _, (batch, captions), counted in eval_share(self._eval_batches(split, limit), rank, world):
+                ids, codes = tok.encode_batch(captions)[0], self._codes(batch)
+                out = model(ids.to(device), codes.to(device))  # one forward per batch on every rank
+                if counted:
+                    for k in sums:
+                        sums[k] += float(getattr(out, k))
+            sums = distributed.sum_over_ranks(sums)
+            if sums["image_count"]:
                 text, image = sums["text_nll"] / max(sums["text_count"], 1), sums["image_nll"] / sums["image_count"]
                 metrics.update({f"{split}_loss": w * text + (1 - w) * image, f"{split}_text_loss": text,
                                 f"{split}_image_loss": image})  # fmt: skip
