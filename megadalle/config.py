@@ -240,6 +240,12 @@ class Checkpoint:
     overwrite: bool = False
     """With resume = "none": start over in a run folder that holds checkpoints; they are moved aside to
     `checkpoints.old-<time>` (with metrics.jsonl), never deleted."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training goes on (torchtitan's async checkpointing): every
+    rank copies its shards to host memory (pinned on a GPU) and returns to training; the COMPLETE marker is written
+    once every rank has finished writing (agreed at the first update after), so a crash mid-write leaves the
+    previous complete checkpoint. Costs a host copy of the rank's checkpoint while it is written. The last
+    checkpoint of a run (its end, a signal) is written before the run stops."""
     requeue_on: list[str] = field(default_factory=lambda: ["USR1"])
     """Signals after which the run, having saved a checkpoint, puts its Slurm job back in the queue (USR1: the
     time limit is near, `#SBATCH --signal=USR1@180`; add TERM to requeue on preemption or scancel too). SIGUSR1

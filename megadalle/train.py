@@ -31,11 +31,11 @@ from megadalle.data.stream import StreamStateMismatchError
 from megadalle.engine import distributed
 from megadalle.engine.adam16 import make_optimizer
 from megadalle.engine.checkpoint import (
+    Checkpointer,
     CheckpointError,
     load_checkpoint,
     older_complete,
     prepare_resume,
-    save_checkpoint,
 )
 from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import barrier, init_distributed, is_main, shutdown, sum_over_ranks, world_size
@@ -47,7 +47,7 @@ from megadalle.engine.metrics import MetricsLogger, RankStatus, log, setup_loggi
 from megadalle.engine.optim import reset_moments
 from megadalle.engine.preemption import StopSignals
 from megadalle.engine.progress import Progress
-from megadalle.engine.rng import rng_state, set_rng_state
+from megadalle.engine.train_state import DataPosition, PowerSGDState, TrainState
 from megadalle.engine.wrap import apply_wrappers
 from megadalle.stages import make_stage
 from megadalle.stages.base import Stage
@@ -70,10 +70,11 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> TrainState:
     """The model of `stage` (under zero.Init for ZeRO-3, from the job's seed: identical on every rank and, on CPU,
     equal to a plain PyTorch build with the same seed; zero.Init on a GPU draws from the GPU's generator), the
-    training wrappers, AdamW over the stage's groups, DeepSpeed."""
+    training wrappers, AdamW over the stage's groups, DeepSpeed, the EMA; with every stateful part a checkpoint
+    holds (engine/train_state.py)."""
     import deepspeed
 
     torch.manual_seed(cfg.job.seed)
@@ -85,16 +86,21 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> tuple[Any, torch.
     o = cfg.optim
     optimizer = make_optimizer(stage.param_groups(model), o.moments, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    if getattr(model, "grad_scaler", None) is not None:
+    state = TrainState(engine, optimizer, stage.lr_schedule, DataPosition(stage))
+    if o.ema_decay > 0:
+        state.ema = ShardedEMA(engine.module, o.ema_decay)
+    if getattr(model, "grad_scaler", None) is not None:  # engine/wrap.py put it there
         from megadalle.engine import ds_grad_scaler
 
+        state.grad_scaler = model.grad_scaler
         ds_grad_scaler.install(engine.optimizer, engine.module, model.grad_scaler)
     if groups is not None:
         from megadalle.engine import ds_powersgd
 
-        p = cfg.powersgd
-        ds_powersgd.install(engine.optimizer, engine.module, *groups, p.rank, p.start_iter, p.eps, cfg.job.seed)
-    return engine, optimizer
+        p, topo = cfg.powersgd, groups[0]
+        psgd = ds_powersgd.install(engine.optimizer, engine.module, *groups, p.rank, p.start_iter, p.eps, cfg.job.seed)
+        state.powersgd = PowerSGDState(psgd, topo.node, topo.local, topo.gpus_per_node)
+    return state
 
 
 def _powersgd_groups(cfg: JobConfig, zero3: bool) -> tuple[Any, Any, Any] | None:
@@ -185,13 +191,13 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
     random.seed(cfg.job.seed + rank)
     np.random.seed(cfg.job.seed + rank)
 
-    engine, optimizer = build(cfg, stage, ds)
-    o = cfg.optim
-    ema = ShardedEMA(engine.module, o.ema_decay) if o.ema_decay > 0 else None
+    state = build(cfg, stage, ds)
+    engine, optimizer, ema, o = state.engine, state.optimizer, state.ema, cfg.optim
 
-    step, loader_state = 0, None
+    step = 0
     if resume is not None:
-        step, resume, loader_state = _resume(engine, stage, ema, ckpt_root, resume, cfg)
+        step, resume = _resume(state, ckpt_root, resume, cfg)
+    loader_state = state.data.loaded  # None: the stream starts from its beginning (load_checkpoint warned)
 
     logger = MetricsLogger(
         run_dir / cfg.logging.json_file if rank == 0 else None,
@@ -213,9 +219,6 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
         f"ZeRO {engine.zero_optimization_stage()}, precision {t.precision}, "
         f"micro-batch {t.micro_batch_size} x accum {accum} x world {world}"
     )
-    if step and loader_state is None:
-        log.warning(f"{resume} holds no data position or random generators for rank {rank} of {world}: its data "
-                    "stream restarts from the beginning")  # fmt: skip
     try:
         batches = stage.batches(rank, loader_state)
     except StreamStateMismatchError as e:  # a position saved by another world size or worker count
@@ -226,9 +229,10 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
     last_eval: dict[str, float] = {}
     status = RankStatus(run_dir / "status", rank)
     status.update(step, "started")
-    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
+    psgd = state.powersgd.psgd if state.powersgd is not None else None
     psgd_sent = psgd.comm.bytes_sent if psgd is not None else 0
     saved = -1  # the step of the last checkpoint written
+    ckpt = Checkpointer(ckpt_root, cfg)
     signals: list[str] = []
 
     with Progress(cfg.logging.progress, t.steps, start_step, f"{cfg.job.stage} {cfg.job.name}", rank) as bar:
@@ -238,8 +242,9 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
             if step == stage.moments_reset_step:
                 log.info(f"step {step}: optimizer moments reset ({reset_moments(optimizer)} tensors had state)")
             micro = [next(batches) for _ in range(accum)]
-            metrics = train_update(engine, optimizer, stage, micro, sched, flags=stop.flags())
+            metrics = train_update(engine, optimizer, stage, micro, sched, flags={**stop.flags(), **ckpt.flags()})
             signals = stop.agreed(metrics)
+            ckpt.observe(metrics)  # a checkpoint written in the background is completed once every rank is done
             stage.lr_schedule.observe(step, metrics["loss"])
             step += 1
             if ema is not None and step % o.ema_every == 0:
@@ -259,7 +264,7 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
                 metrics.update(powersgd_mb_sent=(psgd.comm.bytes_sent - psgd_sent) / 2**20,
                                powersgd_compressing=int(psgd.updates > cfg.powersgd.start_iter))  # fmt: skip
                 psgd_sent = psgd.comm.bytes_sent
-            scaler = getattr(engine.module, "grad_scaler", None)
+            scaler = state.grad_scaler
             if scaler is not None:
                 metrics.update(scaler.metrics(per_block=step % t.log_every == 0 or step in (start_step + 1, t.steps)))
             if not np.isfinite(metrics["loss"]):
@@ -277,13 +282,16 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
                 last_eval = _evaluate(stage, engine, ema, step, run_dir, logger)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 status.update(step, "checkpointing")
-                _save(engine, ckpt_root, step, ema, cfg, stage)
+                ckpt.save(step, state, final=step == t.steps)
+                log.info(f"step {step}: checkpoint {'queued' if ckpt.pending else 'written'}, the loop held "
+                         f"{ckpt.stall_s:.2f} s")  # fmt: skip
                 saved = step
             status.update(step, "training")
 
+    ckpt.wait()  # one written in the background: complete before the run goes on to its end
     if step > start_step and saved != step:
         status.update(step, "checkpointing")
-        _save(engine, ckpt_root, step, ema, cfg, stage)
+        ckpt.save(step, state, final=True)
     if signals:  # no evaluation: the time before the job is killed is for the checkpoint
         logger.log(step, {"reason": "signal " + " ".join(signals)}, kind="stop")
         status.update(step, "stopped")
@@ -301,14 +309,13 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
     return last_eval
 
 
-def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resume: Path, cfg: JobConfig):
+def _resume(state: TrainState, ckpt_root: Path, resume: Path, cfg: JobConfig) -> tuple[int, Path]:
     """Collective: the run's state from checkpoint `resume` (or, for resume = auto, the newest older complete one
-    when it cannot be loaded): DeepSpeed's engine, the EMA, the lr schedule, the per-resblock gradient scales,
-    PowerSGD's error buffers, this rank's random generators. Returns (step, the folder used, this rank's data
-    position or None)."""
+    when it cannot be loaded): DeepSpeed's engine and every part of `state` (engine/train_state.py). Returns
+    (step, the folder used); this rank's data position waits in `state.data.loaded`."""
     while True:
         try:
-            step, loop = load_checkpoint(engine, resume, ema)
+            step = load_checkpoint(resume, state)
             break
         except CheckpointError as e:
             fallback = older_complete(ckpt_root, resume) if cfg.checkpoint.resume in ("auto", "latest") else None
@@ -319,80 +326,12 @@ def _resume(engine, stage: Stage, ema: ShardedEMA | None, ckpt_root: Path, resum
             barrier()
             log.warning(f"{e}; moved it aside and fell back to the previous complete checkpoint {fallback}")
             resume = fallback
-    stage.lr_schedule.load_state_dict(loop.get("lr_schedule", {}))
-    scaler = getattr(engine.module, "grad_scaler", None)
-    if scaler is not None:
+    if state.grad_scaler is not None:
         from megadalle.engine import ds_grad_scaler
 
-        if "grad_scaler" in loop:
-            if not scaler.load_state_dict(loop["grad_scaler"]):
-                log.warning(f"{resume} holds per-resblock gradient scales of an older megadalle (App. D's M on a "
-                            "backward divided by the accumulation count): starting them from 2^13")  # fmt: skip
-        else:
-            log.warning(f"{resume} holds no per-resblock gradient scales: starting them from 2^13")
-        ds_grad_scaler.sync(engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
-    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
-    if psgd is not None:
-        psgd.updates = int(loop.get("powersgd_updates", 0))  # the same on every rank: one compress decision
-        path = resume / _powersgd_file(engine)
-        if sum_over_ranks({"missing": float(not path.is_file())})["missing"] == 0:  # every rank reads its file
-            psgd.load_summed_state(torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            log.warning(f"{resume}: some rank lacks its PowerSGD error buffers (powersgd_local*.pt): starting "
-                        "them at zero")  # fmt: skip
-    own = _rank_file(resume)
-    if not own.is_file():  # a resharded checkpoint keeps the files of the world it came from (convert_checkpoint)
-        own = resume / f"from_world_{world_size()}" / own.name
-    legacy = resume / f"loader_rank{global_rank()}.pt"  # written before the generators were saved
-    loader_state = None
-    if own.is_file():
-        state = torch.load(own, map_location="cpu", weights_only=True)
-        set_rng_state(state["rng"])
-        loader_state = state["loader"]
-    elif legacy.is_file():
-        loader_state = torch.load(legacy, map_location="cpu", weights_only=True)
-        log.warning(f"{resume} holds the data position of rank {global_rank()} but not its random generators")
+        ds_grad_scaler.sync(state.engine.optimizer)  # DeepSpeed restored its own (saved) loss scaler
     log.info(f"resumed from {resume} at step {step}")
-    return step, resume, loader_state
-
-
-def _client_state(stage: Stage, engine: Any) -> dict[str, Any]:
-    """What a checkpoint keeps of the training loop beside DeepSpeed's state and the EMA: the lr schedule's state,
-    the per-resblock gradient scales (identical on every rank: their updates are agreed) and PowerSGD's count."""
-    state: dict[str, Any] = {"lr_schedule": stage.lr_schedule.state_dict()}
-    scaler = getattr(engine.module, "grad_scaler", None)
-    if scaler is not None:
-        state["grad_scaler"] = scaler.state_dict()
-    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
-    if psgd is not None:
-        state["powersgd_updates"] = psgd.updates
-    return state
-
-
-def _powersgd_file(engine: Any) -> str:
-    return f"powersgd_local{engine.optimizer.megadalle_powersgd_local}.pt"
-
-
-def _rank_files(engine: Any) -> dict[str, Any]:
-    """Collective. PowerSGD's error buffers as App. E.2 checkpoints them: summed over the node groups, one file
-    per local ordinal (written by node group 0)."""
-    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)
-    if psgd is None:
-        return {}
-    summed = psgd.summed_state()
-    return {_powersgd_file(engine): summed} if engine.optimizer.megadalle_powersgd_node == 0 else {}
-
-
-def _rank_file(folder: Path | None = None) -> Path:
-    """This rank's own part of a checkpoint: its data position (data/stream.py) and random generators."""
-    name = f"rank{global_rank():05d}.pt"
-    return folder / name if folder is not None else Path(name)
-
-
-def _save(engine, ckpt_root: Path, step: int, ema, cfg: JobConfig, stage: Stage) -> None:
-    loop, files = _client_state(stage, engine), _rank_files(engine)
-    files[str(_rank_file())] = {"loader": stage.loader_state(), "rng": rng_state()}
-    save_checkpoint(engine, ckpt_root, step, ema, cfg, cfg.checkpoint.keep, loop, files)
+    return step, resume
 
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:

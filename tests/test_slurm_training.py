@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megadalle.engine.checkpoint import load_eval_weights
 from tests.conftest import REPO, python
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -85,7 +86,7 @@ def submit(slurm, token_shards, tokenizer_model):
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "extra.pt", weights_only=True)["weights"]
+    return load_eval_weights(run / "checkpoints" / f"step_{step:08d}")[0]  # the EMA, from its shard files
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,9 @@
-"""Checkpoints: DeepSpeed's engine state (sharded as it trains) plus our own `extra.pt` (EMA, step, resolved
-config), written into `<run>/checkpoints/step_NNNNNNNN/`. A checkpoint is complete when its `COMPLETE` marker
+"""Checkpoints: DeepSpeed's engine state (sharded as it trains), the EMA's shards (`ema_shardNNNNN.safetensors`, one
+per rank of the first shard group, as DeepSpeed writes its optimizer shards) and our own small `extra.pt` (step,
+resolved config, the loop's state), written into `<run>/checkpoints/step_NNNNNNNN/`. No rank gathers the model:
+the weights for evaluation, encoding and sampling (the EMA, else the live fp32 masters in DeepSpeed's files) are
+read back one tensor at a time (`open_eval_weights`); checkpoints of older megadalle, with whole weights in
+extra.pt, still load. A checkpoint is complete when its `COMPLETE` marker
 is there and every file the marker lists has the size it records: rank 0 writes the marker, atomically, after
 every rank has finished writing, then moves DeepSpeed's `latest` pointer to the folder (atomically too). Every
 file of ours (extra.pt, the ranks' files, the marker, `latest`) is written under a temporary name and renamed;
@@ -8,11 +12,18 @@ by the markers. Earlier output is never deleted by a fresh start: it is moved as
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import queue
 import re
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +32,11 @@ import torch.distributed as dist
 
 from megadalle.config import Checkpoint, ConfigError, JobConfig, apply_toml_text, dump_toml
 from megadalle.engine.distributed import barrier, is_main, sum_over_ranks, world_size
+from megadalle.engine.distributed import rank as global_rank
 from megadalle.engine.ema import ShardedEMA
 from megadalle.engine.metrics import log
+from megadalle.engine.tensor_files import TensorFile, TensorFileError, write_tensors
+from megadalle.engine.train_state import TrainState
 
 EXTRA = "extra.pt"
 MARKER = "COMPLETE"
@@ -210,27 +224,39 @@ def prepare_resume(root: Path, ckpt: Checkpoint, outputs: list[Path]) -> Path | 
     return None if value is None else Path(value)
 
 
+RANK_FILE = "rank{:05d}.pt"
+"""Each rank's parts of scope "rank" (engine/train_state.py): {"loader": data position, "rng": generators}."""
+SHARD_FILES = {"ema": "ema_shard{:05d}.safetensors", "powersgd": "powersgd_local{}.pt"}
+"""The files of the parts of scope "shard_group", by shard (the EMA's written as safetensors by write_ema_shard)."""
+
+
 def save_checkpoint(
-    engine,
-    root: Path,
-    step: int,
-    ema: ShardedEMA | None,
-    cfg: JobConfig,
-    keep: int,
-    loop: dict | None = None,
-    rank_files: dict[str, Any] | None = None,
-    copy_in: dict[str, Path] | None = None,
+    root: Path, step: int, state: TrainState, cfg: JobConfig, keep: int, copy_in: dict[str, Path] | None = None
 ) -> Path:
-    """Collective: every rank calls it. `loop`: the training loop's own state (plain values: the lr schedule's),
-    stored in extra.pt. `rank_files`: file name -> object this rank writes into the folder (PowerSGD's summed
-    error buffers, one file per local ordinal). `copy_in`: name in the folder -> a file or folder rank 0 copies
-    there before the marker. The marker comes last; rotation (`keep` > 0) then removes only
-    complete checkpoints older than the newest `keep` complete ones."""
-    tag = tag_of(step)
-    folder = root / tag
-    # the weights for evaluation, encoding and sampling: the EMA, or the live weights when there is none
-    weights = ema.full_state_dict() if ema is not None else gathered_state(engine)
-    kind = "ema" if ema is not None else "live"
+    """Collective: every rank calls it. Writes DeepSpeed's engine state and every part of `state` by its scope:
+    the global parts in rank 0's extra.pt (with the step and the resolved config), each shard group part by the
+    ranks of the first shard group, each rank's own parts in its rank file. `copy_in`: name in the folder -> a file
+    or folder rank 0 copies there before the marker (a reshard's). The marker comes last; rotation (`keep` > 0)
+    then removes only complete checkpoints older than the newest `keep` complete ones. (`Checkpointer` is the
+    training loop's way in, with the background writer of `checkpoint.async_save`.)"""
+    folder = _write_files(root, step, state, cfg, None)
+    barrier()  # every rank's files are written
+    if is_main():
+        _complete(root, folder, step, keep, copy_in)
+    barrier()
+    return folder
+
+
+def _write_files(root: Path, step: int, state: TrainState, cfg: JobConfig, writer: _Writer | None) -> Path:
+    """Collective: the folder of `step` prepared (rank 0), every part's state taken (collectives included: PowerSGD
+    sums its buffers over the node groups), and every file of this rank written, or with a `writer` copied to host
+    memory and queued for its thread."""
+    folder = root / tag_of(step)
+    parts = state.parts()
+    states = {name: part.state_dict() for name, part in parts.items()}
+    if writer is not None:
+        states = _host_copy(states)
+    run = writer.submit if writer is not None else (lambda job: job())
     if is_main():
         if folder.exists():  # a crashed save of this step, or a rollback saving it again: replace it
             reason = incomplete_reason(folder)
@@ -238,35 +264,188 @@ def save_checkpoint(
             shutil.rmtree(folder)
             log.warning(f"replacing {folder} ({reason or 'an earlier complete save of this step'})")
         folder.mkdir(parents=True, exist_ok=True)
-        extra = {"step": step, "weights": weights, "weights_kind": kind, "config": dump_toml(cfg), "loop": loop or {}}
-        save_atomic(extra, folder / EXTRA)
-    barrier()
-    for name, obj in (rank_files or {}).items():
-        save_atomic(obj, folder / name)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
-    barrier()  # every rank's files are written
-    if is_main():
-        for name, source in (copy_in or {}).items():  # files or folders carried over (a reshard's)
-            dest = folder / name
-            if source.is_dir():
-                shutil.copytree(source, dest, dirs_exist_ok=True)
+        loop = {name: states[name] for name, part in parts.items() if part.scope == "global"}
+        extra = {"step": step, "weights_kind": "ema" if state.ema is not None else "live", "config": dump_toml(cfg),
+                 "loop": loop, "format": FORMAT}  # fmt: skip
+        run(partial(save_atomic, extra, folder / EXTRA))
+    barrier()  # the folder exists
+    for name, part in parts.items():
+        if part.scope == "shard_group" and part.writes:
+            if name == "ema":
+                run(partial(write_ema_shard, folder, states[name], part.shapes()))
             else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, dest)
-        write_marker(folder, step, world_size())
-        latest = root / "latest"  # DeepSpeed's pointer (its tools read it), moved only once the folder is complete
-        (root / "latest.tmp").write_text(tag)
-        os.replace(root / "latest.tmp", latest)
-        if keep > 0:
-            for old in complete_folders(root)[:-keep]:
-                shutil.rmtree(old)
-    barrier()
+                run(partial(save_atomic, states[name], folder / SHARD_FILES[name].format(part.shard)))
+    own = {name: states[name] for name, part in parts.items() if part.scope == "rank"}
+    if own:
+        run(partial(save_atomic, own, folder / RANK_FILE.format(global_rank())))
+    engine = state.engine
+    if writer is None:
+        engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
+    else:  # DeepSpeed's files through its checkpoint engine, staged into host memory and queued likewise
+        direct, engine.checkpoint_engine = engine.checkpoint_engine, _staging_engine(engine.checkpoint_engine, writer)
+        try:
+            engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
+        finally:
+            engine.checkpoint_engine = direct
     return folder
 
 
-def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> tuple[int, dict]:
-    """Collective: restore engine state and EMA from `folder`; return the step it was saved at and the training
-    loop's state saved with it. Any failure, on any rank, is a CheckpointError naming the folder on every rank."""
+def _complete(root: Path, folder: Path, step: int, keep: int, copy_in: dict[str, Path] | None = None) -> None:
+    """Rank 0, once every rank's files are written: carried-over files, the marker, DeepSpeed's `latest`, rotation."""
+    for name, source in (copy_in or {}).items():  # files or folders carried over (a reshard's)
+        dest = folder / name
+        if source.is_dir():
+            shutil.copytree(source, dest, dirs_exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest)
+    write_marker(folder, step, world_size())
+    latest = root / "latest"  # DeepSpeed's pointer (its tools read it), moved only once the folder is complete
+    (root / "latest.tmp").write_text(folder.name)
+    os.replace(root / "latest.tmp", latest)
+    if keep > 0:
+        for old in complete_folders(root)[:-keep]:
+            shutil.rmtree(old)
+
+
+def _host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory (pinned where it comes from a GPU, so that the copy runs at
+    full speed) and everything else deep-copied: a snapshot that training may go on changing under."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj.detach().clone()
+        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return host.copy_(obj.detach())
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class _Writer:
+    """A background thread that runs the queued writes in order; the first error stops it and is kept."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, name="checkpoint-writer", daemon=True).start()
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self._jobs.put(job)
+
+    def idle(self) -> bool:
+        return self._jobs.unfinished_tasks == 0
+
+    def wait(self) -> None:
+        self._jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if self.error is None:
+                    job()
+            except BaseException as e:  # reported by the loop (Checkpointer.observe / wait), on every rank
+                self.error = e
+            finally:
+                self._jobs.task_done()
+
+
+def _staging_engine(direct: Any, writer: _Writer) -> Any:
+    """A DeepSpeed checkpoint engine whose `save` copies the state to host memory and queues `direct`'s save of
+    the copy on `writer`; loading stays `direct`'s."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class Staging(CheckpointEngine):
+        def create(self, info: Any) -> None:
+            direct.create(info)
+
+        def save(self, state_dict: Any, path: str) -> None:
+            writer.submit(partial(direct.save, _host_copy(state_dict), path))
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return direct.load(path, map_location)
+
+        def commit(self, info: Any) -> bool:
+            return True  # the marker, written once every rank's writer is done, is the commit
+
+    return Staging()
+
+
+WRITTEN = "__checkpoint_written__"
+FAILED = "__checkpoint_failed__"
+
+
+class Checkpointer:
+    """The training loop's one save call (STYLE rule 16). `save(step, state)` writes a checkpoint of every part of
+    `state`: synchronously, or with `checkpoint.async_save` staged into host memory and written by a background
+    thread while training goes on. The loop sums `flags()` over the ranks with each update's statistics and hands
+    the sums to `observe`: once every rank's writer is done, rank 0 completes the checkpoint (marker, `latest`,
+    rotation). A failed write is a CheckpointError on every rank at the next update."""
+
+    def __init__(self, root: Path, cfg: JobConfig) -> None:
+        self.root, self.cfg, self.keep = root, cfg, cfg.checkpoint.keep
+        self.writer = _Writer() if cfg.checkpoint.async_save else None
+        self.pending: tuple[Path, int] | None = None
+        self.stall_s = 0.0
+        """Seconds the last `save` held the loop."""
+
+    def save(self, step: int, state: TrainState, final: bool = False) -> Path:
+        """Collective. `final`: the run stops after it, so it is complete when this returns."""
+        t0 = time.time()
+        self.wait()
+        if self.writer is None or final:
+            folder = save_checkpoint(self.root, step, state, self.cfg, self.keep)
+        else:
+            folder = _write_files(self.root, step, state, self.cfg, self.writer)
+            self.pending = (folder, step)
+        self.stall_s = time.time() - t0
+        return folder
+
+    def flags(self) -> dict[str, float]:
+        if self.writer is None:
+            return {}
+        return {WRITTEN: float(self.pending is not None and self.writer.idle()),
+                FAILED: float(self.writer.error is not None)}  # fmt: skip
+
+    def observe(self, summed: dict[str, float]) -> None:
+        """The update's summed statistics: the flags are taken out of them."""
+        written, failed = summed.pop(WRITTEN, 0.0), summed.pop(FAILED, 0.0)
+        if failed:
+            self._failed(int(failed))
+        if self.pending is not None and written == world_size():
+            self._complete_pending()
+
+    def wait(self) -> None:
+        """Collective: the pending checkpoint written by every rank and completed."""
+        if self.pending is None:
+            return
+        self.writer.wait()
+        failed = sum_over_ranks({"failed": float(self.writer.error is not None)})["failed"]
+        if failed:
+            self._failed(int(failed))
+        self._complete_pending()
+        barrier()
+
+    def _complete_pending(self) -> None:
+        folder, step = self.pending
+        self.pending = None
+        if is_main():
+            _complete(self.root, folder, step, self.keep)
+
+    def _failed(self, ranks: int) -> None:
+        folder = self.pending[0] if self.pending else self.root
+        e = self.writer.error
+        here = f"here: {type(e).__name__}: {e}" if e is not None else "not here"
+        raise CheckpointError(f"writing the checkpoint {folder} failed on {ranks} rank(s) ({here}); it stays "
+                              "incomplete: the previous complete checkpoint is the one to resume")  # fmt: skip
+
+
+def load_checkpoint(folder: Path, state: TrainState) -> int:
+    """Collective: restore DeepSpeed's engine and every part of `state` from `folder`; returns the step it was
+    saved at. A failure of the engine, extra.pt or the EMA, on any rank, is a CheckpointError naming the folder on
+    every rank; a part the checkpoint lacks (an older megadalle's) starts afresh with a warning."""
     try:
         extra = torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
         error = None
@@ -274,17 +453,123 @@ def load_checkpoint(engine, folder: Path, ema: ShardedEMA | None) -> tuple[int, 
         error = f"cannot read {folder / EXTRA}: {type(e).__name__}: {e}"
     _agree(error, folder)
     try:
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        load_path, _ = state.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
             error = f"DeepSpeed found no engine state in {folder}"
     except Exception as e:
         error = f"cannot load the engine state in {folder}: {type(e).__name__}: {e}"
     _agree(error, folder)
-    if ema is not None:
-        if extra.get("weights_kind") != "ema":
-            raise CheckpointError(f"checkpoint {folder} has no EMA but optim.ema_decay > 0")
-        ema.load_full_state_dict(extra["weights"])
-    return int(extra["step"]), dict(extra.get("loop", {}))
+    loop = dict(extra.get("loop", {}))
+    own = _rank_states(folder)
+    for name, part in state.parts().items():
+        if part.scope == "global":
+            found = loop.get(name)
+        elif part.scope == "rank":
+            found = own.get(name)
+        elif name == "ema":
+            if extra.get("weights_kind") != "ema":
+                raise CheckpointError(f"checkpoint {folder} has no EMA but optim.ema_decay > 0")
+            try:
+                load_ema(folder, extra, part)
+            except (TensorFileError, KeyError, ValueError) as e:
+                error = f"cannot load the EMA of {folder}: {e}"
+            _agree(error, folder)
+            continue
+        else:
+            found = _shard_state(folder, name, part, loop)
+        if found is None:
+            log.warning(f"{folder} holds no {name} state for rank {global_rank()} of {world_size()}: it starts "
+                        "afresh")  # fmt: skip
+        elif part.load_state_dict(found) is False:
+            log.warning(f"{folder} holds {name} state of an older megadalle that does not map to this one: it "
+                        "starts afresh")  # fmt: skip
+    return int(extra["step"])
+
+
+def _rank_states(folder: Path) -> dict[str, Any]:
+    """This rank's own parts: its rank file, or the one a reshard kept in from_world_<N>/ for a resume at N ranks,
+    or an older megadalle's data position alone (loader_rank<R>.pt)."""
+    name = RANK_FILE.format(global_rank())
+    for path in (folder / name, folder / f"from_world_{world_size()}" / name):
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    legacy = folder / f"loader_rank{global_rank()}.pt"
+    if legacy.is_file():
+        return {"loader": torch.load(legacy, map_location="cpu", weights_only=True)}
+    return {}
+
+
+def _shard_state(folder: Path, name: str, part: Any, loop: dict) -> dict | None:
+    """A shard group part's file for this rank's shard, where every rank finds its own (else None on all ranks)."""
+    path = folder / SHARD_FILES[name].format(part.shard)
+    if sum_over_ranks({"missing": float(not path.is_file())})["missing"]:
+        return None
+    found = torch.load(path, map_location="cpu", weights_only=True)
+    if name == "powersgd" and "buffers" not in found:  # an older megadalle: the buffers alone, the count in loop
+        found = {"updates": loop.get("powersgd_updates", 0), "buffers": found}
+    return found
+
+
+FORMAT = 2
+"""extra.pt's layout: 2 = the EMA in shard files, no weights in extra.pt; absent = whole weights in extra.pt."""
+EMA_FORMAT = "megadalle-ema-shard-1"
+
+
+def write_ema_shard(folder: Path, state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Path:
+    """An EMA shard (`ShardedEMA.state_dict()`): each parameter's flat fp32 partition, the whole `shapes` and the
+    layout in the metadata."""
+    meta = {"format": EMA_FORMAT, "shard": state["shard"], "shards": state["shards"], "updates": state["updates"],
+            "shapes": json.dumps(shapes)}  # fmt: skip
+    path = folder / SHARD_FILES["ema"].format(state["shard"])
+    write_tensors(path, state["tensors"], meta)
+    return path
+
+
+class EMAShards:
+    """The EMA shard files of a checkpoint folder; `whole(name)` cuts one parameter from its shards."""
+
+    def __init__(self, folder: Path) -> None:
+        paths = sorted(folder.glob("ema_shard*.safetensors"))
+        if not paths:
+            raise TensorFileError(f"{folder} holds no EMA shard files ({SHARD_FILES['ema'].format(0)}, ...)")
+        self.files = [TensorFile(p) for p in paths]
+        meta = self.files[0].metadata
+        if meta.get("format") != EMA_FORMAT:
+            raise TensorFileError(f"{paths[0]}: format {meta.get('format')!r}, expected {EMA_FORMAT!r}")
+        self.shards = int(meta["shards"])
+        found = [int(f.metadata.get("shard", -1)) for f in self.files]
+        if found != list(range(self.shards)) or any(int(f.metadata["shards"]) != self.shards for f in self.files):
+            raise TensorFileError(f"{folder}: EMA shards {found} found, 0..{self.shards - 1} expected")
+        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+        self.updates = int(meta.get("updates", 0))
+
+    def whole(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        parts = [f.read(name) for f in self.files]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return flat[: math.prod(shape)].view(shape)
+
+
+def load_ema(folder: Path, extra: dict, ema: ShardedEMA) -> None:
+    """This rank's EMA from `folder`: its own shard file read straight into the EMA's tensors where the layout is
+    the same; otherwise each parameter whole, one at a time, and this rank's slice kept (a checkpoint of another
+    shard layout, or an old one with whole weights in extra.pt)."""
+    if "weights" in extra:  # before FORMAT 2
+        for name, whole in extra["weights"].items():
+            ema.load_whole(name, whole)
+        return
+    shards = EMAShards(folder)
+    missing = sorted(set(ema.shapes()) - set(shards.shapes))
+    if missing:
+        raise KeyError(f"its EMA lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    if shards.shards == ema.shards:
+        own = shards.files[ema.shard]
+        for s, (name, _) in zip(ema.shadow, ema.named):
+            own.read(name, into=s)
+    else:
+        for name in ema.shapes():
+            ema.load_whole(name, shards.whole(name))
+    ema.updates = shards.updates
 
 
 def _agree(error: str | None, folder: Path) -> None:
@@ -297,58 +582,92 @@ def _agree(error: str | None, folder: Path) -> None:
         raise CheckpointError(error)
 
 
-def gathered_state(engine) -> dict[str, torch.Tensor]:
-    """Collective under ZeRO-3: the full fp32 state dict of the live weights, on every rank."""
-    import deepspeed
+@dataclass
+class EvalWeights:
+    """The weights a checkpoint or an export offers for evaluation, encoding and sampling, read one tensor at a
+    time: `read(name)` gives the whole tensor (fp32 where floating), `shapes` every name's shape, in order."""
 
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_tensor")):
-        return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    cfg: JobConfig
+    kind: str
+    """"ema" or "live"."""
+    step: int
+    source: Path
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[str], torch.Tensor]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.shapes:
+            yield name, self.read(name)
 
 
-def load_eval_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
-    """(state_dict, resolved JobConfig) of a checkpoint folder, its extra.pt, or a checkpoints/ folder (its
-    newest complete checkpoint): the EMA weights where the run kept an EMA, else the live ones; or of a
-    consolidated `.safetensors` file (tools/convert_checkpoint.py export). For encoding and sampling."""
+def _as_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+def open_eval_weights(path: str | Path, kind: str = "auto") -> EvalWeights:
+    """The weights of a checkpoint folder, its extra.pt, a run's checkpoints/ folder (its newest complete
+    checkpoint) or an exported `.safetensors` file. `kind`: "ema", "live", or "auto" (the EMA where the run kept
+    one, else the live fp32 masters read from DeepSpeed's files)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_safetensors_weights(path)
+        return _open_safetensors(path)
     if path.is_dir() and step_folders(path):  # a run's checkpoints/ folder
         newest = find_resume(path, "auto")
         if newest is None:
             raise FileNotFoundError(f"no complete checkpoint under {path}")
         path = newest
-    if path.is_dir():
-        path = path / EXTRA
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file {path}")
-    extra = torch.load(path, map_location="cpu", weights_only=True)
-    if not extra.get("weights"):
-        raise ValueError(f"{path} holds no weights")
+    folder = path if path.is_dir() else path.parent
+    if not (folder / EXTRA).is_file():
+        raise FileNotFoundError(f"no checkpoint file {folder / EXTRA}")
+    extra = torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
     cfg = JobConfig()
-    apply_toml_text(cfg, extra["config"], f"{path} (stored config)")
-    return extra["weights"], cfg
+    apply_toml_text(cfg, extra["config"], f"{folder / EXTRA} (stored config)")
+    stored = extra.get("weights_kind", "live")
+    kind = stored if kind == "auto" else kind
+    if kind not in ("ema", "live"):
+        raise ValueError(f"weights kind {kind!r}: expected ema, live or auto")
+    step = int(extra["step"])
+    if "weights" in extra and kind == stored:  # before FORMAT 2: whole weights in extra.pt
+        if not extra["weights"]:
+            raise ValueError(f"{folder / EXTRA} holds no weights")
+        weights = extra["weights"]
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        return EvalWeights(cfg, kind, step, folder, shapes, lambda name: _as_fp32(weights[name]))
+    if kind == "ema":
+        if stored != "ema":
+            raise ValueError(f"{folder} holds no EMA weights (the run had optim.ema_decay = 0): use the live ones")
+        shards = EMAShards(folder)
+        return EvalWeights(cfg, kind, step, folder, shards.shapes, shards.whole)
+    from megadalle.engine.consolidate import open_live
+
+    shapes, read = open_live(folder)
+    return EvalWeights(cfg, kind, step, folder, shapes, lambda name: _as_fp32(read(name)))
+
+
+def load_eval_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
+    """(state_dict, resolved JobConfig) of `open_eval_weights(path)`, every tensor in memory at once: for small
+    models and tests; a model is better loaded one tensor at a time (stages/load.py)."""
+    w = open_eval_weights(path)
+    return dict(w.items()), w.cfg
 
 
 SAFETENSORS_FORMAT = "megadalle-weights-1"
 
 
-def load_safetensors_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], JobConfig]:
-    """(state_dict upcast to fp32, the JobConfig stored in its metadata) of an exported `.safetensors` file."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def _open_safetensors(path: Path) -> EvalWeights:
+    """An exported `.safetensors` file (tools/convert_checkpoint.py export), its JobConfig from the metadata."""
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+        f = TensorFile(path)
+    except TensorFileError as e:
         raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    meta = f.metadata
     if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
         raise ValueError(f"{path}: no megadalle metadata (format {meta.get('format')!r}, expected "
                          f"{SAFETENSORS_FORMAT!r}); export it with tools/convert_checkpoint.py")  # fmt: skip
     cfg = JobConfig()
     apply_toml_text(cfg, meta["config"], f"{path} (stored config)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg
+    shapes = {name: f.spec(name)[1] for name in f.keys()}
+    step = int(meta.get("step", 0))
+    return EvalWeights(cfg, meta.get("weights", "ema"), step, path, shapes, lambda name: _as_fp32(f.read(name)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,116 @@ def _stage(state: dict, path: Path) -> int:
     return int(state["zero_stage"])
 
 
+class ZeroShards:
+    """A ZeRO-3 checkpoint's parameters readable one at a time: the ranks' optimizer files are memory-mapped and
+    each whole tensor is cut from its shares when asked for (`weight`, `moments`), so a consolidation holds one
+    tensor, not the model. `names` lists the parameters in the model file's order, `shapes` their shapes."""
+
+    def __init__(self, folder: Path, first: dict, optim: list[Path]) -> None:
+        models = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
+        if not models:
+            raise ConversionError(f"{folder}: no model states file (zero_pp_rank_0_mp_rank_00_model_states.pt)")
+        model = _load(models[0])
+        shapes: list[dict[str, torch.Size]] = model["param_shapes"]
+        numels = [math.prod(shape) for group in shapes for shape in group.values()]
+        per_rank = sum(g.numel() for g in first["fp32_flat_groups"])
+        # the ranks a parameter is split over: the world, or with PowerSGD a node group (zero.Init's data-parallel
+        # group), whose shards the other node groups replicate
+        count = first["partition_count"]
+        most = max(max(count) if isinstance(count, list) else int(count), len(optim))
+        split = next((n for n in range(1, most + 1) if sum(math.ceil(k / n) for k in numels) == per_rank), None)
+        if split is None:
+            raise ConversionError(f"{folder}: {per_rank} elements per rank fit no split of the parameter shapes over "
+                                  f"1..{most} ranks")  # fmt: skip
+        ranks = [_rank_of(p) for p in optim]
+        missing = sorted(set(range(split)) - set(ranks))
+        if missing:
+            raise ConversionError(f"{folder}: the optimizer shards of ranks {missing} of {split} are missing "
+                                  f"(found {[p.name for p in optim]})")  # fmt: skip
+        states = [first] + [_load(p)["optimizer_state_dict"] for p in optim if 0 < _rank_of(p) < split]
+        self.inner = [st.get("optimizer_state_dict", {}) for st in states]
+        self.world, self.model, self.first = split, model, first
+        self.flats = [_Flat([g.reshape(-1) for g in s["fp32_flat_groups"]]) for s in states]  # per rank, mapped
+        n = len(first["fp32_flat_groups"])
+        self.moment_flats = {}
+        if self.inner[0].get("state"):
+            self.moment_flats = {m: [_Flat([r["state"][i][m].reshape(-1) for i in range(n)]) for r in self.inner]
+                                 for m in MOMENTS}  # fmt: skip
+        self.spans: dict[str, tuple[int, int, int, torch.Size]] = {}
+        self.group_of: dict[str, int] = {}
+        offset = 0
+        for group, group_shapes in enumerate(shapes):
+            for name, shape in group_shapes.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / split)
+                self.spans[name] = (offset, part, numel, shape)
+                self.group_of[name] = group
+                offset += part
+        if offset != per_rank:
+            raise ConversionError(f"{folder}: ZeRO-3 shards hold {per_rank} elements per rank, the parameter shapes "
+                                  f"account for {offset}")  # fmt: skip
+
+    @property
+    def steps(self) -> list[float]:
+        """The optimizer's step per parameter group, from rank 0's optimizer state."""
+        inner = self.inner[0]
+        groups, state = inner.get("param_groups", []), inner.get("state", {})
+        return [float(state[g["params"][0]]["step"]) if g.get("params") and g["params"][0] in state else 0.0
+                for g in groups]  # fmt: skip
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.spans)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(span[3]) for name, span in self.spans.items()}
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The whole fp32 master weight `name`."""
+        return _whole(self.flats, *self.spans[name])
+
+    def moments(self, name: str) -> dict[str, torch.Tensor]:
+        """Adam's moments of `name` (empty when the optimizer had taken no step)."""
+        return {m: _whole(self.moment_flats[m], *self.spans[name]) for m in self.moment_flats}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return _buffers(self.model)
+
+
+def open_zero3(folder: str | Path) -> ZeroShards:
+    """The parameters of a ZeRO-3 checkpoint folder, to read one at a time."""
+    folder = Path(folder)
+    optim = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    if not optim:
+        raise ConversionError(f"{folder} holds no ZeRO-3 optimizer states")
+    first = _load(optim[0])["optimizer_state_dict"]
+    stage = _stage(first, optim[0])
+    if stage != 3:
+        raise ConversionError(f"{folder} was written at ZeRO stage {stage}, not 3")
+    return ZeroShards(folder, first, optim)
+
+
+def open_live(folder: str | Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """(name -> shape, read(name) -> whole tensor) of a checkpoint's live weights and buffers, one tensor at a
+    time: ZeRO-3's fp32 masters cut from the memory-mapped shards; at ZeRO 0-2 the module file's tensors (the
+    training dtype at ZeRO 1-2, whose fp32 masters are partitioned)."""
+    folder = Path(folder)
+    optim = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    if optim:
+        first = _load(optim[0])["optimizer_state_dict"]
+        if _stage(first, optim[0]) == 3:
+            z = ZeroShards(folder, first, optim)
+            buffers = z.buffers()
+            shapes = {**z.shapes, **{k: tuple(v.shape) for k, v in buffers.items()}}
+            return shapes, lambda name: buffers[name] if name in buffers else z.weight(name)
+    model_file = folder / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ConversionError(f"{folder} holds no DeepSpeed model or optimizer states")
+    module = _load(model_file)["module"]  # memory-mapped
+    return {k: tuple(v.shape) for k, v in module.items()}, lambda name: module[name].clone()
+
+
 def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullState:
     """The whole fp32 weights (and moments) of the DeepSpeed checkpoint in `folder` (a step_NNNNNNNN folder)."""
     folder = Path(folder)
@@ -95,37 +206,18 @@ def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullS
     first = _load(optim[0])["optimizer_state_dict"]  # read once: the stage, the flat sizes, rank 0's state
     stage = _stage(first, optim[0])
     if stage in (1, 2):
-        raise ConversionError(f"{folder} was written at ZeRO stage {stage}: its gathered weights are in extra.pt "
-                              "(export --weights ema, or live where the run kept no EMA); shards are read for "
-                              "ZeRO-0 and ZeRO-3")  # fmt: skip
-    models = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
-    if not models:
-        raise ConversionError(f"{folder}: no model states file (zero_pp_rank_0_mp_rank_00_model_states.pt)")
-    model = _load(models[0])
-    shapes: list[dict[str, torch.Size]] = model["param_shapes"]
-    numels = [math.prod(shape) for group in shapes for shape in group.values()]
-    per_rank = sum(g.numel() for g in first["fp32_flat_groups"])
-    # the ranks a parameter is split over: the world, or with PowerSGD a node group (zero.Init's data-parallel
-    # group), whose shards the other node groups replicate
-    count = first["partition_count"]
-    most = max(max(count) if isinstance(count, list) else int(count), len(optim))
-    split = next((n for n in range(1, most + 1) if sum(math.ceil(k / n) for k in numels) == per_rank), None)
-    if split is None:
-        raise ConversionError(f"{folder}: {per_rank} elements per rank fit no split of the parameter shapes over "
-                              f"1..{most} ranks")  # fmt: skip
-    ranks = [_rank_of(p) for p in optim]
-    missing = sorted(set(range(split)) - set(ranks))
-    if missing:
-        raise ConversionError(f"{folder}: the optimizer shards of ranks {missing} of {split} are missing "
-                              f"(found {[p.name for p in optim]})")  # fmt: skip
-    states = [first] + [_load(p)["optimizer_state_dict"] for p in optim if 0 < _rank_of(p) < split]
-    inner = [st.get("optimizer_state_dict", {}) for st in states]
-    out = FullState(world=split, zero_stage=3, buffers=_buffers(model))
-    groups = inner[0].get("param_groups", [])
-    out.steps = [float(inner[0]["state"][g["params"][0]]["step"]) if g.get("params") and g["params"][0] in
-                 inner[0].get("state", {}) else 0.0 for g in groups]  # fmt: skip
+        model = folder / "mp_rank_00_model_states.pt"
+        if not model.is_file():
+            raise ConversionError(f"{folder}: ZeRO stage {stage} checkpoint without mp_rank_00_model_states.pt")
+        return _read_zero0(model, stage)
+    z = ZeroShards(folder, first, optim)
+    out = FullState(world=z.world, zero_stage=3, buffers=z.buffers(), group_of=dict(z.group_of))
+    out.steps = z.steps
     out.loss_scaler = {k: first[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in first}
-    _merge_zero3(out, shapes, states, inner, with_moments)
+    for name in z.names:
+        out.weights[name] = z.weight(name)
+        if with_moments and z.moment_flats:
+            out.moments[name] = z.moments(name)
     return out
 
 
@@ -134,38 +226,36 @@ def _buffers(model: dict) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in model.get("module", {}).items() if k in names}
 
 
-def _merge_zero3(out: FullState, shapes: list[dict], states: list[dict], inner: list[dict], moments: bool) -> None:
-    world = out.world
-    flats = [torch.cat([g.float().reshape(-1) for g in s["fp32_flat_groups"]]) for s in states]  # per rank
-    moment_flats = {}
-    if moments and inner[0].get("state"):
-        n = len(states[0]["fp32_flat_groups"])
-        moment_flats = {m: [torch.cat([inner_r["state"][i][m].float().reshape(-1) for i in range(n)])
-                            for inner_r in inner] for m in MOMENTS}  # fmt: skip
-    offset = 0
-    for group, group_shapes in enumerate(shapes):
-        for name, shape in group_shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)
-            span = (offset, part, numel, shape)
-            out.weights[name] = _whole(flats, *span)
-            if moment_flats:
-                out.moments[name] = {m: _whole(moment_flats[m], *span) for m in MOMENTS}
-            out.group_of[name] = group
-            offset += part
-    if offset != flats[0].numel():
-        raise ConversionError(f"ZeRO-3 shards hold {flats[0].numel()} elements per rank, the parameter shapes "
-                              f"account for {offset}")  # fmt: skip
+class _Flat:
+    """A rank's flat groups, concatenated in thought only: a slice is cut from the groups it spans."""
+
+    def __init__(self, groups: list[torch.Tensor]) -> None:
+        self.groups = groups
+        self.starts = [0]
+        for g in groups:
+            self.starts.append(self.starts[-1] + g.numel())
+
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def slice(self, offset: int, n: int) -> torch.Tensor:
+        pieces = []
+        for g, start in zip(self.groups, self.starts):
+            lo, hi = max(offset, start), min(offset + n, start + g.numel())
+            if lo < hi:
+                pieces.append(g[lo - start : hi - start])
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
 
-def _whole(per_rank: list[torch.Tensor], offset: int, part: int, numel: int, shape: torch.Size) -> torch.Tensor:
+def _whole(per_rank: list[_Flat], offset: int, part: int, numel: int, shape: torch.Size) -> torch.Tensor:
     """One parameter from its ZeRO-3 shares: `part` elements at `offset` of each rank's flat, the padding cut."""
-    return torch.cat([t[offset : offset + part] for t in per_rank])[:numel].view(shape).clone()
+    return torch.cat([t.slice(offset, part).float() for t in per_rank])[:numel].view(shape).clone()
 
 
-def _read_zero0(model_file: Path) -> FullState:
-    """ZeRO-0 (plain data parallelism): the module's weights as saved (the weights only)."""
+def _read_zero0(model_file: Path, stage: int = 0) -> FullState:
+    """ZeRO 0-2 (every rank holds the whole module): the module's weights as saved (the weights only; at ZeRO 1-2
+    in the training dtype, the fp32 masters being partitioned in the optimizer files)."""
     model = _load(model_file)
-    out = FullState(world=1, zero_stage=0, buffers=_buffers(model))
+    out = FullState(world=1, zero_stage=stage, buffers=_buffers(model))
     out.weights = {k: v.float().clone() for k, v in model["module"].items() if k not in out.buffers}
     return out

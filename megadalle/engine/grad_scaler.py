@@ -68,6 +68,8 @@ class PerBlockScaler:
     `flags` (n_blocks,) bool on the model's device collects, during backward, which blocks' outgoing activation
     gradients were not finite."""
 
+    scope = "global"  # checkpointed once, in extra.pt (engine/train_state.py)
+
     def __init__(self, n_blocks: int, rules: ScalerRules = ScalerRules()) -> None:
         if n_blocks < 1:
             raise ValueError(f"need n_blocks >= 1, got {n_blocks}")

@@ -46,6 +46,8 @@ class LRSchedule:
       identically (the loss is reduced over ranks), so all ranks halve at the same update.
     `observe(step, loss)` feeds the loss of each finished update; `state_dict()` goes into checkpoints."""
 
+    scope = "global"  # checkpointed once, in extra.pt (engine/train_state.py)
+
     def __init__(
         self,
         kind: str,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from megadalle.config import JobConfig
-from megadalle.engine.checkpoint import load_eval_weights
+from megadalle.engine.checkpoint import open_eval_weights
 
 Stage = Literal["dvae", "prior", "clip"]
 
@@ -78,23 +78,27 @@ def load_trained(
     are a ValueError naming the checkpoint), in eval mode with gradients off, on `device`."""
     if stage not in BUILDERS:
         raise ValueError(f"unknown stage {stage!r} (known: {sorted(BUILDERS)})")
-    state, cfg = load_eval_weights(checkpoint)
+    weights = open_eval_weights(checkpoint)
+    cfg = weights.cfg
     if cfg.job.stage != stage:
         raise ValueError(
             f"checkpoint {checkpoint} holds a {cfg.job.stage!r} model (job.stage) but {stage!r} was expected"
         )
     model = BUILDERS[stage](cfg)
     expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-              for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]  # fmt: skip
+    missing = sorted(expected.keys() - weights.shapes.keys())
+    unexpected = sorted(weights.shapes.keys() - expected.keys())
+    shapes = [f"{k} {weights.shapes[k]} != {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & weights.shapes.keys())
+              if tuple(weights.shapes[k]) != tuple(expected[k].shape)]  # fmt: skip
     if missing or unexpected or shapes:
         raise ValueError(
             f"checkpoint {checkpoint} does not fit the {stage} model built from its config: "
             f"{len(missing)} missing keys [{_listed(missing)}], {len(unexpected)} unexpected keys "
             f"[{_listed(unexpected)}], {len(shapes)} shape mismatches (checkpoint != model) [{_listed(shapes)}]"
         )
-    model.load_state_dict(state)
+    with torch.no_grad():  # one tensor in flight: the model plus its largest tensor, never a second copy
+        for name, tensor in weights.items():
+            expected[name].copy_(tensor)
     model.eval().requires_grad_(False)
     return model.to(resolve_device(device)), cfg

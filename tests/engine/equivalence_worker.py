@@ -41,7 +41,8 @@ def main() -> None:
     out: dict = {}
 
     # weight decay alone: one update whose gradients are all zero (Adam's moments stay 0, so only decay acts)
-    engine, optimizer = build(cfg, stage, ds)
+    state = build(cfg, stage, ds)
+    engine, optimizer = state.engine, state.optimizer
     assert all(hasattr(p, "ds_tensor") for p in engine.module.parameters()), "ZeRO-3 must shard every parameter"
     out["init"] = gathered(engine)
     out["groups"] = group_names(engine.module, stage.param_groups(engine.module))
@@ -58,7 +59,8 @@ def main() -> None:
     del engine, optimizer
 
     # the same model built again from the seed, trained for len(steps) updates
-    engine, optimizer = build(cfg, stage, ds)
+    state = build(cfg, stage, ds)
+    engine, optimizer = state.engine, state.optimizer
     losses = []
     for step, per_rank in enumerate(steps):
         torch.manual_seed(1000 + step)  # the same random draws (dVAE gumbel noise) as the reference

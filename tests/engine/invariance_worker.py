@@ -67,7 +67,8 @@ def run(spec: dict, steps: list, rank: int, world: int) -> dict:
     ds = load_ds_config(cfg, world)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # shard every parameter
     stage = make_stage(cfg)
-    engine, optimizer = build(cfg, stage, ds)
+    state = build(cfg, stage, ds)
+    engine, optimizer = state.engine, state.optimizer
     scaler = engine.module.grad_scaler
     scaler.log2_scales += spec.get("log2_offset", 0.0)
     from megadalle.engine import ds_grad_scaler
@@ -89,7 +90,7 @@ def run(spec: dict, steps: list, rank: int, world: int) -> dict:
         out["amax"].append(a)
         out["sumsq"].append(s)
     out["dtypes"] = sorted(set(dtypes.values()))
-    psgd = getattr(engine.optimizer, "megadalle_powersgd", None)  # what PowerSGD compressed, how often
+    psgd = state.powersgd.psgd if state.powersgd is not None else None  # what PowerSGD compressed, how often
     out["powersgd"] = None if psgd is None else {"compressed": len(psgd.compressed), "updates": psgd.updates}
     inner = engine.optimizer.optimizer  # the client optimizer under ZeRO-3: its first moments' storage
     out["moments"] = sorted({str(s["exp_avg"].dtype) for s in inner.state.values() if "exp_avg" in s})

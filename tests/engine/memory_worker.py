@@ -1,5 +1,5 @@
 """One rank of a ZeRO-3 prior after an update: the bytes of its model states, as DeepSpeed holds them, and of the
-checkpoint it then writes (its DeepSpeed files; rank 0's extra.pt), to OUT/rank<R>.json
+checkpoint it then writes (its DeepSpeed files and EMA shard; rank 0's extra.pt), to OUT/rank<R>.json
 (tests/engine/test_planner.py compares them with megadalle/engine/planner.py)."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def main() -> None:
     rank, world = init_distributed()
     ds = load_ds_config(cfg, world)
     stage = make_stage(cfg)
-    engine, optimizer = build(cfg, stage, ds)
+    state = build(cfg, stage, ds)
+    engine, optimizer = state.engine, state.optimizer
     batches = stage.batches(rank)
     train_update(engine, optimizer, stage, [next(batches)], stage.schedules(0))
     opt = engine.optimizer
@@ -47,8 +48,9 @@ def main() -> None:
     )
     record = {"rank": rank, "world": world, "params": params, "master": 0 if shared else master, "moments": moments,
               "grads": grads}  # fmt: skip
-    folder = save_checkpoint(engine, out / "checkpoints", 1, None, cfg, keep=0)
-    record["checkpoint_rank"] = sum(f.stat().st_size for f in folder.glob(f"*zero_pp_rank_{rank}_*"))
+    folder = save_checkpoint(out / "checkpoints", 1, state, cfg, keep=0)
+    own = [*folder.glob(f"*zero_pp_rank_{rank}_*"), *folder.glob(f"ema_shard{rank:05d}.safetensors")]
+    record["checkpoint_rank"] = sum(f.stat().st_size for f in own)
     record["checkpoint_extra"] = (folder / EXTRA).stat().st_size
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     shutdown()

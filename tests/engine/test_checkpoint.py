@@ -109,12 +109,16 @@ class BrokenEngine:
 
 
 def test_load_checkpoint_names_the_folder_not_deepspeed_internals(tmp_path):
+    from megadalle.engine.schedules import LRSchedule
+    from megadalle.engine.train_state import TrainState
+
     four = fake_checkpoint(tmp_path, 4)
+    state = TrainState(BrokenEngine(), None, LRSchedule("constant", 1e-3), None)
     with pytest.raises(CheckpointError, match=f"cannot load the engine state in {four}: RuntimeError: Pytorch"):
-        load_checkpoint(BrokenEngine(), four, None)
+        load_checkpoint(four, state)
     (four / EXTRA).write_bytes((four / EXTRA).read_bytes()[:50])
     with pytest.raises(CheckpointError, match=f"cannot read {four / EXTRA}"):
-        load_checkpoint(BrokenEngine(), four, None)
+        load_checkpoint(four, state)
 
 
 def test_load_eval_weights_takes_the_newest_complete(tmp_path):
@@ -142,12 +146,67 @@ def test_ema_math_single_process():
         for p in m.parameters():
             p.add_(2.0)
     ema.update()
-    state = ema.full_state_dict()
+    state = ema.state_dict()
+    assert (state["shard"], state["shards"], state["updates"]) == (0, 1, 1)
     for n in before:
-        torch.testing.assert_close(state[n], before[n] + 1.0)
+        torch.testing.assert_close(state["tensors"][n], before[n] + 1.0)
     with pytest.raises(ValueError, match=r"shape \(5,\) != parameter \(2,\)"):
-        ema.load_full_state_dict({**state, "bias": torch.zeros(5)})
+        ema.load_whole("bias", torch.zeros(5))
     with pytest.raises(KeyError, match="lacks 1 parameters"):
-        ema.load_full_state_dict({"weight": state["weight"]})
+        ema.load_state_dict({**state, "tensors": {"weight": state["tensors"]["weight"]}})
+    with pytest.raises(ValueError, match="shard 1 of 2 given to shard 0 of 1"):
+        ema.load_state_dict({**state, "shard": 1, "shards": 2})
     with pytest.raises(ValueError, match="decay must be in"):
         ShardedEMA(m, decay=1.0)
+
+
+def test_ema_swapped_in_restores_bit_for_bit():
+    m = torch.nn.Linear(3, 2)
+    ema = ShardedEMA(m, decay=0.5)
+    live = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0 / 3.0)
+    ema.update()
+    after = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with ema.swapped_in():
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p, (live[n] + after[n]) / 2)
+    assert all(torch.equal(p, after[n]) for n, p in m.named_parameters())
+
+
+def test_ema_shards_stream_back_whole_and_old_checkpoints_load(tmp_path):
+    """Shard files of a 3-way split (written as 3 ranks would) read back whole, one tensor at a time, and into an
+    EMA of another layout; an old checkpoint's whole weights in extra.pt load into the EMA too."""
+    from megadalle.engine.checkpoint import EMAShards, load_ema, open_eval_weights
+    from megadalle.engine.ema import shard_slice
+    from megadalle.engine.tensor_files import write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    whole = {"a.weight": torch.randn(5, 7, generator=g), "b": torch.randn(4, generator=g)}
+    shapes = {k: list(v.shape) for k, v in whole.items()}
+    for i in range(3):
+        meta = {"format": "megadalle-ema-shard-1", "shard": i, "shards": 3, "updates": 9, "shapes": json.dumps(shapes)}
+        write_tensors(tmp_path / f"ema_shard{i:05d}.safetensors", {k: shard_slice(v, i, 3) for k, v in whole.items()},
+                      meta)  # fmt: skip
+    shards = EMAShards(tmp_path)
+    assert all(torch.equal(shards.whole(k), v) for k, v in whole.items())
+    save_atomic({"step": 3, "weights_kind": "ema", "config": "[job]\n", "format": 2}, tmp_path / EXTRA)
+    w = open_eval_weights(tmp_path)
+    assert (w.kind, w.step) == ("ema", 3) and all(torch.equal(t, whole[k]) for k, t in w.items())
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(7, 5, bias=False)
+            self.b = torch.nn.Parameter(torch.zeros(4))
+
+    ema = ShardedEMA(Model(), 0.9)  # one shard: another layout than the files'
+    load_ema(tmp_path, {"format": 2}, ema)
+    assert ema.updates == 9 and all(torch.equal(s, whole[n]) for s, (n, _) in zip(ema.shadow, ema.named))
+    legacy = ShardedEMA(Model(), 0.9)
+    load_ema(tmp_path, {"weights": {k: v + 1 for k, v in whole.items()}}, legacy)
+    assert all(torch.equal(s, whole[n] + 1) for s, (n, _) in zip(legacy.shadow, legacy.named))
+    (tmp_path / "ema_shard00001.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"EMA shards \[0, 2\] found, 0..2 expected"):
+        EMAShards(tmp_path)

@@ -13,11 +13,13 @@ pytestmark = pytest.mark.distributed
 WORKER = """
 import hashlib, os, sys, torch, deepspeed, torch.distributed as dist
 from pathlib import Path
+sys.path.insert(0, os.getcwd())  # the repository (torchrun's cwd): `tests` is not installed
 from megadalle.config import load_config
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.ema import ShardedEMA
 from megadalle.stages.dvae import DVAEStage
 from megadalle.train import train_update
+from tests.engine.gather import gathered_ema
 
 deepspeed.init_distributed(dist_backend="gloo")
 cfg = load_config(["--config", "megadalle/configs/dvae_debug.toml", f"--data.shards={sys.argv[1]}",
@@ -40,12 +42,13 @@ params = list(engine.module.parameters())
 with deepspeed.zero.GatheredParameters(params):
     full = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 digest = hashlib.sha256(b"".join(full[n].numpy().tobytes() for n in sorted(full))).hexdigest()
-e0 = ema0.full_state_dict()
+e0 = gathered_ema(ema0)
 assert all(torch.equal(e0[n], full[n]) for n in full), "EMA with decay 0 must equal the gathered parameters"
-assert any(not torch.equal(ema.full_state_dict()[n], full[n]) for n in full)
-state = ema.full_state_dict()
-ema.load_full_state_dict({n: t + 1 for n, t in state.items()})
-back = ema.full_state_dict()
+assert any(not torch.equal(gathered_ema(ema)[n], full[n]) for n in full)
+state = gathered_ema(ema)
+for n, t in state.items():  # whole tensors in, each rank keeps its slice
+    ema.load_whole(n, t + 1)
+back = gathered_ema(ema)
 assert all(torch.allclose(back[n], state[n] + 1) for n in state), "EMA load/gather round trip"
 Path(sys.argv[2], f"rank{dist.get_rank()}.txt").write_text(digest)  # per-rank files: printed lines could interleave
 dist.barrier()

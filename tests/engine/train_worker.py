@@ -12,18 +12,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import megadalle.train as train
-from megadalle.engine.checkpoint import gathered_state
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: `tests` is not installed
+import megadalle.train as train  # noqa: E402
+from tests.engine.gather import gathered_ema, gathered_params  # noqa: E402
 
 
 def instrument(out: Path) -> None:
     original = train.save_checkpoint
 
     def save(engine, root, step, ema, *args, **kwargs):
-        state = gathered_state(engine)  # collective: every rank gathers every parameter
+        state = gathered_params(engine)  # collective: every rank gathers every parameter
         torch.save(state, out / f"params_{dist.get_rank()}_step{step}.pt")
         if ema is not None:  # and its EMA
-            torch.save(ema.full_state_dict(), out / f"ema_{dist.get_rank()}_step{step}.pt")
+            torch.save(gathered_ema(ema), out / f"ema_{dist.get_rank()}_step{step}.pt")
         return original(engine, root, step, ema, *args, **kwargs)
 
     train.save_checkpoint = save

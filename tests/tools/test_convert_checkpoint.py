@@ -66,15 +66,15 @@ def test_export_to_safetensors_loads_without_deepspeed_with_the_same_logits(prio
 
 
 def test_reshard_2_to_3_to_2_resumes_with_the_same_next_update(token_shards, tokenizer_model, tmp_path):
-    """Without an EMA (extra.pt then holds the gathered live weights) and through 3 ranks, which split the
-    64-wide debug prior unevenly (ZeRO-3 pads the last share)."""
+    """Without an EMA (the weights for sampling are then the live fp32 masters of DeepSpeed's shards) and through 3
+    ranks, which split the 64-wide debug prior unevenly (ZeRO-3 pads the last share)."""
     ckpt = _prior_run(tmp_path / "run", token_shards, tokenizer_model, "--optim.ema_decay=0") / "checkpoints"
     ckpt = ckpt / "step_00000004"
     three = tmp_path / "three" / "step_00000004"
     for src, dst, world in ((ckpt, three.parent, 3), (three, tmp_path / "two", 2)):
         proc = tool("reshard", str(src), "--out", str(dst), "--world", str(world), "--verify")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "max |difference| weights 0, exp_avg 0, exp_avg_sq 0, extra.pt weights 0" in proc.stdout
+        assert "max |difference| weights 0, exp_avg 0, exp_avg_sq 0;" in proc.stdout
         assert "verify reshard: OK" in proc.stdout
     assert (tmp_path / "two" / "step_00000004" / "from_world_2" / "rank00001.pt").is_file()
     losses = {}
@@ -89,6 +89,21 @@ def test_reshard_2_to_3_to_2_resumes_with_the_same_next_update(token_shards, tok
     assert len(losses["original"]) == 1 and losses["original"] == losses["round_trip"]  # update 5, bit for bit
     proc = tool("reshard", str(ckpt), "--out", str(ckpt.parent), "--world", "1")
     assert proc.returncode == 2 and "is the source's own checkpoints folder" in proc.stderr
+
+
+def test_reshard_writes_the_ema_as_shards_of_the_new_world(prior_run, tmp_path) -> None:
+    """2 -> 3 ranks: three EMA shard files, which read back whole to the same EMA bit for bit."""
+    from megadalle.engine.checkpoint import open_eval_weights
+
+    ckpt = prior_run / "checkpoints" / "step_00000004"
+    proc = tool("reshard", str(ckpt), "--out", str(tmp_path / "three"), "--world", "3", "--verify")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exp_avg_sq 0, EMA 0;" in proc.stdout
+    target = tmp_path / "three" / "step_00000004"
+    assert sorted(p.name for p in target.glob("ema_shard*")) == [f"ema_shard{i:05d}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in ckpt.glob("ema_shard*")) == [f"ema_shard{i:05d}.safetensors" for i in range(2)]
+    a, b = open_eval_weights(ckpt), open_eval_weights(target)
+    assert a.kind == b.kind == "ema" and all(torch.equal(t, b.read(k)) for k, t in a.items())
 
 
 def _openai_pair(tmp_path: Path, **sizes) -> tuple[Path, Path]:
