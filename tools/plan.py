@@ -51,19 +51,22 @@ def table(plans: list[dict], names: list[str]) -> str:
     lines.append(_row("fp16 scale, reduce /", fp16))
     lines.append("memory per GPU")
     for key, label in (("params_bytes", "  parameters"), ("grads_bytes", "  gradients"),
-                       ("optimizer_bytes", "  optimizer (master, moments)"), ("powersgd_bytes", "  PowerSGD buffers"),
+                       ("optimizer_bytes", "  optimizer (master, moments)"), ("ema_bytes", "  EMA (fp32 shard)"),
+                       ("powersgd_bytes", "  PowerSGD buffers"),
                        ("activation_bytes", "  activations"), ("buffer_bytes", "  work buffers"),
                        ("total_bytes", "  total")):  # fmt: skip
         lines.append(_row(label, gib(key)))
     lines.append(_row("  fits (90% of the GPU)", [f"{'yes' if p['fits'] else 'NO'} of {x['gpu_memory_gib']:g} GiB"
                                                  for p, x in zip(plans, c)]))  # fmt: skip
-    lines.append("checkpoint and evaluation (today: the whole fp32 weights gathered on every GPU)")
-    files = [f"{p['checkpoint_rank_bytes'] / GiB:.2f} GiB, {p['checkpoint_extra_bytes'] / GiB:.1f} GiB" for p in plans]
-    lines.append(_row("  files per rank, rank 0's extra.pt", files))
-    lines.append(_row("  write at fs_gbps (rank 0)", [f"{p['checkpoint_write_s']:.3g} s at {x['fs_gbps']:g} GB/s"
-                                                     for p, x in zip(plans, c)]))  # fmt: skip
-    lines.append(_row("  gather peak, fits", [f"{p['gather_peak_bytes'] / GiB:.1f} GiB, "
-                                             f"{'yes' if p['fits_gather'] else 'NO'}" for p in plans]))  # fmt: skip
+    lines.append("checkpoint and evaluation (within the shards: no rank holds the whole model)")
+    files = [f"{p['checkpoint_rank_bytes'] / GiB:.2f} GiB (EMA {p['checkpoint_ema_bytes'] / GiB:.2f})" for p in plans]
+    lines.append(_row("  files per rank", files))
+    write = [f"{p['checkpoint_write_s']:.3g} s at {x['fs_gbps']:g} GB/s" for p, x in zip(plans, c)]
+    lines.append(_row("  write time (all ranks at once)", write))
+    peaks = [f"{p['save_extra_bytes'] / GiB:.1f}, {p['resume_extra_host_bytes'] / GiB:.2f} GiB" for p in plans]
+    lines.append(_row("  extra peak: save, resume (host)", peaks))
+    evals = [f"{p['eval_extra_bytes'] / GiB:.2f} GiB, {'yes' if p['fits_eval'] else 'NO'}" for p in plans]
+    lines.append(_row("  evaluation extra (GPU), fits", evals))
     lines.append("per update")
     lines.append(_row("  compute", [f"{p['compute_s']:.3g} s" for p in plans]))
     lines.append(_row("  inside the shard group", [f"{p['intra_node_bytes'] / GiB:.2f} GiB, {p['intra_node_s']:.3g} s"

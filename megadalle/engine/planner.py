@@ -29,12 +29,15 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
   (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
   collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
-- **Checkpoints and evaluation, as megadalle does them today** (issue 27 replaces the gathers): each rank writes
+- **Checkpoints and evaluation, within the shards** (engine/checkpoint.py, train.py's `_evaluate`): each rank writes
   DeepSpeed's file of its fp32 partitions and Adam moments (about its optimizer-state bytes, measured on 2 and 4
-  ranks in tests/engine/test_planner.py), and rank 0 also writes `extra.pt` with the whole EMA (or live) weights in
-  fp32, 4 B a parameter, which every rank first gathers: that gather (and at evaluation a plain model on rank 0)
-  is the peak beside training's, on every GPU (`gather_peak_bytes`, `fits_gather`). The write time is rank 0's
-  bytes at `fs_gbps`.
+  ranks in tests/engine/test_planner.py) and its EMA shard (4 B a parameter / shard group); extra.pt is small. All
+  ranks write at once: the time is one rank's bytes at `fs_gbps`. Extra peak memory, measured at 1, 2 and 4 ranks
+  in tests/engine/test_checkpoint_memory.py: a save none (the files are written from the tensors in place); a
+  resume, in host memory, DeepSpeed's optimizer file of the rank, which its loader reads whole; an evaluation, on
+  the GPU, the live parameter shard kept while the EMA is swapped in, plus ZeRO-3's gather window while the forward
+  runs, 2 x (`stage3_max_live_parameters` + `stage3_prefetch_bucket_size`) elements (the gathered parameters and
+  the all-gathers' output buffers; within 15% of the measurement). No rank holds the whole model.
 - **fp16 range**: the per-resblock scales start at 2^13 at any world size and accumulation count (each
   micro-batch's backward carries its own mean loss, engine/grad_scaler.py); what grows with the world is
   DeepSpeed's fp16 reduce-scatter, which divides each rank's gradients by its group (the shard group) before
@@ -92,6 +95,10 @@ class Setting:
     """DeepSpeed's stage3_param_persistence_threshold: parameters of at most this many elements are not sharded."""
     max_live_parameters: int = 1_000_000_000
     """DeepSpeed's stage3_max_live_parameters (ds_configs/zero3_12b.json): the most gathered at once."""
+    prefetch_bucket: int = 500_000_000
+    """DeepSpeed's stage3_prefetch_bucket_size: parameters gathered ahead of their module's turn."""
+    ema: bool = True
+    """An EMA of the weights is kept (optim.ema_decay > 0): its shard is checkpointed and evaluated."""
     reduce_bucket: int = 500_000_000
     """DeepSpeed's reduce_bucket_size: gradient elements bucketed before a reduce-scatter."""
 
@@ -200,7 +207,8 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     gather_b = 2 if sixteen else 4
     live = min(s.max_live_parameters, sharded)  # what ZeRO-3 may keep gathered at once
     out["buffer_bytes"] = live * gather_b + min(s.reduce_bucket, sharded) * grad_b + logits
-    total = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "powersgd_bytes",
+    out["ema_bytes"] = states * 4 if s.ema else 0  # engine/ema.py: fp32, on the shard's device
+    total = sum(out[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "ema_bytes", "powersgd_bytes",
                                  "activation_bytes", "buffer_bytes"))  # fmt: skip
     out["total_bytes"] = total
     out["fits"] = total <= 0.9 * cluster.gpu_memory_gib * GiB
@@ -224,13 +232,18 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     out["mfu"] = out["model_flops_per_update"] / step_s / (world * cluster.peak_tflops * 1e12)
     # checkpoint and evaluation (engine/checkpoint.py, train.py's _evaluate): DeepSpeed's per-rank file holds the
     # fp32 partitions (the master, or under per-resblock fp16 the parameters, which are their own master) and
-    # the moments, and node group 0 the summed PowerSGD error buffers (fp32, this GPU's compressed shards); rank
-    # 0's extra.pt the whole fp32 weights, gathered on every rank first
-    out["checkpoint_rank_bytes"] = states * 4 + moment_bytes + (matrix_params / shard * 4 if powersgd else 0)
-    out["checkpoint_extra_bytes"] = shapes.total * 4
-    out["checkpoint_write_s"] = (out["checkpoint_rank_bytes"] + out["checkpoint_extra_bytes"]) / (cluster.fs_gbps * 1e9)
-    out["gather_peak_bytes"] = out["model_states_bytes"] + shapes.total * 4
-    out["fits_gather"] = out["gather_peak_bytes"] <= 0.9 * cluster.gpu_memory_gib * GiB
+    # the moments, and node group 0 the summed PowerSGD error buffers (fp32, this GPU's compressed shards); the
+    # ranks of the first shard group each their EMA shard, fp32
+    deepspeed_file = states * 4 + moment_bytes
+    out["checkpoint_ema_bytes"] = out["ema_bytes"]
+    out["checkpoint_rank_bytes"] = deepspeed_file + out["checkpoint_ema_bytes"] + (matrix_params / shard * 4 if
+                                                                                   powersgd else 0)  # fmt: skip
+    out["checkpoint_write_s"] = out["checkpoint_rank_bytes"] / (cluster.fs_gbps * 1e9)
+    out["save_extra_bytes"] = 0.0
+    out["resume_extra_host_bytes"] = deepspeed_file
+    window = 2 * min(s.max_live_parameters + s.prefetch_bucket, sharded) * gather_b
+    out["eval_extra_bytes"] = (out["params_bytes"] if s.ema else 0) + window
+    out["fits_eval"] = out["model_states_bytes"] + out["eval_extra_bytes"] <= 0.9 * cluster.gpu_memory_gib * GiB
     if s.precision == "fp16":  # the scales do not grow with the world; the reduce's pre-division does
         out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
         out["fp16_reduce_predivide"] = shard
