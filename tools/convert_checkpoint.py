@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                        description="Rewrites a ZeRO-3 checkpoint for --world M ranks with the optimizer state "
                        "(fp32 master weights, Adam moments, step), the EMA, the lr schedule and the gradient "
                        "scales; launches M CPU processes itself (or runs as one rank of M when started by "
-                       "torchrun / srun). Each rank holds the whole model and optimizer state in memory while "
-                       "it converts. Data positions and generators belong to the old world size: they are kept "
+                       "torchrun / srun). Each rank reads the source one parameter at a time and keeps its share. "
+                       "Data positions and generators belong to the old world size: they are kept "
                        "in from_world_<N>/ and come back when the run resumes on N ranks; on M ranks the data "
                        "streams start over.")  # fmt: skip
     p.add_argument("checkpoint")

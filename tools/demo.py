@@ -45,7 +45,7 @@ from pathlib import Path
 
 from megadalle.config import ConfigError, JobConfig, apply_toml_text, load_config
 from megadalle.data.shards import MANIFEST, read_manifest, verify_shards
-from megadalle.engine.checkpoint import find_resume, incomplete_reason, tag_of
+from megadalle.engine.checkpoint import find_resume, incomplete_reason, is_step_folder, tag_of
 from megadalle.engine.ds_config import load_ds_config
 from megadalle.engine.progress import progress_enabled
 
@@ -185,7 +185,7 @@ def run_verdict(cfg: JobConfig, inputs: list[Path]) -> Verdict:
 def same_checkpoint(recorded: str, final: Path) -> bool:
     """Whether `recorded` (a checkpoint folder, or a run's checkpoints/ folder: its newest complete one) is `final`."""
     path = Path(recorded)
-    if path.is_dir() and not (path / "extra.pt").exists():
+    if path.is_dir() and not is_step_folder(path):
         path = find_resume(path, "auto") or path
     return path.exists() and path.resolve() == final.resolve()
 

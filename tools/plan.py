@@ -63,8 +63,10 @@ def table(plans: list[dict], names: list[str]) -> str:
     lines.append(_row("  files per rank", files))
     write = [f"{p['checkpoint_write_s']:.3g} s at {x['fs_gbps']:g} GB/s" for p, x in zip(plans, c)]
     lines.append(_row("  write time (all ranks at once)", write))
-    peaks = [f"{p['save_extra_bytes'] / GiB:.1f}, {p['resume_extra_host_bytes'] / GiB:.2f} GiB" for p in plans]
-    lines.append(_row("  extra peak: save, resume (host)", peaks))
+    lines.append(_row("  all ranks' files", [f"{p['checkpoint_total_bytes'] / 2**40:.2f} TiB" for p in plans]))
+    peaks = [f"{p['save_extra_host_bytes'] / GiB:.2f}, {p['resume_extra_host_bytes'] / GiB:.2f} GiB" for p in plans]
+    lines.append(_row("  host extra: save, resume", peaks))
+    lines.append(_row("  host: async save snapshot", [f"{p['async_host_bytes'] / GiB:.2f} GiB" for p in plans]))
     evals = [f"{p['eval_extra_bytes'] / GiB:.2f} GiB, {'yes' if p['fits_eval'] else 'NO'}" for p in plans]
     lines.append(_row("  evaluation extra (GPU), fits", evals))
     lines.append("per update")

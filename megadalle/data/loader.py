@@ -103,8 +103,9 @@ def _finite_batches(
     settings: S3Settings | None,
 ) -> Iterator[tuple]:
     """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all), from a local or
-    s3:// shard set. Every caller reads the whole split (evaluation on one rank, encoding, sampling): no split by
-    rank, and a sample that cannot be read is an error (an evaluation must see the same samples every time)."""
+    s3:// shard set. Every caller reads the whole split (evaluation then keeps its rank's share of the batches;
+    encoding, sampling): no split by rank, and a sample that cannot be read is an error (an evaluation must see the
+    same samples every time)."""
     import webdataset as wds
 
     settings = settings or S3Settings()

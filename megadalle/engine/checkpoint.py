@@ -1,18 +1,22 @@
-"""Checkpoints: DeepSpeed's engine state (sharded as it trains), the EMA's shards (`ema_shardNNNNN.safetensors`, one
-per rank of the first shard group, as DeepSpeed writes its optimizer shards) and our own small `extra.pt` (step,
-resolved config, the loop's state), written into `<run>/checkpoints/step_NNNNNNNN/`. No rank gathers the model:
-the weights for evaluation, encoding and sampling (the EMA, else the live fp32 masters in DeepSpeed's files) are
-read back one tensor at a time (`open_eval_weights`); checkpoints of older megadalle, with whole weights in
-extra.pt, still load. A checkpoint is complete when its `COMPLETE` marker
-is there and every file the marker lists has the size it records: rank 0 writes the marker, atomically, after
-every rank has finished writing, then moves DeepSpeed's `latest` pointer to the folder (atomically too). Every
-file of ours (extra.pt, the ranks' files, the marker, `latest`) is written under a temporary name and renamed;
-DeepSpeed's own files are vouched for by the sizes in the marker. Resuming, rotation and `load_eval_weights` go
-by the markers. Earlier output is never deleted by a fresh start: it is moved aside."""
+"""Checkpoints, written into `<run>/checkpoints/step_NNNNNNNN/`: DeepSpeed's engine state (sharded as it trains)
+and the EMA's shards (`ema_shardNNNNN.safetensors`), both by the ranks of the first shard group only (the world,
+or node group 0 under PowerSGD: the other node groups hold copies of its partitions, and their ranks read the
+files of their partitions' owner, `_routed`); each rank's data position and generators; our own small `extra.pt`
+(step, resolved config, the loop's global state). No rank gathers the model: the weights for evaluation,
+encoding and sampling (the EMA, else the live fp32 masters in DeepSpeed's files) are read back one tensor at a
+time (`open_eval_weights`); checkpoints of older megadalle, with whole weights in extra.pt, still load.
+
+A checkpoint is complete when its `COMPLETE` marker is there and every file the marker lists has the size it
+records: rank 0 writes the marker, atomically, after every rank has finished writing, then moves DeepSpeed's
+`latest` pointer to the folder (atomically too). Every file of ours (extra.pt, the ranks' files, the marker,
+`latest`) is written under a temporary name and renamed; DeepSpeed's own files are vouched for by the sizes in
+the marker. Resuming, rotation and `load_eval_weights` go by the markers. Earlier output is never deleted by a
+fresh start: it is moved aside."""
 
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
@@ -22,6 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -253,9 +258,13 @@ def _write_files(root: Path, step: int, state: TrainState, cfg: JobConfig, write
     memory and queued for its thread."""
     folder = root / tag_of(step)
     parts = state.parts()
-    states = {name: part.state_dict() for name, part in parts.items()}
-    if writer is not None:
-        states = _host_copy(states)
+    states = {name: part.state_dict() for name, part in parts.items()}  # every rank: some are collectives
+    writes = {name: part.scope == "rank" or (part.scope == "global" and is_main()) or
+              (part.scope == "shard_group" and part.writes) for name, part in parts.items()}  # fmt: skip
+    states = {name: st for name, st in states.items() if writes[name]}
+    if writer is not None:  # a snapshot in host memory: training goes on changing the tensors
+        writer.staging.start()
+        states = writer.staging.copy(states)
     run = writer.submit if writer is not None else (lambda job: job())
     if is_main():
         if folder.exists():  # a crashed save of this step, or a rollback saving it again: replace it
@@ -270,24 +279,60 @@ def _write_files(root: Path, step: int, state: TrainState, cfg: JobConfig, write
         run(partial(save_atomic, extra, folder / EXTRA))
     barrier()  # the folder exists
     for name, part in parts.items():
-        if part.scope == "shard_group" and part.writes:
+        if part.scope == "shard_group" and writes[name]:
             if name == "ema":
                 run(partial(write_ema_shard, folder, states[name], part.shapes()))
             else:
                 run(partial(save_atomic, states[name], folder / SHARD_FILES[name].format(part.shard)))
-    own = {name: states[name] for name, part in parts.items() if part.scope == "rank"}
+    own = {name: st for name, st in states.items() if parts[name].scope == "rank"}
     if own:
         run(partial(save_atomic, own, folder / RANK_FILE.format(global_rank())))
-    engine = state.engine
-    if writer is None:
-        engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
-    else:  # DeepSpeed's files through its checkpoint engine, staged into host memory and queued likewise
-        direct, engine.checkpoint_engine = engine.checkpoint_engine, _staging_engine(engine.checkpoint_engine, writer)
-        try:
-            engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
-        finally:
-            engine.checkpoint_engine = direct
+    # DeepSpeed's files through its checkpoint engine: under PowerSGD only node group 0's (the other node groups'
+    # partitions are copies of them), staged into host memory and queued where a writer runs them
+    with _routed(state.engine, writer):
+        state.engine.save_checkpoint(str(root), tag=folder.name, client_state={"step": step}, save_latest=False)
     return folder
+
+
+def _shard_group(engine: Any) -> int:
+    """How many ranks ZeRO-3 partitions the parameters over (the world, or a node group under PowerSGD); 0 at ZeRO
+    0-2, where DeepSpeed chooses its writers itself."""
+    p = next(engine.module.parameters(), None)
+    if engine.zero_optimization_stage() != 3 or p is None or not hasattr(p, "ds_process_group"):
+        return 0
+    return dist.get_world_size(p.ds_process_group) if dist.is_initialized() else 1
+
+
+DEEPSPEED_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+"""DeepSpeed's per-rank file names under ZeRO-3: `[bf16_]zero_pp_rank_<R>_mp_rank_00_{model,optim}_states.pt`, R
+the global rank (DeepSpeed's data-parallel group is the world, also where zero.Init partitions over node groups)."""
+
+
+@contextmanager
+def _routed(engine: Any, writer: _Writer | None) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine replaced, for one save or load, by one that, under ZeRO-3 partitioned over node
+    groups (PowerSGD), writes only the first node group's files and reads rank R's from rank R mod node group's
+    (its partitions' owner there: the node groups hold identical copies; DeepSpeed alone would write all of them,
+    128 times the bytes at the paper's 1,024 GPUs); and with a `writer`, copies each state to host memory and
+    queues its save."""
+    shard = _shard_group(engine)
+    direct = engine.checkpoint_engine
+    engine.checkpoint_engine = _routing_engine(direct, writer, shard)
+    listed = engine._get_all_ckpt_names  # DeepSpeed 0.19.8 finds its model-states file by globbing its own name
+
+    def names(checkpoints_path: str, tag: str) -> list[str]:
+        found = listed(checkpoints_path, tag)
+        if found or not shard:
+            return found
+        own = engine._get_ckpt_name(checkpoints_path, tag, mp_placeholder="*")
+        return sorted(glob.glob(_owner(own, shard)[0]))
+
+    engine._get_all_ckpt_names = names
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = direct
+        del engine._get_all_ckpt_names  # the class's method again
 
 
 def _complete(root: Path, folder: Path, step: int, keep: int, copy_in: dict[str, Path] | None = None) -> None:
@@ -308,19 +353,44 @@ def _complete(root: Path, folder: Path, step: int, keep: int, copy_in: dict[str,
             shutil.rmtree(old)
 
 
-def _host_copy(obj: Any) -> Any:
-    """`obj` with every tensor copied to host memory (pinned where it comes from a GPU, so that the copy runs at
-    full speed) and everything else deep-copied: a snapshot that training may go on changing under."""
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
-            return obj.detach().clone()
-        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-        return host.copy_(obj.detach())
-    if isinstance(obj, dict):
-        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_host_copy(v) for v in obj)
-    return copy.deepcopy(obj)
+class _Staging:
+    """Host memory for the snapshots of `checkpoint.async_save`, reused from one save to the next (the previous one
+    is written before the next starts): the tensors of a save are taken in the same order every time, so the i-th
+    buffer of this save fits the i-th of the last one. Pinned where the tensors come from a GPU, so that the copy
+    runs at full speed; that pinned memory stays held for the next save (the planner's `async_host_bytes`)."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.used = 0
+
+    def start(self) -> None:
+        self.used = 0
+
+    def copy(self, obj: Any) -> Any:
+        """`obj` with every tensor copied into a staging buffer and everything else deep-copied."""
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj)
+        if isinstance(obj, dict):
+            out = copy.copy(obj)  # the same mapping type (DeepSpeed's dicts, defaultdicts, OrderedDicts)
+            out.clear()
+            out.update((k, self.copy(v)) for k, v in obj.items())
+            return out
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(self.copy(v) for v in obj)
+        return copy.deepcopy(obj)
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        i, self.used = self.used, self.used + 1
+        if i < len(self.buffers):
+            b = self.buffers[i]
+            if b.shape == t.shape and b.dtype == t.dtype:
+                return b.copy_(t.detach())
+        b = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda").copy_(t.detach())
+        if i < len(self.buffers):
+            self.buffers[i] = b
+        else:
+            self.buffers.append(b)
+        return b
 
 
 class _Writer:
@@ -329,6 +399,7 @@ class _Writer:
     def __init__(self) -> None:
         self._jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.staging = _Staging()
         threading.Thread(target=self._run, name="checkpoint-writer", daemon=True).start()
 
     def submit(self, job: Callable[[], Any]) -> None:
@@ -352,25 +423,43 @@ class _Writer:
                 self._jobs.task_done()
 
 
-def _staging_engine(direct: Any, writer: _Writer) -> Any:
-    """A DeepSpeed checkpoint engine whose `save` copies the state to host memory and queues `direct`'s save of
-    the copy on `writer`; loading stays `direct`'s."""
+def _owner(path: str, shard: int) -> tuple[str, bool]:
+    """(the DeepSpeed file holding `path`'s content, whether `path` is that file): rank R's is rank R mod `shard`'s."""
+    m = DEEPSPEED_RANK.search(os.path.basename(path))
+    if not shard or m is None or int(m.group(1)) < shard:
+        return path, True
+    name = DEEPSPEED_RANK.sub(f"zero_pp_rank_{int(m.group(1)) % shard}_", os.path.basename(path), count=1)
+    return os.path.join(os.path.dirname(path), name), False
+
+
+def _routing_engine(direct: Any, writer: _Writer | None, shard: int) -> Any:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-    class Staging(CheckpointEngine):
+    def owner(path: str) -> tuple[str, bool]:
+        return _owner(path, shard)
+
+    class Routing(CheckpointEngine):
         def create(self, info: Any) -> None:
             direct.create(info)
 
         def save(self, state_dict: Any, path: str) -> None:
-            writer.submit(partial(direct.save, _host_copy(state_dict), path))
+            if not owner(path)[1]:  # a copy: its owner in node group 0 writes it
+                return
+            if writer is None:
+                direct.save(state_dict, path)
+            else:
+                writer.submit(partial(direct.save, writer.staging.copy(state_dict), path))
 
         def load(self, path: str, map_location: Any = None) -> Any:
-            return direct.load(path, map_location)
+            return direct.load(owner(path)[0], map_location)
+
+        def is_data_parallel_writer(self, dp_rank: int) -> bool:
+            return direct.is_data_parallel_writer(dp_rank)
 
         def commit(self, info: Any) -> bool:
-            return True  # the marker, written once every rank's writer is done, is the commit
+            return True if writer is not None else direct.commit(info)  # async: the marker is the commit
 
-    return Staging()
+    return Routing()
 
 
 WRITTEN = "__checkpoint_written__"
@@ -453,44 +542,80 @@ def load_checkpoint(folder: Path, state: TrainState) -> int:
         error = f"cannot read {folder / EXTRA}: {type(e).__name__}: {e}"
     _agree(error, folder)
     try:
-        load_path, _ = state.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        with _routed(state.engine, None):
+            load_path, _ = state.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
             error = f"DeepSpeed found no engine state in {folder}"
     except Exception as e:
         error = f"cannot load the engine state in {folder}: {type(e).__name__}: {e}"
     _agree(error, folder)
     loop = dict(extra.get("loop", {}))
-    own = _rank_states(folder)
-    for name, part in state.parts().items():
-        if part.scope == "global":
-            found = loop.get(name)
-        elif part.scope == "rank":
-            found = own.get(name)
-        elif name == "ema":
-            if extra.get("weights_kind") != "ema":
-                raise CheckpointError(f"checkpoint {folder} has no EMA but optim.ema_decay > 0")
-            try:
-                load_ema(folder, extra, part)
-            except (TensorFileError, KeyError, ValueError) as e:
-                error = f"cannot load the EMA of {folder}: {e}"
-            _agree(error, folder)
-            continue
-        else:
-            found = _shard_state(folder, name, part, loop)
-        if found is None:
-            log.warning(f"{folder} holds no {name} state for rank {global_rank()} of {world_size()}: it starts "
-                        "afresh")  # fmt: skip
-        elif part.load_state_dict(found) is False:
-            log.warning(f"{folder} holds {name} state of an older megadalle that does not map to this one: it "
-                        "starts afresh")  # fmt: skip
+    try:
+        own, error = _rank_states(folder), None
+    except Exception as e:
+        own, error = {}, f"cannot read this rank's file in {folder}: {type(e).__name__}: {e}"
+    _agree(error, folder)
+    for name, part in state.parts().items():  # every rank the same parts, each agreed: no rank left waiting
+        error = None
+        try:
+            if part.scope == "shard_group" and name == "ema":
+                if extra.get("weights_kind") != "ema":
+                    error = f"checkpoint {folder} has no EMA but optim.ema_decay > 0"
+                else:
+                    load_ema(folder, extra, part)
+            else:
+                if part.scope == "global":
+                    found = loop.get(name)
+                elif part.scope == "rank":
+                    found = own.get(name)
+                else:
+                    found = _shard_state(folder, name, part, loop)
+                if found is None:
+                    log.warning(f"{folder} holds no {name} state for rank {global_rank()} of {world_size()}: it "
+                                "starts afresh")  # fmt: skip
+                elif part.load_state_dict(found) is False:
+                    log.warning(f"{folder} holds {name} state of an older megadalle that does not map to this one: "
+                                "it starts afresh")  # fmt: skip
+        except Exception as e:  # a cut file, a shape that does not fit: name the part and the folder
+            error = f"cannot load the {name} state of {folder}: {type(e).__name__}: {e}"
+        _agree(error, folder)
     return int(extra["step"])
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    """What a checkpoint rewritten for another world size (engine/convert.py's reshard) carries over from `folder`,
+    by its name there: the ranks' files into `from_world_<N>/` (a resume at N ranks takes them back), earlier such
+    folders, and PowerSGD's files (summed over the node groups)."""
+    world = int(json.loads((folder / MARKER).read_text())["world_size"])
+    out = {f"from_world_{world}/{p.name}": p for p in sorted(folder.glob(RANK_FILE.replace("{:05d}", "*")))}
+    powersgd = SHARD_FILES["powersgd"].split("{")[0]
+    for p in sorted(folder.iterdir()):
+        if (p.is_dir() and p.name.startswith("from_world_")) or p.name.startswith(powersgd):
+            out[p.name] = p
+    return out
+
+
+def write_weights_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], cfg: JobConfig, source: str) -> Path:
+    """A complete step-0 checkpoint of whole weights and no training state (an import: OpenAI's dVAE), in extra.pt
+    as older megadalle wrote them; `open_eval_weights` and `load_trained` read it."""
+    folder = run_dir / "checkpoints" / tag_of(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic({"step": 0, "weights": weights, "weights_kind": "live", "config": dump_toml(cfg), "loop": {},
+                 "source": source}, folder / EXTRA)  # fmt: skip
+    write_marker(folder, 0, 1)
+    return folder
+
+
+def is_step_folder(path: Path) -> bool:
+    """Whether `path` is one checkpoint (a step folder), not a run's checkpoints/ folder."""
+    return (path / EXTRA).exists()
 
 
 def _rank_states(folder: Path) -> dict[str, Any]:
     """This rank's own parts: its rank file, or the one a reshard kept in from_world_<N>/ for a resume at N ranks,
     or an older megadalle's data position alone (loader_rank<R>.pt)."""
     name = RANK_FILE.format(global_rank())
-    for path in (folder / name, folder / f"from_world_{world_size()}" / name):
+    for path in (folder / name, folder / f"from_world_{world_size()}" / name):  # see carried_files
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
     legacy = folder / f"loader_rank{global_rank()}.pt"
@@ -555,6 +680,9 @@ def load_ema(folder: Path, extra: dict, ema: ShardedEMA) -> None:
     the same; otherwise each parameter whole, one at a time, and this rank's slice kept (a checkpoint of another
     shard layout, or an old one with whole weights in extra.pt)."""
     if "weights" in extra:  # before FORMAT 2
+        missing = sorted(set(ema.shapes()) - set(extra["weights"]))
+        if missing:
+            raise KeyError(f"its EMA lacks {len(missing)} parameters, e.g. {missing[:3]}")
         for name, whole in extra["weights"].items():
             ema.load_whole(name, whole)
         return
@@ -565,7 +693,10 @@ def load_ema(folder: Path, extra: dict, ema: ShardedEMA) -> None:
     if shards.shards == ema.shards:
         own = shards.files[ema.shard]
         for s, (name, _) in zip(ema.shadow, ema.named):
-            own.read(name, into=s)
+            if s.device.type == "cpu":
+                own.read(name, into=s)
+            else:  # through host memory, one tensor at a time
+                s.copy_(own.read(name).view(s.shape))
     else:
         for name in ema.shapes():
             ema.load_whole(name, shards.whole(name))
@@ -594,6 +725,8 @@ class EvalWeights:
     source: Path
     shapes: dict[str, tuple[int, ...]]
     read: Callable[[str], torch.Tensor]
+    updates: int = 0
+    """The EMA's update count where the shards record it."""
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes:
@@ -637,7 +770,7 @@ def open_eval_weights(path: str | Path, kind: str = "auto") -> EvalWeights:
         if stored != "ema":
             raise ValueError(f"{folder} holds no EMA weights (the run had optim.ema_decay = 0): use the live ones")
         shards = EMAShards(folder)
-        return EvalWeights(cfg, kind, step, folder, shards.shapes, shards.whole)
+        return EvalWeights(cfg, kind, step, folder, shards.shapes, shards.whole, shards.updates)
     from megadalle.engine.consolidate import open_live
 
     shapes, read = open_live(folder)

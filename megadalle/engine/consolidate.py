@@ -1,6 +1,7 @@
 """A DeepSpeed checkpoint folder read back into whole tensors, without a process group: every parameter's fp32
-master copy and, from ZeRO-3 optimizer files, its Adam moments and steps; the buffers; ZeRO-0's module weights.
-tools/convert_checkpoint.py builds on it (export, reshard, verify). DeepSpeed's files are read by torch's
+master copy and, from ZeRO-3 optimizer files, its Adam moments and steps; the buffers; ZeRO-0's module weights;
+one parameter at a time (`ZeroShards`, `open_live`) or all at once (`read_zero_checkpoint`, for --verify).
+engine/convert.py builds on it (export, reshard, verify). DeepSpeed's files are read by torch's
 weights_only unpickler with only the DeepSpeed classes they hold allowed.
 
 ZeRO-3 layout (what `deepspeed/utils/zero_to_fp32.py` undoes too): each rank's optimizer file holds, per
@@ -85,7 +86,11 @@ def _stage(state: dict, path: Path) -> int:
 class ZeroShards:
     """A ZeRO-3 checkpoint's parameters readable one at a time: the ranks' optimizer files are memory-mapped and
     each whole tensor is cut from its shares when asked for (`weight`, `moments`), so a consolidation holds one
-    tensor, not the model. `names` lists the parameters in the model file's order, `shapes` their shapes."""
+    tensor, not the model. The pages a mapping has read stay resident while it lives: the files are mapped again
+    (and the old mappings dropped) after every `MAPPED_BUDGET` bytes read. `names` lists the parameters in the
+    model file's order, `shapes` their shapes."""
+
+    MAPPED_BUDGET = 32 * 2**20
 
     def __init__(self, folder: Path, first: dict, optim: list[Path]) -> None:
         models = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
@@ -108,15 +113,16 @@ class ZeroShards:
         if missing:
             raise ConversionError(f"{folder}: the optimizer shards of ranks {missing} of {split} are missing "
                                   f"(found {[p.name for p in optim]})")  # fmt: skip
-        states = [first] + [_load(p)["optimizer_state_dict"] for p in optim if 0 < _rank_of(p) < split]
-        self.inner = [st.get("optimizer_state_dict", {}) for st in states]
-        self.world, self.model, self.first = split, model, first
-        self.flats = [_Flat([g.reshape(-1) for g in s["fp32_flat_groups"]]) for s in states]  # per rank, mapped
-        n = len(first["fp32_flat_groups"])
-        self.moment_flats = {}
-        if self.inner[0].get("state"):
-            self.moment_flats = {m: [_Flat([r["state"][i][m].reshape(-1) for i in range(n)]) for r in self.inner]
-                                 for m in MOMENTS}  # fmt: skip
+        self.paths = [p for p in optim if _rank_of(p) < split]
+        self.world, self.model = split, {k: v for k, v in model.items() if k in ("buffer_names", "module")}
+        self.loss_scaler = {k: first[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in first}
+        """DeepSpeed's own fp16 loss scaler state (train.grad_scaler = global)."""
+        inner = first.get("optimizer_state_dict", {})
+        groups, state = inner.get("param_groups", []), inner.get("state", {})
+        self.steps = [float(state[g["params"][0]]["step"]) if g.get("params") and g["params"][0] in state else 0.0
+                      for g in groups]  # fmt: skip
+        """The optimizer's step per parameter group, from rank 0's optimizer state."""
+        self.has_moments = bool(state)
         self.spans: dict[str, tuple[int, int, int, torch.Size]] = {}
         self.group_of: dict[str, int] = {}
         offset = 0
@@ -130,14 +136,22 @@ class ZeroShards:
         if offset != per_rank:
             raise ConversionError(f"{folder}: ZeRO-3 shards hold {per_rank} elements per rank, the parameter shapes "
                                   f"account for {offset}")  # fmt: skip
+        self._mapped: dict[str, list[_Flat]] | None = None
+        self._read = 0
 
-    @property
-    def steps(self) -> list[float]:
-        """The optimizer's step per parameter group, from rank 0's optimizer state."""
-        inner = self.inner[0]
-        groups, state = inner.get("param_groups", []), inner.get("state", {})
-        return [float(state[g["params"][0]]["step"]) if g.get("params") and g["params"][0] in state else 0.0
-                for g in groups]  # fmt: skip
+    def _flats(self, key: str, nbytes: int) -> list[_Flat]:
+        """Each rank's flat groups of `key` ("fp32" or a moment), mapped again once `MAPPED_BUDGET` is read."""
+        if self._mapped is None or self._read > self.MAPPED_BUDGET:
+            self._mapped, self._read = None, 0  # the old mappings go with their last tensor
+            states = [_load(p)["optimizer_state_dict"] for p in self.paths]
+            n = len(states[0]["fp32_flat_groups"])
+            self._mapped = {"fp32": [_Flat([g.reshape(-1) for g in st["fp32_flat_groups"]]) for st in states]}
+            if self.has_moments:
+                for m in MOMENTS:
+                    self._mapped[m] = [_Flat([st["optimizer_state_dict"]["state"][i][m].reshape(-1) for i in range(n)])
+                                       for st in states]  # fmt: skip
+        self._read += nbytes
+        return self._mapped[key]
 
     @property
     def names(self) -> list[str]:
@@ -147,13 +161,17 @@ class ZeroShards:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(span[3]) for name, span in self.spans.items()}
 
+    def _cut(self, key: str, name: str) -> torch.Tensor:
+        span = self.spans[name]
+        return _whole(self._flats(key, span[1] * self.world * 4), *span)
+
     def weight(self, name: str) -> torch.Tensor:
         """The whole fp32 master weight `name`."""
-        return _whole(self.flats, *self.spans[name])
+        return self._cut("fp32", name)
 
     def moments(self, name: str) -> dict[str, torch.Tensor]:
         """Adam's moments of `name` (empty when the optimizer had taken no step)."""
-        return {m: _whole(self.moment_flats[m], *self.spans[name]) for m in self.moment_flats}
+        return {m: self._cut(m, name) for m in MOMENTS} if self.has_moments else {}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return _buffers(self.model)
@@ -213,10 +231,10 @@ def read_zero_checkpoint(folder: str | Path, with_moments: bool = True) -> FullS
     z = ZeroShards(folder, first, optim)
     out = FullState(world=z.world, zero_stage=3, buffers=z.buffers(), group_of=dict(z.group_of))
     out.steps = z.steps
-    out.loss_scaler = {k: first[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in first}
+    out.loss_scaler = dict(z.loss_scaler)
     for name in z.names:
         out.weights[name] = z.weight(name)
-        if with_moments and z.moment_flats:
+        if with_moments and z.has_moments:
             out.moments[name] = z.moments(name)
     return out
 

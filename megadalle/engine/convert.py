@@ -22,13 +22,13 @@ import torch
 from megadalle.config import JobConfig, apply_toml_text, dump_toml
 from megadalle.engine.checkpoint import (
     EXTRA,
-    MARKER,
     SAFETENSORS_FORMAT,
+    carried_files,
     find_resume,
     incomplete_reason,
     open_eval_weights,
     step_folders,
-    write_marker,
+    write_weights_checkpoint,
 )
 from megadalle.engine.consolidate import ConversionError, open_zero3, read_zero_checkpoint
 from megadalle.engine.tensor_files import write_streamed
@@ -57,7 +57,7 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 
 def read_extra(folder: Path) -> tuple[dict[str, Any], JobConfig]:
-    """extra.pt (step, EMA or live weights, the loop's state) and the JobConfig stored in it."""
+    """extra.pt (step, the loop's state; whole weights in checkpoints of an older megadalle) and its JobConfig."""
     try:
         extra = torch.load(folder / EXTRA, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -287,15 +287,15 @@ def reshard_rank(folder: Path, out_root: Path) -> None:
             safe_set_local_optimizer_state(p, shard_slice(whole, rank, shards), m)
     for low, high in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
         low.data.copy_(high.data)  # the module's own (16-bit or fp32) shards, which the forward and the save use
-    first = source.first
-    for key in ("loss_scaler", "dynamic_loss_scale", "overflow"):  # DeepSpeed's own fp16 scaler (grad_scaler = global)
-        if key in first:
-            setattr(opt, key, first[key])
+    for key, value in source.loss_scaler.items():  # DeepSpeed's own fp16 scaler (train.grad_scaler = global)
+        setattr(opt, key, value)
     if state.ema is not None:
         if extra.get("weights_kind") != "ema":
             raise ConversionError(f"{folder} holds no EMA but its config keeps one (optim.ema_decay > 0)")
-        for name, whole in open_eval_weights(folder, "ema").items():  # one parameter at a time
+        source_ema = open_eval_weights(folder, "ema")
+        for name, whole in source_ema.items():  # one parameter at a time
             state.ema.load_whole(name, whole)
+        state.ema.updates = source_ema.updates
     loop = dict(extra.get("loop", {}))
     for name, part in state.parts().items():
         if part.scope == "global" and name in loop:
@@ -303,19 +303,9 @@ def reshard_rank(folder: Path, out_root: Path) -> None:
     # the data positions and generators belong to the source's world (kept in from_world_<N>/), PowerSGD's buffers
     # are carried over as they are
     state.data, state.rng, state.powersgd = None, None, None
-    copy_in: dict[str, Path] = {}
-    for p in sorted(folder.glob("rank*.pt")):
-        copy_in[f"from_world_{full_world(folder)}/{p.name}"] = p
-    for p in folder.iterdir():
-        if p.name.startswith("from_world_") and p.is_dir() or p.name.startswith("powersgd_local"):
-            copy_in[p.name] = p
+    copy_in = carried_files(folder)
     save_checkpoint(out_root, int(extra["step"]), state, cfg, 0, copy_in=copy_in)
     shutdown()
-
-
-def full_world(folder: Path) -> int:
-    """How many ranks wrote a checkpoint: its marker says so."""
-    return int(json.loads((folder / MARKER).read_text())["world_size"])
 
 
 # --- import of OpenAI's dVAE -------------------------------------------------------------------------------------
@@ -350,7 +340,6 @@ def import_openai_dvae(encoder: str, decoder: str, out: str, verify: bool, tol: 
     from dall_e.decoder import Decoder
     from dall_e.encoder import Encoder
 
-    from megadalle.engine.checkpoint import save_atomic, tag_of
     from megadalle.models.dvae import FLAVORS, DiscreteVAE
 
     enc, dec = load_openai_module(encoder), load_openai_module(decoder)
@@ -380,11 +369,7 @@ def import_openai_dvae(encoder: str, decoder: str, out: str, verify: bool, tol: 
     state.update({f"decoder.{k}": v for k, v in dec.state_dict().items()})
     state = {k: v.float() for k, v in state.items()}
     check_fits(state, model, f"{encoder} + {decoder}")
-    folder = Path(out) / "checkpoints" / tag_of(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_atomic({"step": 0, "weights": state, "weights_kind": "live", "config": dump_toml(cfg), "loop": {},
-                 "source": f"OpenAI dall-e release: {encoder}, {decoder}"}, folder / EXTRA)  # fmt: skip
-    write_marker(folder, 0, 1)
+    folder = write_weights_checkpoint(Path(out), state, cfg, f"OpenAI dall-e release: {encoder}, {decoder}")
     print(f"imported OpenAI's dVAE ({flavor} flavor, {sum(v.numel() for v in state.values()) / 1e6:.1f}M "
           f"parameters) -> {folder}")  # fmt: skip
     if not verify:

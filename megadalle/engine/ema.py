@@ -118,13 +118,15 @@ class ShardedEMA:
     @contextmanager
     def swapped_in(self, optimizer: Any = None) -> Iterator[None]:
         """Collective under ZeRO-3. The EMA in the parameters' own storage (cast to their dtype) for the body, the
-        live values back afterwards bit for bit: one extra shard of memory, no whole copy. `optimizer`: DeepSpeed's
+        live values back afterwards bit for bit: one extra shard of memory, no whole copy (at ZeRO 0-2, where every
+        rank holds the whole model, its copy waits in host memory). `optimizer`: DeepSpeed's
         ZeRO-3 optimizer, whose persistent (small, never released) parameters are gathered again from the swapped
         shards, as it does after a step."""
         sharded = any(_is_sharded(p) for _, p in self.named)
         if sharded and optimizer is None:
             raise ValueError("swapping the EMA into ZeRO-3 parameters needs the DeepSpeed optimizer")
-        live = [local_shard(p).detach().clone() for _, p in self.named]
+        # the live values: a shard under ZeRO-3; at ZeRO 0-2 the whole parameters, kept in host memory
+        live = [local_shard(p).detach().clone() if sharded else p.detach().to("cpu", copy=True) for _, p in self.named]
         try:
             self._copy_in(self.shadow, optimizer if sharded else None)
             yield

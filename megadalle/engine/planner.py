@@ -29,15 +29,20 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   reduce-scatter inside the shard group, half hidden behind compute; the gradient averaging across node groups
   (PowerSGD's P and Q' in 16 bits and the rest in fp32, or nothing when ZeRO-3 spans the nodes and its own
   collectives cross them), not hidden. MFU = model FLOPs (without recomputation) / (time x GPUs x peak).
-- **Checkpoints and evaluation, within the shards** (engine/checkpoint.py, train.py's `_evaluate`): each rank writes
-  DeepSpeed's file of its fp32 partitions and Adam moments (about its optimizer-state bytes, measured on 2 and 4
-  ranks in tests/engine/test_planner.py) and its EMA shard (4 B a parameter / shard group); extra.pt is small. All
-  ranks write at once: the time is one rank's bytes at `fs_gbps`. Extra peak memory, measured at 1, 2 and 4 ranks
-  in tests/engine/test_checkpoint_memory.py: a save none (the files are written from the tensors in place); a
-  resume, in host memory, DeepSpeed's optimizer file of the rank, which its loader reads whole; an evaluation, on
-  the GPU, the live parameter shard kept while the EMA is swapped in, plus ZeRO-3's gather window while the forward
-  runs, 2 x (`stage3_max_live_parameters` + `stage3_prefetch_bucket_size`) elements (the gathered parameters and
-  the all-gathers' output buffers; within 15% of the measurement). No rank holds the whole model.
+- **Checkpoints and evaluation, within the shards** (engine/checkpoint.py, train.py's `_evaluate`): each rank of
+  the first shard group (the others hold copies: under PowerSGD, node group 0 writes) writes DeepSpeed's file of its
+  fp32 partitions and Adam moments (about its optimizer-state bytes, measured on 2 and 4 ranks in
+  tests/engine/test_planner.py) and its EMA shard (4 B a parameter / shard group); extra.pt is small. They write at
+  once: the time is one rank's bytes at `fs_gbps`, if the filesystem takes all of them at once
+  (`checkpoint_total_bytes`). Extra peak memory, measured on CPU ranks at 1, 2 and 4 ranks in
+  tests/engine/test_checkpoint_memory.py: a save, none there (the files are written from the tensors in place;
+  from a GPU, torch.save copies each storage to the host whole, the largest being an optimizer sub-group's flat
+  fp32 tensor: `save_extra_host_bytes`; `checkpoint.async_save` keeps a pinned host snapshot of the rank's files,
+  `async_host_bytes`); a resume, in host memory, DeepSpeed's optimizer file of the rank, which its loader reads
+  whole; an evaluation, on the GPU, the live parameter shard kept while the EMA is swapped in, plus ZeRO-3's
+  gather window while the forward runs, 2 x (`stage3_max_live_parameters` + `stage3_prefetch_bucket_size`)
+  elements (the gathered parameters and the all-gathers' output buffers; within 15% of the measurement). No rank
+  holds the whole model.
 - **fp16 range**: the per-resblock scales start at 2^13 at any world size and accumulation count (each
   micro-batch's backward carries its own mean loss, engine/grad_scaler.py); what grows with the world is
   DeepSpeed's fp16 reduce-scatter, which divides each rank's gradients by its group (the shard group) before
@@ -97,6 +102,8 @@ class Setting:
     """DeepSpeed's stage3_max_live_parameters (ds_configs/zero3_12b.json): the most gathered at once."""
     prefetch_bucket: int = 500_000_000
     """DeepSpeed's stage3_prefetch_bucket_size: parameters gathered ahead of their module's turn."""
+    sub_group_size: int = 1_000_000_000
+    """DeepSpeed's sub_group_size (its default): the optimizer's flat fp32 tensors, each saved as one storage."""
     ema: bool = True
     """An EMA of the weights is kept (optim.ema_decay > 0): its shard is checkpointed and evaluated."""
     reduce_bucket: int = 500_000_000
@@ -239,11 +246,16 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     out["checkpoint_rank_bytes"] = deepspeed_file + out["checkpoint_ema_bytes"] + (matrix_params / shard * 4 if
                                                                                    powersgd else 0)  # fmt: skip
     out["checkpoint_write_s"] = out["checkpoint_rank_bytes"] / (cluster.fs_gbps * 1e9)
-    out["save_extra_bytes"] = 0.0
+    out["checkpoint_total_bytes"] = shard * out["checkpoint_rank_bytes"]  # the first shard group writes them all
+    # torch.save moves each GPU storage to the host whole: the largest is an optimizer sub-group's flat fp32 tensor
+    # (measured on CPU ranks, where there is no copy: 0)
+    out["save_extra_host_bytes"] = min(s.sub_group_size, states) * 4
+    out["async_host_bytes"] = out["checkpoint_rank_bytes"]  # checkpoint.async_save's pinned snapshot, kept
     out["resume_extra_host_bytes"] = deepspeed_file
     window = 2 * min(s.max_live_parameters + s.prefetch_bucket, sharded) * gather_b
     out["eval_extra_bytes"] = (out["params_bytes"] if s.ema else 0) + window
-    out["fits_eval"] = out["model_states_bytes"] + out["eval_extra_bytes"] <= 0.9 * cluster.gpu_memory_gib * GiB
+    resident = total - out["activation_bytes"]  # what stays on the GPU between updates, the EMA included
+    out["fits_eval"] = resident + out["eval_extra_bytes"] <= 0.9 * cluster.gpu_memory_gib * GiB
     if s.precision == "fp16":  # the scales do not grow with the world; the reduce's pre-division does
         out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
         out["fp16_reduce_predivide"] = shard

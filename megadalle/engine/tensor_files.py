@@ -57,16 +57,20 @@ def write_streamed(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name, (dtype, shape) in specs.items():
-            t = produce(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
-            f.write(_bytes_of(t))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name, (dtype, shape) in specs.items():
+                t = produce(name)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
+                f.write(_bytes_of(t))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file left behind
+        raise
     os.replace(tmp, path)
     return 8 + len(text) + offset
 

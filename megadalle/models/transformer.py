@@ -78,7 +78,8 @@ class PriorArgs:
 FLAVORS: dict[str, PriorArgs] = {
     "debug": PriorArgs(n_layers=4, d_model=64, n_heads=4, text_len=16, text_vocab=512, grid=8, image_vocab=256),
     "small": PriorArgs(n_layers=8, d_model=256, n_heads=4, text_len=32, text_vocab=2048, grid=8, image_vocab=1024),
-    # the debug sequence at 60M parameters: memory measured where 1 / world size shows (tests/engine/test_memory.py)
+    # the debug sequence at 60M parameters: memory measured where 1 / world size shows
+    # (tests/engine/test_checkpoint_memory.py)
     "debug60m": PriorArgs(n_layers=12, d_model=640, n_heads=10, text_len=16, text_vocab=512, grid=8, image_vocab=256),
     "1p3b": PriorArgs(n_layers=24, d_model=2048, n_heads=32),
     "12b": PriorArgs(),

@@ -69,6 +69,9 @@ def test_a_failed_background_write_is_an_error_on_every_rank(tmp_path, emoji_sha
     proc = torchrun(WORKER, 2, ["fail", *args(root, emoji_shards, "--checkpoint.async_save=true")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads((root / "dvae_debug" / f"rank{r}.json").read_text()) for r in range(2)]
-    assert "failed on 2 rank(s) (here: OSError: [Errno 28] No space left on device)" in records[0]["error"]
-    assert "stays incomplete" in records[1]["error"]
+    assert "failed on 1 rank(s) (not here)" in records[0]["error"]
+    assert "failed on 1 rank(s) (here: OSError: [Errno 28] No space left on device)" in records[1]["error"]
+    assert all("stays incomplete" in r["error"] for r in records)
+    folder = root / "dvae_debug" / "checkpoints" / "step_00000001"
+    assert (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() and not (folder / MARKER).exists()
     assert find_resume(root / "dvae_debug" / "checkpoints", "auto") is None

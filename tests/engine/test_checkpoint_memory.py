@@ -5,11 +5,12 @@ resident memory on every rank), against the planner's "checkpoint and evaluation
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from megadalle.engine.planner import Cluster, Setting, plan
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO, python, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -62,3 +63,24 @@ def test_save_evaluate_resume_extra_peak_falls_with_the_world(token_shards, toke
     for phase in ("evaluate", "resume"):  # 1 / world plus a constant: the 1 -> 4 drop is most of the 1-rank peak
         one, four = max(r[phase] for r in rows[1]), max(r[phase] for r in rows[4])
         assert one - four > 0.5 * (one - one / 4), (phase, one, four)
+
+    # the export streams: one tensor in flight (the EMA's shards are read with seek + readinto, no mapping)
+    folder = tmp_path / "w2" / "checkpoints" / "step_00000001"
+    snippet = (
+        "import json\n"
+        "from megadalle.engine.convert import export\n"
+        "from tests.engine.checkpoint_memory_worker import extra_peak\n"
+        f"def run(kind, name): export({str(folder)!r}, {str(tmp_path)!r} + '/' + name, kind, 'fp32', False, None)\n"
+        "run('ema', 'warm.safetensors')  # the imports the first export makes, out of the measurement\n"
+        "print(json.dumps({kind: extra_peak(lambda: run(kind, kind + '.safetensors')) for kind in ('ema', 'live')}))\n"
+    )
+    proc = subprocess.run([python(), "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest = rows[1][0]["largest_bytes"]
+    print(f"export extra peak MiB: EMA {peaks['ema'] / MiB:.1f}, live {peaks['live'] / MiB:.1f} (largest tensor "
+          f"{largest / MiB:.1f}, model {model / MiB:.1f})")  # fmt: skip
+    assert peaks["ema"] < 3 * largest + 16 * MiB, peaks
+    # the live weights from DeepSpeed's memory-mapped files: the pages read stay resident until the files are
+    # mapped again, after every 32 MiB read (consolidate.ZeroShards.MAPPED_BUDGET)
+    assert peaks["live"] < 4 * largest + 2 * 32 * MiB + 24 * MiB and peaks["live"] < 0.55 * model, peaks

@@ -58,7 +58,14 @@ def test_powersgd_in_zero3_node_groups(tmp_path, token_shards, tokenizer_model, 
     folder = tmp_path / "psgd" / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in folder.glob("powersgd_local*.pt"))
     assert files == ["powersgd_local0.pt", "powersgd_local1.pt"]
-    buffers = torch.load(folder / files[0], weights_only=True)
+    # node group 0 writes DeepSpeed's files (named by the rank in the node group: the other group's copies would
+    # write the same names), each rank its own data position
+    assert sorted(p.name for p in folder.glob("*optim_states.pt")) == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                                       for r in range(2)]  # fmt: skip
+    assert sorted(p.name for p in folder.glob("rank*.pt")) == [f"rank{r:05d}.pt" for r in range(4)]
+    saved = torch.load(folder / files[0], weights_only=True)
+    assert saved["updates"] == STEPS  # the compress decision's count, beside the buffers
+    buffers = saved["buffers"]
     assert buffers["layers.0.attn.qkv.weight"].shape == (64, 96)  # 192 x 64 over 2 GPUs, transposed
     # only the resblocks' matmul weights are compressed: embeddings, heads, gains and biases are not (App. E.2)
     assert sorted(buffers) == sorted(f"layers.{i}.{m}.weight" for i in range(4)
@@ -81,3 +88,6 @@ def test_powersgd_in_zero3_node_groups(tmp_path, token_shards, tokenizer_model, 
     states = [torch.load(dumps / f"ema_{r}_step{STEPS}.pt") for r in range(4)]
     for s in states[1:]:
         assert all(torch.equal(s[k], states[0][k]) for k in s)
+    # its shards written once, by node group 0: one file per rank of a node group
+    folder = tmp_path / "resumed_hier" / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in folder.glob("ema_shard*")) == [f"ema_shard{i:05d}.safetensors" for i in range(2)]

@@ -18,16 +18,16 @@ from tests.engine.gather import gathered_ema, gathered_params  # noqa: E402
 
 
 def instrument(out: Path) -> None:
-    original = train.save_checkpoint
+    original = train.Checkpointer.save
 
-    def save(engine, root, step, ema, *args, **kwargs):
-        state = gathered_params(engine)  # collective: every rank gathers every parameter
-        torch.save(state, out / f"params_{dist.get_rank()}_step{step}.pt")
-        if ema is not None:  # and its EMA
-            torch.save(gathered_ema(ema), out / f"ema_{dist.get_rank()}_step{step}.pt")
-        return original(engine, root, step, ema, *args, **kwargs)
+    def save(self, step, state, *args, **kwargs):
+        params = gathered_params(state.engine)  # collective: every rank gathers every parameter
+        torch.save(params, out / f"params_{dist.get_rank()}_step{step}.pt")
+        if state.ema is not None:  # and its EMA
+            torch.save(gathered_ema(state.ema), out / f"ema_{dist.get_rank()}_step{step}.pt")
+        return original(self, step, state, *args, **kwargs)
 
-    train.save_checkpoint = save
+    train.Checkpointer.save = save
 
 
 if __name__ == "__main__":
