@@ -431,14 +431,61 @@ def apply_toml(cfg: JobConfig, path: str | os.PathLike) -> None:
     apply_toml_text(cfg, text, str(path))
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (a string literal after the annotated assignment), read
+    from its source: what `--help` prints."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):  # fmt: skip
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def config_help(section: str | None = None) -> str:
+    """Every key of every section (or of `section`), with its type, default and docstring, from the dataclasses."""
+    import textwrap
+
+    defaults = JobConfig()
+    sections = [f.name for f in dataclasses.fields(JobConfig)]
+    if section is not None and section not in sections:
+        raise ConfigError(f"--help {section}: no such section (sections: {', '.join(sections)})")
+    lines = ["usage: [--config RUN.toml] [--section.key=value ...] [--help [SECTION]]",
+             "Precedence: command line > TOML run file > these defaults. Lists are comma-separated.", ""]  # fmt: skip
+    for name in [section] if section else sections:
+        part = getattr(defaults, name)
+        cls = type(part)
+        lines.append(f"[{name}]")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(part, f.name)
+            shown = json.dumps(value) if isinstance(value, (str, list, bool)) or value is None else repr(value)
+            lines.append(f"  --{name}.{f.name}  ({f.type}, default {shown})")
+            for text in docs.get(f.name, "(undocumented)").splitlines():
+                lines.append(textwrap.indent(textwrap.fill(text, 112) if text else "", "      "))
+        lines.append("")
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str] | None = None) -> JobConfig:
     """Resolve a JobConfig: CLI args > TOML file > JobConfig defaults.
 
     argv accepts `--config PATH` (a TOML run file; applied first whatever its position) and any number of
     `--section.key=value` or `--section.key value` overrides. A bare `--section.flag` sets a bool to true.
-    Lists are comma-separated on the command line.
+    Lists are comma-separated on the command line. `--help [SECTION]` (or `-h`) prints every key (of SECTION) with
+    its type, default and docstring and exits, as argparse's `--help` does.
     """
     argv = list(argv or [])
+    for i, arg in enumerate(argv):
+        if arg in ("--help", "-h"):
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+            print(config_help(nxt))
+            raise SystemExit(0)
     toml_path: str | None = None
     overrides: list[tuple[str, str]] = []
     i = 0
