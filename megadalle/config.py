@@ -60,6 +60,16 @@ class Data:
     max_caption_chars: int = 1024
     """Training samples with longer captions (or empty ones) are skipped and counted; captions longer than
     tokenizer.max_len tokens but within this are truncated."""
+    image_keys: str = "jpg;jpeg;png;webp"
+    """The image member of a sample: the first of these extensions it holds (webdataset's `a;b;c` convention;
+    img2dataset writes jpg). Any size and mode is read (data/images.py: EXIF orientation, transparency on white,
+    grayscale, CMYK, 16-bit)."""
+    caption_key: str = "txt"
+    """The caption member of a sample."""
+    min_image_side: int = 0
+    """Training images whose shorter side is below this many pixels are skipped and counted (0: any size)."""
+    max_aspect_ratio: float = 0.0
+    """Training images whose long side exceeds this many times the short side are skipped and counted (0: any)."""
     image_size: int = 256
     """Side of the square images, in pixels: 256 for the paper, 64 or 32 for CPU runs."""
     sources: list[str] = field(default_factory=lambda: ["twemoji", "openmoji"])

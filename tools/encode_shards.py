@@ -79,7 +79,7 @@ def encode_shards(
             batches = eval_images(shards, split, a.image_size, batch, settings=settings)
         else:
             view = partial(views, size=a.image_size, k=k, rng=random.Random(seed), central_only=central_only)
-            batches = eval_samples(shards, split, lambda s, view=view: view(s["png"]), batch, settings=settings)
+            batches = eval_samples(shards, split, lambda s, view=view: view(s["image"]), batch, settings=settings)
         for images, captions, metas in batches:
             if k == 1:
                 codes = model.encode_codes(map_pixels(images)).to(torch.int16).numpy()  # (B, h, w)

@@ -9,14 +9,15 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from megadalle.config import Data
+from megadalle.data.images import DEFAULT_KEYS, check_shape, decode_image, image_member
 from megadalle.data.s3 import S3Settings, samples
 from megadalle.data.shards import shard_records, shard_urls
 from megadalle.data.stream import SkipCounter, SkipSampleError, Stream
 from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
+IMAGE_KEYS = DEFAULT_KEYS.split(";")
 __all__ = ["SkipCounter", "eval_images", "eval_samples", "eval_tokens", "s3_settings", "train_images", "train_tokens"]
 
 
@@ -26,12 +27,12 @@ def s3_settings(data: Data) -> S3Settings:
                       read_ahead=data.read_ahead, verify=data.verify_sha256)  # fmt: skip
 
 
-def _caption(sample: dict, max_chars: int) -> str:
+def _caption(sample: dict, max_chars: int, key: str = "txt") -> str:
     """The sample's caption, or SkipSampleError: missing, not UTF-8, empty or longer than `max_chars` characters."""
-    if "txt" not in sample:
+    if key not in sample:
         raise SkipSampleError("no caption")
     try:
-        text = sample["txt"].decode("utf-8")
+        text = sample[key].decode("utf-8")
     except UnicodeDecodeError:
         raise SkipSampleError("caption not UTF-8") from None
     if not text.strip():
@@ -58,14 +59,9 @@ def train_images(
     run did. Undecodable images and unusable captions are skipped and counted in `skips`."""
 
     def item(sample: dict) -> tuple[torch.Tensor, str]:
-        text = _caption(sample, data.max_caption_chars)
-        if "png" not in sample:
-            raise SkipSampleError("no image")
-        try:
-            with Image.open(io.BytesIO(sample["png"])) as im:
-                img = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
-        except (OSError, ValueError, Image.DecompressionBombError):
-            raise SkipSampleError("undecodable image") from None
+        text = _caption(sample, data.max_caption_chars, data.caption_key)
+        img = decode_image(image_member(sample, data.image_keys))  # (H, W, 3) uint8
+        check_shape(img, data.min_image_side, data.max_aspect_ratio)
         rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
         return to_tensor(augment(img, image_size, rng)), text
 
@@ -77,7 +73,7 @@ def eval_images(
 ) -> Iterator[tuple]:
     """Finite pass over a split in manifest order: (images (B, 3, S, S), captions, metadata with "key")."""
     return _finite_batches(
-        root, split, lambda s: to_tensor(center_resize(s["png"], image_size)), batch_size, limit, settings
+        root, split, lambda s: to_tensor(center_resize(s["image"], image_size)), batch_size, limit, settings
     )
 
 
@@ -90,7 +86,7 @@ def eval_samples(
     settings: S3Settings | None = None,
 ) -> Iterator[tuple]:
     """Finite pass over an image split in manifest order with a custom view: (first(sample) stacked, captions,
-    metadata with "key"); sample["png"] is the decoded (H, W, 3) uint8 image. Used to encode augmented views."""
+    metadata with "key"); sample["image"] is the decoded (H, W, 3) uint8 image. Used to encode augmented views."""
     return _finite_batches(root, split, first, batch_size, limit, settings)
 
 
@@ -109,12 +105,18 @@ def _finite_batches(
     import webdataset as wds
 
     settings = settings or S3Settings()
-    decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("rgb8")])  # png: (H, W, 3) uint8; npy, json, txt
+    decode = wds.autodecode.Decoder([])  # txt, json, npy; the image below (data/images.py)
     batch: list = []
     seen = 0
     for sample in samples(shard_urls(root, split, settings), settings):
         sample = decode(sample)
-        batch.append((first(sample), sample["txt"], dict(sample["json"], key=sample["__key__"])))
+        if any(key in sample for key in IMAGE_KEYS):  # an image set (a token set's samples hold tokens.npy)
+            try:
+                sample["image"] = decode_image(image_member(sample, DEFAULT_KEYS))
+            except SkipSampleError as e:
+                raise ValueError(f"{root} ({split}): sample {sample['__key__']} of {sample.get('__url__')}: "
+                                 f"{e}") from None  # fmt: skip
+        batch.append((first(sample), sample["txt"], dict(sample.get("json") or {}, key=sample["__key__"])))
         seen += 1
         if len(batch) == batch_size or seen == limit:
             yield _collate(batch)
