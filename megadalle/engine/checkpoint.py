@@ -316,6 +316,9 @@ def _routed(engine: Any, writer: _Writer | None) -> Iterator[None]:
     128 times the bytes at the paper's 1,024 GPUs); and with a `writer`, copies each state to host memory and
     queues its save."""
     shard = _shard_group(engine)
+    if not shard and writer is None:  # ZeRO 0-2 written synchronously: DeepSpeed as it is
+        yield
+        return
     direct = engine.checkpoint_engine
     engine.checkpoint_engine = _routing_engine(direct, writer, shard)
     listed = engine._get_all_ckpt_names  # DeepSpeed 0.19.8 finds its model-states file by globbing its own name

@@ -104,6 +104,11 @@ def test_prepare_resume_moves_earlier_output_aside_never_deletes(tmp_path):
 
 
 class BrokenEngine:
+    module = torch.nn.Linear(2, 2)
+
+    def zero_optimization_stage(self):
+        return 0
+
     def load_checkpoint(self, load_dir, tag):
         raise RuntimeError("PytorchStreamReader failed reading zip archive")
 
