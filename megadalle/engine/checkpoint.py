@@ -15,15 +15,12 @@ fresh start: it is moved aside."""
 
 from __future__ import annotations
 
-import copy
 import glob
 import json
 import math
 import os
-import queue
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megadalle.config import Checkpoint, ConfigError, JobConfig, apply_toml_text, dump_toml
+from megadalle.engine.background_writer import BackgroundWriter
 from megadalle.engine.distributed import barrier, is_main, sum_over_ranks, world_size
 from megadalle.engine.distributed import rank as global_rank
 from megadalle.engine.ema import ShardedEMA
@@ -252,7 +250,7 @@ def save_checkpoint(
     return folder
 
 
-def _write_files(root: Path, step: int, state: TrainState, cfg: JobConfig, writer: _Writer | None) -> Path:
+def _write_files(root: Path, step: int, state: TrainState, cfg: JobConfig, writer: BackgroundWriter | None) -> Path:
     """Collective: the folder of `step` prepared (rank 0), every part's state taken (collectives included: PowerSGD
     sums its buffers over the node groups), and every file of this rank written, or with a `writer` copied to host
     memory and queued for its thread."""
@@ -309,7 +307,7 @@ the global rank (DeepSpeed's data-parallel group is the world, also where zero.I
 
 
 @contextmanager
-def _routed(engine: Any, writer: _Writer | None) -> Iterator[None]:
+def _routed(engine: Any, writer: BackgroundWriter | None) -> Iterator[None]:
     """DeepSpeed's checkpoint engine replaced, for one save or load, by one that, under ZeRO-3 partitioned over node
     groups (PowerSGD), writes only the first node group's files and reads rank R's from rank R mod node group's
     (its partitions' owner there: the node groups hold identical copies; DeepSpeed alone would write all of them,
@@ -356,76 +354,6 @@ def _complete(root: Path, folder: Path, step: int, keep: int, copy_in: dict[str,
             shutil.rmtree(old)
 
 
-class _Staging:
-    """Host memory for the snapshots of `checkpoint.async_save`, reused from one save to the next (the previous one
-    is written before the next starts): the tensors of a save are taken in the same order every time, so the i-th
-    buffer of this save fits the i-th of the last one. Pinned where the tensors come from a GPU, so that the copy
-    runs at full speed; that pinned memory stays held for the next save (the planner's `async_host_bytes`)."""
-
-    def __init__(self) -> None:
-        self.buffers: list[torch.Tensor] = []
-        self.used = 0
-
-    def start(self) -> None:
-        self.used = 0
-
-    def copy(self, obj: Any) -> Any:
-        """`obj` with every tensor copied into a staging buffer and everything else deep-copied."""
-        if isinstance(obj, torch.Tensor):
-            return self._tensor(obj)
-        if isinstance(obj, dict):
-            out = copy.copy(obj)  # the same mapping type (DeepSpeed's dicts, defaultdicts, OrderedDicts)
-            out.clear()
-            out.update((k, self.copy(v)) for k, v in obj.items())
-            return out
-        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            return type(obj)(self.copy(v) for v in obj)
-        return copy.deepcopy(obj)
-
-    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
-        i, self.used = self.used, self.used + 1
-        if i < len(self.buffers):
-            b = self.buffers[i]
-            if b.shape == t.shape and b.dtype == t.dtype:
-                return b.copy_(t.detach())
-        b = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda").copy_(t.detach())
-        if i < len(self.buffers):
-            self.buffers[i] = b
-        else:
-            self.buffers.append(b)
-        return b
-
-
-class _Writer:
-    """A background thread that runs the queued writes in order; the first error stops it and is kept."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.staging = _Staging()
-        threading.Thread(target=self._run, name="checkpoint-writer", daemon=True).start()
-
-    def submit(self, job: Callable[[], Any]) -> None:
-        self._jobs.put(job)
-
-    def idle(self) -> bool:
-        return self._jobs.unfinished_tasks == 0
-
-    def wait(self) -> None:
-        self._jobs.join()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if self.error is None:
-                    job()
-            except BaseException as e:  # reported by the loop (Checkpointer.observe / wait), on every rank
-                self.error = e
-            finally:
-                self._jobs.task_done()
-
-
 def _owner(path: str, shard: int) -> tuple[str, bool]:
     """(the DeepSpeed file holding `path`'s content, whether `path` is that file): rank R's is rank R mod `shard`'s."""
     m = DEEPSPEED_RANK.search(os.path.basename(path))
@@ -435,7 +363,7 @@ def _owner(path: str, shard: int) -> tuple[str, bool]:
     return os.path.join(os.path.dirname(path), name), False
 
 
-def _routing_engine(direct: Any, writer: _Writer | None, shard: int) -> Any:
+def _routing_engine(direct: Any, writer: BackgroundWriter | None, shard: int) -> Any:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     def owner(path: str) -> tuple[str, bool]:
@@ -478,7 +406,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, cfg: JobConfig) -> None:
         self.root, self.cfg, self.keep = root, cfg, cfg.checkpoint.keep
-        self.writer = _Writer() if cfg.checkpoint.async_save else None
+        self.writer = BackgroundWriter() if cfg.checkpoint.async_save else None
         self.pending: tuple[Path, int] | None = None
         self.stall_s = 0.0
         """Seconds the last `save` held the loop."""
