@@ -43,8 +43,13 @@ class Job:
 @dataclass
 class Data:
     shards: str = "outputs/shards"
-    """The shard set: a folder, or s3://bucket/prefix/ (tools/upload_shards.py), holding `manifest.json` and the
-    `<split>/*.tar` shards; training, evaluation and encoding read either."""
+    """The data: a shard set (a folder, or s3://bucket/prefix/ from tools/upload_shards.py, holding `manifest.json`
+    and its splits' `<split>/*.tar`), or webdataset shards without a manifest, as img2dataset writes them, which are
+    then the train split: a folder or s3://bucket/prefix/ of `.tar` files, a brace pattern
+    (`s3://bucket/cc3m/{00000..00331}.tar`), one `.tar`, or a `.txt` list of shard URLs. Every reader takes any."""
+    val_shards: str = ""
+    """The validation split's shards, any source `shards` takes ("": the val split of the shard set `shards`;
+    needed when `shards` has no manifest)."""
     s3_endpoint: str = ""
     """S3 endpoint URL for s3:// shard sets ("": AWS_ENDPOINT_URL, else AWS's own). Credentials come from boto3's
     standard chain (environment, ~/.aws, instance role), never from a config file."""
@@ -416,6 +421,18 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, origin: str) -> Non
             f"{origin}: unknown config key '{section}.{key}' (section '{section}' has: {', '.join(types_[section])})"
         )
     setattr(getattr(cfg, section), key, _coerce(value, types_[section][key], f"{origin}: {section}.{key}"))
+
+
+def apply_overrides(cfg: JobConfig, args: list[str], sections: tuple[str, ...] | None = None) -> None:
+    """Apply `--section.key=value` arguments onto `cfg` in place (a tool's overrides of a checkpoint's config);
+    `sections`: the only sections a tool takes."""
+    for arg in args:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        section, dot, key = name.partition(".")
+        if not (eq and dot) or (sections is not None and section not in sections):
+            allowed = "|".join(sections) if sections else "section"
+            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --{allowed}.key=value)")
+        _set(cfg, section, key, value, f"command line {arg}")
 
 
 def apply_toml_text(cfg: JobConfig, text: str, origin: str) -> None:

@@ -53,6 +53,14 @@ def emoji_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def img2dataset_shards(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train folder, val folder) of img2dataset-style shards with planted faults (tests/data/img2dataset.py)."""
+    from tests.data.img2dataset import build
+
+    return build(emoji_shards, tmp_path_factory.mktemp("img2dataset"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer_model(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train_tokenizer import captions
 

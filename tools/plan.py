@@ -78,6 +78,10 @@ def table(plans: list[dict], names: list[str]) -> str:
     lines.append(_row("  step time", [f"{p['step_s']:.3g} s" for p in plans]))
     lines.append(_row("tokens/s", [f"{p['tokens_per_s']:,.0f}" for p in plans]))
     lines.append(_row("MFU", [f"{p['mfu']:.1%}" for p in plans]))
+    lines.append("stage 2's input: every image through the dVAE encoder (an estimate from its FLOPs)")
+    lines.append(_row("  encoder FLOPs per image", [f"{p['encode_flops_per_image'] / 1e9:.0f} GFLOP" for p in plans]))
+    enc = [f"{p['encode_s'] / 3600:.3g} h" for p in plans]
+    lines.append(_row(f"  {plans[0]['setting']['encode_images'] / 1e6:g}M images on all GPUs", enc))
     return "\n".join(lines)
 
 

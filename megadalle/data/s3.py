@@ -42,6 +42,10 @@ class S3Error(RuntimeError):
     """A shard that cannot be listed or read, named by endpoint, bucket and key (never by credentials)."""
 
 
+class S3NotFoundError(S3Error):
+    """The object (or its bucket) does not exist: not retried."""
+
+
 class ShardChecksumError(ValueError):
     """A shard whose bytes do not match its manifest sha256 (after one re-fetch)."""
 
@@ -94,7 +98,11 @@ def _code(e: Exception) -> str:
 
 
 def list_shards(url: str, settings: S3Settings = S3Settings()) -> list[str]:
-    """The shard URLs (or paths) a shard-set URL names, in order."""
+    """The shard URLs (or paths) a shard-set URL names, in order: every `.tar` under `s3://bucket/prefix/` or in a
+    local folder (sorted), a brace pattern (`{00000..00331}.tar`), one `.tar`, or a `.txt` file (local or s3://)
+    listing shard URLs one a line (blank and `#` lines ignored; a relative path is relative to the list's folder)."""
+    if url.endswith(".txt"):
+        return _url_list(url, settings)
     if url.startswith("s3://"):
         if url.endswith("/"):
             bucket, prefix = _split_s3(url)
@@ -115,7 +123,47 @@ def list_shards(url: str, settings: S3Settings = S3Settings()) -> list[str]:
         if not found:
             raise FileNotFoundError(f"no .tar shards in {path}")
         return found
-    return list(braceexpand(path))
+    paths = list(braceexpand(path))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} shards {url} names do not exist: {missing[0]}, ..."
+        )
+    return paths
+
+
+def _url_list(url: str, settings: S3Settings) -> list[str]:
+    raw = read_object(url, settings)
+    if raw is None:
+        raise FileNotFoundError(f"shard list {url} does not exist")
+    base = url.rsplit("/", 1)[0] + "/" if "/" in url else ""
+    urls = []
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.endswith(".tar"):
+            raise ValueError(f"{url}, line {n}: {line!r} is not a .tar shard")
+        urls.append(line if "://" in line or line.startswith("/") else base + line)
+    if not urls:
+        raise ValueError(f"shard list {url} names no shards")
+    return urls
+
+
+def read_object(url: str, settings: S3Settings = S3Settings()) -> bytes | None:
+    """The whole of a small object or file (a manifest, a list, an img2dataset `_stats.json`); None when it does
+    not exist. Other failures raise (S3Error after the retries)."""
+    if url.startswith("s3://"):
+        try:
+            with open_shard(url, settings) as f:
+                return f.read()
+        except S3NotFoundError:
+            return None
+    path = url[len("file://") :] if url.startswith("file://") else url
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 class _S3Stream(io.RawIOBase):
@@ -166,7 +214,7 @@ class _S3Stream(io.RawIOBase):
         if code in AUTH_ERRORS or type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             raise S3Error(f"credentials rejected or missing ({code or type(e).__name__}) by {where}") from None
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            raise S3Error(f"no such object ({code}): {where}") from None
+            raise S3NotFoundError(f"no such object ({code}): {where}") from None
         if code in ("PreconditionFailed", "412"):
             raise S3Error(f"{where} changed while it was being read") from None
         if time.monotonic() - started + pause > self.settings.max_retry_s:

@@ -1,8 +1,13 @@
-"""Webdataset tar shards on local disk: the writer, the manifest, and checks of both.
+"""Webdataset tar shards: the writer, the manifest, checks of both, and the shards a source names.
 
-Layout of a shard set:
+Layout of a shard set (a local folder, or the same under s3://bucket/prefix/):
     <root>/manifest.json              counts, a sha256 and size per shard, what was skipped and why
     <root>/<split>/<split>-NNNNNN.tar samples "KEY.png" + "KEY.txt" (caption) + "KEY.json" (metadata)
+
+A source without a manifest (img2dataset's output, any webdataset set) is one split's shards: a folder of `.tar`
+files, a brace pattern, one `.tar`, or a `.txt` list of URLs (s3.list_shards). Its records carry no counts;
+readers take a shard's expected count from img2dataset's `NNNNN_stats.json` beside it when there is one
+(`expected_samples`), and tools/index_shards.py writes a manifest for any such set.
 """
 
 from __future__ import annotations
@@ -113,17 +118,64 @@ def read_any_manifest(root: str | os.PathLike, settings: S3Settings | None = Non
     return read_manifest(root)
 
 
+def is_shard_set(source: str | os.PathLike, settings: S3Settings | None = None) -> bool:
+    """Whether `source` is a megadalle shard set (a folder or s3:// prefix holding manifest.json), not a source
+    without a manifest (a folder of tars, a brace pattern, one .tar, a .txt list of URLs)."""
+    source = str(source)
+    if source.endswith((".tar", ".txt")) or ("{" in source and ".." in source):
+        return False
+    if source.startswith("s3://"):
+        from megadalle.data.s3 import S3Settings, read_object
+
+        return read_object(source.rstrip("/") + "/" + MANIFEST, settings or S3Settings()) is not None
+    path = Path(source[len("file://") :] if source.startswith("file://") else source)
+    return (path / MANIFEST).is_file()
+
+
 def shard_records(
     root: str | os.PathLike, split: str, settings: S3Settings | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
-    """A split's shards in manifest order, each as (local path, or s3:// URL when `root` is s3://bucket/prefix/,
-    its manifest record: "samples", "bytes", "sha256")."""
+    """The shards of `split`, each as (local path or s3:// URL, its manifest record: "samples", "bytes", "sha256"):
+    from the manifest of a shard set `root` (local, or s3://bucket/prefix/), in manifest order; or, for a source
+    without a manifest, every shard it names, with empty records (`split` is then only a name)."""
+    from megadalle.data.s3 import S3Settings, list_shards
+
     root = str(root)
+    if not is_shard_set(root, settings):
+        try:
+            return [(url, {}) for url in list_shards(root, settings or S3Settings())]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{root}: neither a shard set (no {MANIFEST}) nor a folder holding .tar shards "
+                f"(a brace pattern, a .tar or a .txt list of URLs also name shards)"
+            ) from None
     manifest = read_any_manifest(root, settings)
     if split not in manifest["splits"]:
         raise ValueError(f"{root}: no split {split!r} (has {sorted(manifest['splits'])})")
     base = root.rstrip("/") + "/" if root.startswith("s3://") else ""
-    return [(base + s["path"] if base else str(Path(root) / s["path"]), s) for s in manifest["splits"][split]["shards"]]
+
+    def where(path: str) -> str:  # tools/index_shards.py writes whole URLs for a set it did not write
+        if "://" in path or path.startswith("/"):
+            return path
+        return base + path if base else str(Path(root) / path)
+
+    return [(where(s["path"]), s) for s in manifest["splits"][split]["shards"]]
+
+
+def expected_samples(url: str, settings: S3Settings | None = None) -> int | None:
+    """img2dataset's count of the samples it wrote into the shard `.../NNNNN.tar` ("successes" in the
+    `NNNNN_stats.json` beside it), or None where there is none."""
+    from megadalle.data.s3 import S3Settings, read_object
+
+    if not url.endswith(".tar"):
+        return None
+    raw = read_object(url[: -len(".tar")] + "_stats.json", settings or S3Settings())
+    if raw is None:
+        return None
+    try:
+        return int(json.loads(raw)["successes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{url[: -len('.tar')]}_stats.json: no sample count ('successes'): {e}") from None
 
 
 def shard_urls(root: str | os.PathLike, split: str, settings: S3Settings | None = None) -> list[str]:

@@ -14,12 +14,14 @@ rest: no sample is repeated or skipped (the window is zero).
 
 Skips: a sample that cannot be used is skipped, never the job stopped: an item that fails (`SkipSampleError(reason)`
 names why: an undecodable image, an empty or over-long caption; other exceptions count under their type), a shard
-failing its sha256 check (all its samples), corrupt or cut tar data (the samples its manifest record counts that
-the tar did not yield; the member it cut counts as its sample's failure). Each batch carries the skips met
-since the worker's previous batch, by shard and reason, so the counts in a saved state cover exactly the samples
-before the saved positions and a resume does not count them twice. `Stream.skips` holds them, and each shard's are
-logged in one line when a reader has read it. A shard that cannot be read at all (S3Error after the retries) is an
-error, and so is an epoch of a reader that delivered nothing but skips (the data or `make_item` is wrong).
+failing its sha256 check (all its samples), corrupt or cut tar data (the samples its manifest record counts that the
+tar did not yield; the member it cut counts as its sample's failure). A shard outside a manifest is counted by
+img2dataset's `_stats.json` beside it; with neither, a broken tar counts once and a warning says so. Each batch
+carries the skips met since the worker's previous batch, by shard and reason, so the counts in a saved state cover
+exactly the samples before the saved positions and a resume does not count them twice. `Stream.skips` holds them,
+and each shard's are logged in one line when a reader has read it. A shard that cannot be read at all (S3Error after
+the retries) is an error, and so is an epoch of a reader that delivered nothing but skips (the data or `make_item`
+is wrong).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from megadalle.data.s3 import S3Error, S3Settings, ShardChecksumError, ShardFetcher, epoch_shards, samples
+from megadalle.data.shards import expected_samples
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class Position:
 class _Worker(torch.utils.data.IterableDataset):
     def __init__(self, stream: Stream) -> None:
         self.s = stream
+        self.uncounted = False  # a shard without a count was met (and said)
 
     def __iter__(self) -> Iterator[tuple[Any, int, Position, dict[str, dict[str, int]]]]:
         s = self.s
@@ -151,7 +155,7 @@ class _Worker(torch.utils.data.IterableDataset):
         failed item at its place in delivery order; at the shard's end, the samples its manifest record counts
         that the tar did not hold (corrupt or cut tar data); a shard failing its sha256, what was left of it."""
         s, size = self.s, max(1, self.s.shuffle_buffer)
-        known = int(s.records.get(url, {}).get("samples", 0))  # 0: no manifest record
+        known = self._known(url)  # 0: nothing gives the shard's count
         broken: list[str] = []
 
         def handler(exn: Exception) -> bool:  # corrupt tar data: what can still be read goes on
@@ -190,6 +194,20 @@ class _Worker(torch.utils.data.IterableDataset):
             skips[url][why] += sum(1 for i in range(read, known) if i % keep[0] == keep[1])
         elif broken and not known and keep[1] == 0:  # no record to say how many were lost: the failure, once
             skips[url][why] += 1
+
+    def _known(self, url: str) -> int:
+        """The shard's sample count: its manifest record's, else img2dataset's `_stats.json` beside it, else 0 (said
+        once per reader: the samples a cut or corrupt tar loses cannot be counted then)."""
+        record = self.s.records.get(url, {})
+        if "samples" in record:
+            return int(record["samples"])
+        count = expected_samples(url, self.s.settings)
+        if count is None and not self.uncounted:
+            self.uncounted = True
+            log.warning(f"shard {url} has no count (no manifest record, no _stats.json beside it): the samples a cut "
+                        f"or corrupt tar loses cannot be counted, for it and any other such shard (said once; "
+                        f"tools/index_shards.py writes a manifest with counts)")  # fmt: skip
+        return count or 0
 
     def _order(self, epoch: int, index: int, chunk: int, length: int) -> list[int]:
         """The delivery order of chunk `chunk` (from 1) of shard `index` of this rank's list for `epoch`."""

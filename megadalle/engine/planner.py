@@ -52,6 +52,7 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -106,6 +107,8 @@ class Setting:
     """DeepSpeed's sub_group_size (its default): the optimizer's flat fp32 tensors, each saved as one storage."""
     ema: bool = True
     """An EMA of the weights is kept (optim.ema_decay > 0): its shard is checkpointed and evaluated."""
+    encode_images: int = 250_000_000
+    """Images the stage-2 encoding pass reads (tools/encode_shards.py): the paper's 250M pairs."""
     reduce_bucket: int = 500_000_000
     """DeepSpeed's reduce_bucket_size: gradient elements bucketed before a reduce-scatter."""
 
@@ -259,8 +262,33 @@ def plan(cluster: Cluster, s: Setting) -> dict:
     if s.precision == "fp16":  # the scales do not grow with the world; the reduce's pre-division does
         out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
         out["fp16_reduce_predivide"] = shard
+    # stage 2's input: every image through the dVAE encoder once (tools/encode_shards.py), an estimate from the
+    # encoder's FLOPs at `efficiency` x peak on every GPU (the shards are dealt to the ranks; no communication)
+    out["encode_flops_per_image"] = dvae_encoder_flops("paper", 256)
+    out["encode_s"] = (
+        s.encode_images * out["encode_flops_per_image"] / (world * cluster.peak_tflops * 1e12 * s.efficiency)
+    )
     out["cluster"], out["setting"] = asdict(cluster), asdict(s)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def dvae_encoder_flops(flavor: str, image_size: int) -> float:
+    """FLOPs of one image through the dVAE encoder, counted by torch's FlopCounterMode on a meta-device model (272e9
+    for the paper's at 256 px: its convolutions, 2 FLOPs a multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megadalle.config import JobConfig
+    from megadalle.models.dvae import DiscreteVAE
+    from megadalle.stages.dvae import dvae_args
+
+    cfg = JobConfig()
+    cfg.model.dvae_flavor, cfg.data.image_size = flavor, image_size
+    with torch.device("meta"):
+        model = DiscreteVAE(dvae_args(cfg))
+        with FlopCounterMode(display=False) as counter:
+            model.encoder(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
 
 
 PRESETS: dict[str, tuple[Cluster, Setting]] = {

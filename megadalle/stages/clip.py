@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
+from megadalle.data.loader import SkipCounter, eval_images, train_images
 from megadalle.data.transforms import prior_augment
 from megadalle.engine import distributed
 from megadalle.engine.optim import param_groups
@@ -93,9 +93,7 @@ class ClipStage(StreamedData):
         """(images, captions) batches of 64 of the split's first train.eval_samples; appends each batch's size to
         `sizes` as it is read."""
         c = self.cfg
-        for images, captions, _ in eval_images(
-            c.data.shards, split, self.args.image_size, 64, c.train.eval_samples, s3_settings(c.data)
-        ):
+        for images, captions, _ in eval_images(c.data, split, self.args.image_size, 64, c.train.eval_samples):
             sizes.append(len(images))
             yield images, captions
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from megadalle.config import ConfigError, JobConfig
-from megadalle.data.loader import SkipCounter, eval_images, s3_settings, train_images
+from megadalle.data.loader import SkipCounter, eval_images, train_images
 from megadalle.data.transforms import to_uint8
 from megadalle.engine import distributed
 from megadalle.engine.optim import param_groups
@@ -84,7 +84,7 @@ class DVAEStage(StreamedData):
             n, size = c.dvae.warm_start_images, a.image_size
             stored = max(c.data.image_size, size)
             t0 = time.time()
-            images, _, _ = next(eval_images(c.data.shards, "train", stored, n, n, s3_settings(c.data)))
+            images, _, _ = next(eval_images(c.data, "train", stored, n, n))
             o = (stored - size) // 2
             images = images[:, :, o : o + size, o : o + size]  # (N, C, S, S) centre crops
             centroids = fit_kmeans(patches(map_pixels(images), a.downsample), a.vocab_size, seed=c.job.seed)
@@ -154,7 +154,7 @@ class DVAEStage(StreamedData):
         gen = torch.Generator().manual_seed(c.job.seed)
         seeds: list[int] = []  # seeds[i]: batch i's
         limit = c.dvae.eval_batches * c.train.micro_batch_size
-        val = eval_images(c.data.shards, "val", a.image_size, c.train.micro_batch_size, limit, s3_settings(c.data))
+        val = eval_images(c.data, "val", a.image_size, c.train.micro_batch_size, limit)
         for i, (images, _captions, _meta), counted in eval_share(val, rank, world):
             while len(seeds) <= i:
                 seeds.append(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -182,7 +182,7 @@ class DVAEStage(StreamedData):
         counts = distributed.sum_tensor_over_ranks(counts).cpu()
         n = int(sums["images"])
         if n == 0:
-            raise ValueError(f"validation split of {c.data.shards} is empty")
+            raise ValueError(f"the validation split of {c.data.val_shards or c.data.shards} is empty")
         mse = sums["mse"] / n
         return {
             "elb_relaxed_nats_per_dim": sums["elb_relaxed"] / n,

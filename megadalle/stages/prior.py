@@ -158,9 +158,7 @@ class PriorStage(StreamedData):
                 yield codes, captions
             return
         size = self.dvae.args.image_size
-        for images, captions, _ in eval_images(
-            c.data.shards, split, size, c.train.micro_batch_size, limit, s3_settings(c.data)
-        ):
+        for images, captions, _ in eval_images(c.data, split, size, c.train.micro_batch_size, limit):
             yield images, captions
 
     def _codes(self, codes_or_images: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from megadalle.engine.planner import Cluster, Setting, plan, prior_shapes
 from tests.conftest import REPO, python, torchrun
@@ -172,3 +173,32 @@ def test_checkpoint_and_evaluation_within_the_shards_at_12b_and_1024_ranks() -> 
         assert "gather_peak_bytes" not in p and "checkpoint_extra_bytes" not in p
     wide = plan(Cluster(128, 8), Setting(powersgd_rank=0))  # ZeRO-3 over all 1,024 ranks: a 1/1,024 shard
     assert wide["shard_group"] == 1024 and wide["checkpoint_ema_bytes"] == pytest.approx(4 * wide["parameters"] / 1024)
+
+
+def test_dvae_encode_estimate_counts_the_encoders_convolutions():
+    """The encode estimate's FLOPs equal 2 x the multiply-adds of every convolution the encoder runs (counted by
+    forward hooks on a real model), and its time falls with the GPUs."""
+    from megadalle.config import JobConfig
+    from megadalle.engine.planner import dvae_encoder_flops
+    from megadalle.models.dvae import Conv2d, DiscreteVAE
+    from megadalle.stages.dvae import dvae_args
+
+    cfg = JobConfig()
+    cfg.model.dvae_flavor, cfg.data.image_size = "debug", 32
+    model = DiscreteVAE(dvae_args(cfg))
+    macs = []
+
+    def hook(conv, _inputs, out):
+        macs.append(out.numel() * conv.n_in * conv.kw**2)
+
+    for m in model.encoder.modules():
+        if isinstance(m, Conv2d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model.encoder(torch.zeros(1, 3, 32, 32))
+    assert macs and dvae_encoder_flops("debug", 32) == 2 * sum(macs)
+    paper = dvae_encoder_flops("paper", 256)
+    assert 2.5e11 < paper < 3e11
+    one, many = plan(Cluster(nodes=1), Setting()), plan(Cluster(nodes=4), Setting())
+    assert one["encode_s"] == pytest.approx(4 * many["encode_s"])
+    assert one["encode_s"] == pytest.approx(250e6 * paper / (8 * 125e12 * 0.5))

@@ -1,15 +1,21 @@
+import os
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from encode_shards import RECORD
 
 from megadalle.config import Data
 from megadalle.data.loader import SkipCounter, eval_tokens, train_tokens
-from megadalle.data.shards import read_manifest, split_urls, verify_shards
+from megadalle.data.shards import MANIFEST, read_manifest, split_urls, verify_shards
 from megadalle.engine.checkpoint import load_eval_weights
+from megadalle.engine.distributed import free_port
 from tests.conftest import REPO, python
 
 
@@ -129,3 +135,89 @@ def test_augmentations_fall_back_to_the_central_view_without_room(dvae_checkpoin
     assert m["augmentations"] == 2 and m["central_only"] == m["splits"]["train"]["samples"] > 0
     assert "leave Listing 2 no room" in proc.stderr
     assert all(np.array_equal(t[0], t[1]) for t, _, _ in tokens(tmp_path / "k2", "train").values())
+
+
+def run_encode(checkpoint: Path, out: Path, *flags: str, nproc: int = 1, wait: bool = True):
+    """tools/encode_shards.py on `nproc` processes (torchrun), one thread each, so 1 and 2 ranks compute alike."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [python(), "tools/encode_shards.py"]
+    if nproc > 1:
+        cmd = [python(), "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "tools/encode_shards.py"]  # fmt: skip
+    cmd += ["--checkpoint", str(checkpoint), "--out", str(out), "--batch", "5", *flags]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.distributed
+def test_img2dataset_shards_encode_alike_on_1_and_2_ranks_and_resume_after_a_kill(
+    dvae_checkpoint, img2dataset_shards, tmp_path
+):
+    from tests.data.img2dataset import FAULTS, MAX_ASPECT, MIN_SIDE, PER_SHARD, SHARDS, VAL
+
+    train, val = img2dataset_shards
+    flags = [
+        "--shards",
+        str(train),
+        "--val-shards",
+        str(val),
+        "--augmentations",
+        "2",
+        f"--data.min_image_side={MIN_SIDE}",
+        f"--data.max_aspect_ratio={MAX_ASPECT}",
+    ]
+    run_encode(dvae_checkpoint, tmp_path / "one", *flags)
+    proc = run_encode(dvae_checkpoint, tmp_path / "two", *flags, nproc=2)
+    assert "rank 1:" in proc.stdout and "on 2 ranks" in proc.stdout
+    one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
+    assert sorted(one) == sorted(two) and all(one[k] == two[k] for k in one), "2 ranks write what 1 rank writes"
+    m = read_manifest(tmp_path / "one")
+    assert [Path(r["path"]).name for r in m["splits"]["train"]["shards"]] == [f"{i:05d}.tar" for i in range(SHARDS)]
+    by_reason = m["skipped"]["by_reason"]
+    lost = sum(n for why, n in by_reason.items() if "tar" in why)
+    assert {k: v for k, v in by_reason.items() if "tar" not in k} == FAULTS and lost > 0
+    assert m["splits"]["train"]["samples"] + m["skipped"]["total"] == SHARDS * PER_SHARD
+    assert m["splits"]["val"]["samples"] == VAL
+    assert verify_shards(tmp_path / "one") == m["samples"]
+    t = tokens(tmp_path / "one", "train")
+    assert all(v[0].shape == (2, 8, 8) for v in t.values()) and len(t) == m["splits"]["train"]["samples"]
+
+    # killed mid-way: shard 2 of a .txt list is a FIFO, so the encoder blocks inside it (its partial output open)
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    for i in range(SHARDS):
+        name = f"{i:05d}"
+        shutil.copy(train / f"{name}_stats.json", stuck)
+        if i == 2:
+            os.mkfifo(stuck / f"{name}.tar")
+        else:
+            shutil.copy(train / f"{name}.tar", stuck)
+    listing = stuck / "train.txt"
+    listing.write_text("".join(f"{i:05d}.tar\n" for i in range(SHARDS)))
+    flags[1] = str(listing)
+    out = tmp_path / "killed"
+    p = run_encode(dvae_checkpoint, out, *flags, wait=False)
+    deadline = time.time() + 120
+    while not (out / "train" / f"00001{RECORD}").exists() or not list((out / "train").glob("00002.tar.tmp*")):
+        assert p.poll() is None and time.time() < deadline, p.stdout.read() if p.poll() is not None else "timeout"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / MANIFEST).exists() and not (out / "train" / "00002.tar").exists()
+    (stuck / "00002.tar").unlink()
+    shutil.copy(train / "00002.tar", stuck)
+    proc = run_encode(dvae_checkpoint, out, *flags)
+    assert "2 were done before" in proc.stdout
+    again, first = tree(out), tree(tmp_path / "one")
+    assert not [k for k in again if ".tmp" in k], "the killed run's partial shard is gone"
+    for split in ("train", "val"):
+        names = sorted(k for k in first if k.startswith(split) and k.endswith(".tar"))
+        assert names == sorted(k for k in again if k.startswith(split) and k.endswith(".tar"))
+        assert all(first[k] == again[k] for k in names), "the resumed set equals an uninterrupted one"
