@@ -265,7 +265,7 @@ def encode_shards(
         print(f"encode_shards: rank {rank}: {output.url(rec['path'])}: {rec['samples']} images{skipped} in "
               f"{time.time() - s:.1f} s", flush=True)  # fmt: skip
     seconds = time.time() - t0
-    print(f"encode_shards: rank {rank}: {len(mine) - before} shards, {images} images in {seconds:.1f} s "
+    print(f"encode_shards: rank {rank}: {len(mine) - before} shards, {images} images in {seconds:.2f} s "
           f"({images / max(seconds, 1e-9):.1f} images/s); {before} were done before", flush=True)  # fmt: skip
     if world > 1:
         from megadalle.engine.distributed import barrier

@@ -409,17 +409,19 @@ def read_remote_manifest(url: str, settings: S3Settings = S3Settings()) -> dict[
 
 def verify_remote(url: str, settings: S3Settings = S3Settings()) -> int:
     """Stream every shard of the set under `url` and check its sha256 against the manifest; the sample count."""
+    from megadalle.data.shards import shard_records
+
     manifest = read_remote_manifest(url, settings)
-    bucket, prefix = _split_s3(url.rstrip("/") + "/")
     total = 0
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
+    for split in manifest["splits"]:
+        for shard_url, shard in shard_records(url, split, settings):
             h = hashlib.sha256()
-            with open_shard(f"s3://{bucket}/{prefix}{shard['path']}", settings) as f:
+            with open_shard(shard_url, settings) as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             if h.hexdigest() != shard["sha256"]:
-                raise S3Error(f"{_where(settings, bucket, prefix + shard['path'])}: sha256 {h.hexdigest()[:12]}... "
-                              f"differs from the manifest's {shard['sha256'][:12]}...")  # fmt: skip
+                bucket, key = _split_s3(shard_url)
+                raise S3Error(f"{_where(settings, bucket, key)}: sha256 {h.hexdigest()[:12]}... differs from the "
+                              f"manifest's {shard['sha256'][:12]}...")  # fmt: skip
             total += shard["samples"]
     return total

@@ -183,20 +183,29 @@ def shard_urls(root: str | os.PathLike, split: str, settings: S3Settings | None 
     return [url for url, _ in shard_records(root, split, settings)]
 
 
-def verify_shards(root: str | os.PathLike, checksums: bool = True) -> int:
-    """Check every shard's size and (with `checksums`) sha256 against the manifest; return the number of samples.
-    Sizes alone are the quick check (tools/demo.py makes it on every run)."""
-    manifest = read_manifest(root)
-    total = 0
-    for split, info in manifest["splits"].items():
-        for rec in info["shards"]:
-            path = Path(root) / rec["path"]
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} of split {split!r} listed in the manifest is missing")
-            size = path.stat().st_size
+def verify_shards(root: str | os.PathLike, checksums: bool = True, settings: S3Settings | None = None) -> int:
+    """Check every shard's size and (with `checksums`) sha256 against the manifest of the local shard set `root`,
+    wherever the shards are (a manifest of tools/index_shards.py may name s3:// objects); return the number of
+    samples. Sizes alone are the quick check (tools/demo.py makes it on every run)."""
+    from megadalle.data.s3 import S3Settings, open_shard
+
+    manifest, total = read_manifest(root), 0
+    for split in manifest["splits"]:
+        for url, rec in shard_records(root, split, settings):
+            if url.startswith("s3://"):
+                h, size = hashlib.sha256(), 0
+                with open_shard(url, settings or S3Settings()) as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        size += len(chunk)
+                digest = h.hexdigest() if checksums else rec["sha256"]
+            else:
+                if not Path(url).is_file():
+                    raise FileNotFoundError(f"shard {url} of split {split!r} listed in the manifest is missing")
+                size, digest = Path(url).stat().st_size, sha256_file(url) if checksums else rec["sha256"]
             if size != rec["bytes"]:
-                raise ValueError(f"shard {path} has {size} bytes, {Path(root) / MANIFEST} says {rec['bytes']}")
-            if checksums and sha256_file(path) != rec["sha256"]:
-                raise ValueError(f"shard {path} does not match its sha256 in {Path(root) / MANIFEST}")
+                raise ValueError(f"shard {url} has {size} bytes, {Path(root) / MANIFEST} says {rec['bytes']}")
+            if digest != rec["sha256"]:
+                raise ValueError(f"shard {url} does not match its sha256 in {Path(root) / MANIFEST}")
             total += rec["samples"]
     return total

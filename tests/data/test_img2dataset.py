@@ -137,3 +137,22 @@ def test_a_dvae_trains_20_updates_from_img2dataset_shards(img2dataset_shards, tm
     assert steps[-1]["skipped_samples"] >= sum(FAULTS.values()), "an epoch's faults are counted"
     [ev] = [m for m in lines if m["kind"] == "eval"]
     assert ev["step"] == 20 and np.isfinite(ev["psnr_db"])
+
+
+@pytest.mark.slow
+def test_the_reranker_and_the_prior_on_the_fly_train_from_it(img2dataset_shards, tokenizer_model, dvae_checkpoint,
+                                                              tmp_path):  # fmt: skip
+    train, val = img2dataset_shards
+    data = [f"--data.shards={train}", f"--data.val_shards={val}", f"--tokenizer.model_path={tokenizer_model}",
+            f"--job.run_root={tmp_path}", "--train.steps=3", "--train.eval_every=3"]  # fmt: skip
+    for config, extra, metric in (
+        ("clip_debug", [], "val_i2t_r1"),
+        ("prior_debug", [f"--model.dvae_checkpoint={dvae_checkpoint}"], "val_image_loss"),
+    ):
+        proc = subprocess.run([python(), "megadalle/train.py", "--config", f"megadalle/configs/{config}.toml",
+                               *data, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / config / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2, 3]
+        [ev] = [m for m in lines if m["kind"] == "eval"]
+        assert np.isfinite(ev[metric]) and not any(k.startswith("zeroshot") for k in ev), "no zero-shot split here"

@@ -137,7 +137,7 @@ def test_augmentations_fall_back_to_the_central_view_without_room(dvae_checkpoin
     assert all(np.array_equal(t[0], t[1]) for t, _, _ in tokens(tmp_path / "k2", "train").values())
 
 
-def run_encode(checkpoint: Path, out: Path, *flags: str, nproc: int = 1, wait: bool = True):
+def run_encode(checkpoint: Path, out: Path | str, *flags: str, nproc: int = 1, wait: bool = True):
     """tools/encode_shards.py on `nproc` processes (torchrun), one thread each, so 1 and 2 ranks compute alike."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [python(), "tools/encode_shards.py"]
@@ -221,3 +221,30 @@ def test_img2dataset_shards_encode_alike_on_1_and_2_ranks_and_resume_after_a_kil
         names = sorted(k for k in first if k.startswith(split) and k.endswith(".tar"))
         assert names == sorted(k for k in again if k.startswith(split) and k.endswith(".tar"))
         assert all(first[k] == again[k] for k in names), "the resumed set equals an uninterrupted one"
+
+
+@pytest.mark.distributed  # the S3 server process
+def test_token_shards_written_to_s3_equal_local_ones_and_train_the_prior_stream(
+    dvae_checkpoint, img2dataset_shards, s3_server, tmp_path
+):
+    from megadalle.data.s3 import S3Settings, open_shard
+    from megadalle.data.shards import read_any_manifest
+    from tests.s3server import BUCKET
+
+    train, val = img2dataset_shards
+    flags = ["--shards", str(train), "--val-shards", str(val)]
+    run_encode(dvae_checkpoint, tmp_path / "local", *flags)
+    remote = f"s3://{BUCKET}/tokens/"
+    proc = run_encode(dvae_checkpoint, remote, *flags)  # the environment points boto3 at the server
+    assert f"-> {remote.rstrip('/')}/{MANIFEST}" in proc.stdout
+    local, m = read_manifest(tmp_path / "local"), read_any_manifest(remote, S3Settings())
+    assert m["splits"] == local["splits"]
+    for split in m["splits"].values():
+        for rec in split["shards"]:
+            with open_shard(remote + rec["path"]) as f:
+                assert f.read() == (tmp_path / "local" / rec["path"]).read_bytes()
+    rerun = run_encode(dvae_checkpoint, remote, *flags)
+    assert f"{len(m['splits']['train']['shards']) + 1} were done before" in rerun.stdout, "records read from S3"
+    stream = train_tokens(Data(shuffle_buffer=4), remote, 4, rank=0, seed=0, skips=SkipCounter(), world=1)
+    stream.max_epochs = 1
+    assert sum(len(c) for _, c in stream) == m["splits"]["train"]["samples"]
