@@ -23,41 +23,20 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlparse
 
-from megadalle.data.s3 import SPOOL_BYTES, S3Error, S3Settings, client, list_shards, open_shard, samples
-from megadalle.data.shards import FORMAT, MANIFEST, expected_samples, sha256_file, write_json_atomic
-
-
-def _fetch(url: str, settings: S3Settings) -> tuple[BinaryIO, str, int]:
-    """(the shard readable from its start, its sha256, its size): an s3:// object is read once, into a spooled
-    temporary file, hashed on the way; a local file is hashed, then opened."""
-    if not url.startswith("s3://"):
-        return open_shard(url, settings), sha256_file(url), os.path.getsize(url)
-    h, size = hashlib.sha256(), 0
-    out: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
-    try:
-        with open_shard(url, settings) as src:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-    except BaseException:
-        out.close()
-        raise
-    out.seek(0)
-    return out, h.hexdigest(), size
+from megadalle.data.s3 import S3Error, S3Settings, client, list_shards, read_hashed, samples
+from megadalle.data.shards import FORMAT, MANIFEST, expected_samples, write_json_atomic
 
 
 def index_shard(url: str, settings: S3Settings) -> dict[str, Any]:
     """One shard's manifest record: "path" (the URL), "samples", "read", "bytes", "sha256", and "damaged" (why)
     where the tar holds fewer samples than its count or corrupt data. An unreadable object raises S3Error."""
-    f, sha256, size = _fetch(url, settings)
+    f, sha256, size = read_hashed(url, settings)
     broken: list[str] = []
 
     def handler(exn: Exception) -> bool:  # as training reads: corrupt tar data is read past, and counted

@@ -264,33 +264,40 @@ def epoch_shards(urls: list[str], epoch: int, seed: int, rank: int, world: int, 
 SPOOL_BYTES = 32 << 20  # a fetched shard stays in memory up to this size, then spills to a temporary file
 
 
-def fetch_shard(url: str, settings: S3Settings = S3Settings(), sha256: str | None = None) -> BinaryIO:
-    """The shard, readable from its start, its bytes checked against `sha256` when given: an s3:// object is
-    fetched whole into a spooled temporary file (hashed on the way), a local file is hashed, then opened. A mismatch
-    is read once more (a transfer that went wrong), then raises ShardChecksumError."""
-    for attempt in (1, 2):
-        h = hashlib.sha256()
-        if url.startswith("s3://"):
-            out: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
-            try:
-                with open_shard(url, settings) as src:
-                    while chunk := src.read(1 << 20):
-                        h.update(chunk)
-                        out.write(chunk)
-            except BaseException:
-                out.close()
-                raise
-            out.seek(0)
-        else:
+def read_hashed(url: str, settings: S3Settings = S3Settings()) -> tuple[BinaryIO, str, int]:
+    """(the shard readable from its start, the sha256 of its bytes, its size), reading it once: an s3:// object is
+    fetched whole into a spooled temporary file, hashed on the way; a local file is hashed, then opened."""
+    h, size = hashlib.sha256(), 0
+    if url.startswith("s3://"):
+        out: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[assignment]
+        try:
             with open_shard(url, settings) as src:
                 while chunk := src.read(1 << 20):
                     h.update(chunk)
-            out = open_shard(url, settings)  # type: ignore[assignment]
-        if sha256 is None or h.hexdigest() == sha256:
+                    out.write(chunk)
+                    size += len(chunk)
+        except BaseException:
+            out.close()
+            raise
+        out.seek(0)
+        return out, h.hexdigest(), size
+    with open_shard(url, settings) as src:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return open_shard(url, settings), h.hexdigest(), size
+
+
+def fetch_shard(url: str, settings: S3Settings = S3Settings(), sha256: str | None = None) -> BinaryIO:
+    """The shard, readable from its start (`read_hashed`), its bytes checked against `sha256` when given. A
+    mismatch is read once more (a transfer that went wrong), then raises ShardChecksumError."""
+    for attempt in (1, 2):
+        out, digest, _ = read_hashed(url, settings)
+        if sha256 is None or digest == sha256:
             return out
         out.close()
         if attempt == 2:
-            raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()[:12]}... differs from the manifest's "
+            raise ShardChecksumError(f"{url}: sha256 {digest[:12]}... differs from the manifest's "
                                      f"{sha256[:12]}... (read twice)")  # fmt: skip
     raise AssertionError("unreachable")
 
