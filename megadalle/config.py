@@ -423,16 +423,44 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, origin: str) -> Non
     setattr(getattr(cfg, section), key, _coerce(value, types_[section][key], f"{origin}: {section}.{key}"))
 
 
-def apply_overrides(cfg: JobConfig, args: list[str], sections: tuple[str, ...] | None = None) -> None:
-    """Apply `--section.key=value` arguments onto `cfg` in place (a tool's overrides of a checkpoint's config);
-    `sections`: the only sections a tool takes."""
-    for arg in args:
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+def apply_overrides(cfg: JobConfig, argv: list[str], sections: tuple[str, ...] | None = None) -> None:
+    """Apply `--section.key=value` (or `--section.key value`) arguments onto `cfg` in place and validate it: a
+    tool's overrides of a checkpoint's config. `sections`: the only sections the tool takes."""
+    toml_path, overrides = _parse_argv(argv)
+    if toml_path is not None:
+        raise ConfigError("command line: --config is not taken here (the config is the checkpoint's)")
+    for name, value in overrides:
         section, dot, key = name.partition(".")
-        if not (eq and dot) or (sections is not None and section not in sections):
-            allowed = "|".join(sections) if sections else "section"
-            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --{allowed}.key=value)")
-        _set(cfg, section, key, value, f"command line {arg}")
+        if sections is not None and section not in sections:
+            raise ConfigError(f"command line: --{name}: only {', '.join(f'--{s}.KEY' for s in sections)} are taken")
+        if not dot:
+            raise ConfigError(f"command line: --{name} is not of the form --section.key")
+        _set(cfg, section, key, value, f"command line --{name}")
+    validate(cfg)
+
+
+def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the `--config` path, the `--section.key=value` / `--section.key value` / bare `--flag` overrides in order)."""
+    toml_path: str | None = None
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --section.key=value)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 1
+            else:
+                value = "true"
+        if name == "config":
+            toml_path = value
+        else:
+            overrides.append((name, value))
+        i += 1
+    return toml_path, overrides
 
 
 def apply_toml_text(cfg: JobConfig, text: str, origin: str) -> None:
@@ -513,25 +541,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
             nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
             print(config_help(nxt))
             raise SystemExit(0)
-    toml_path: str | None = None
-    overrides: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"command line: unexpected argument {arg!r} (expected --section.key=value)")
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and not nxt.startswith("--"):
-                value, i = nxt, i + 1
-            else:
-                value = "true"
-        if name == "config":
-            toml_path = value
-        else:
-            overrides.append((name, value))
-        i += 1
+    toml_path, overrides = _parse_argv(argv)
     cfg = JobConfig()
     if toml_path is not None:
         apply_toml(cfg, toml_path)

@@ -62,8 +62,7 @@ def img2dataset_shards(emoji_shards: Path, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="session")
 def tokenizer_model(emoji_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train_tokenizer import captions
-
+    from megadalle.data.loader import captions
     from megadalle.models.tokenizer import train_bpe
 
     out = tmp_path_factory.mktemp("tok")

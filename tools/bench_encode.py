@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the tool runs tools/encode_shards.py from the checkout
 
 
 def photos(folder: Path, n: int, side: int, per_shard: int) -> None:

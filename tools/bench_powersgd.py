@@ -114,10 +114,9 @@ def debug_data(root: Path) -> tuple[Path, Path]:
     shards, tok, tokens = root / "shards", root / "tok", root / "tokens"
     if (tokens / "manifest.json").is_file():
         return tokens, tok / "bpe.model"
-    from train_tokenizer import captions  # tools/
-
     from megadalle.config import Data
     from megadalle.data.emoji_shards import build_emoji_shards
+    from megadalle.data.loader import captions
     from megadalle.models.tokenizer import train_bpe
 
     shutil.rmtree(root, ignore_errors=True)

@@ -35,7 +35,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     size = models.dvae.args.image_size
     report: dict = {"rerank": sweep, "blur": radii, "splits": {}}
     for split in args.splits.split(","):
-        real, captions, _ = next(eval_images(args.shards, split, size, args.captions, args.captions))
+        first = next(eval_images(args.shards, split, size, args.captions, args.captions), None)
+        if first is None:  # a set without that split (an indexed img2dataset set has no zeroshot)
+            print(f"evaluate: {args.shards} has no {split} samples: the split is left out", file=sys.stderr)
+            continue
+        real, captions, _ = first
         results = sample(models, list(captions), sweep[-1], 1, args.temperature, args.top_k, args.top_p, args.seed,
                          args.batch)  # fmt: skip
         entry: dict = {"captions": list(captions), "by_rerank": {}, "by_blur": {}}

@@ -21,7 +21,7 @@ $PY tools/train_tokenizer.py --config megadalle/configs/prior_debug.toml "${DATA
 $PY megadalle/train.py --config megadalle/configs/dvae_debug.toml --data.shards="$OUT/index" \
     --job.run_root="$OUT" --train.steps=20 --data.min_image_side=16 --data.max_aspect_ratio=3
 # 4. token shards for stage 2, one per input shard, on 2 ranks (srun or torchrun on a cluster)
-OMP_NUM_THREADS=1 $PY -m torch.distributed.run --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29533 \
+OMP_NUM_THREADS=1 $PY -m torch.distributed.run --standalone --nproc_per_node=2 \
     tools/encode_shards.py --checkpoint "$OUT/dvae_debug/checkpoints" --out "$OUT/tokens" --shards="$OUT/index"
 # 5. stage 2, the prior
 $PY megadalle/train.py --config megadalle/configs/prior_debug.toml --prior.tokens="$OUT/tokens" \

@@ -12,37 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from megadalle.config import ConfigError, Data, load_config
-from megadalle.data.loader import data_splits, s3_settings, split_source
-from megadalle.data.s3 import S3Error, samples
-from megadalle.data.shards import shard_records
+from megadalle.config import ConfigError, load_config
+from megadalle.data.loader import captions
 from megadalle.models.tokenizer import BPETokenizer, train_bpe
-
-
-def captions(data: Data | str, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Caption texts (`data.caption_key`) of the given splits of `data` (the [data] section, or a shard set's path;
-    any source the loaders read, local or s3://). Zero-shot captions stay unseen, like their images; a split the
-    data does not have is left out."""
-    data = Data(shards=data) if isinstance(data, str) else data
-    settings, texts, broken = s3_settings(data), [], []
-
-    def handler(exn: Exception) -> bool:  # a cut or corrupt tar: what can be read is used
-        if isinstance(exn, S3Error):
-            raise exn
-        broken.append(f"{type(exn).__name__}: {exn}"[:200])
-        return True
-
-    for split in splits:
-        source = split_source(data, split) if split in data_splits(data) else None
-        if source is None:
-            continue
-        urls = [url for url, _ in shard_records(source, split, settings)]
-        texts += [s[data.caption_key].decode("utf-8", errors="replace") for s in samples(urls, settings, handler)
-                  if data.caption_key in s]  # fmt: skip
-    if broken:
-        print(f"train_tokenizer: warning: read past corrupt or cut tar data {len(broken)} times (first: "
-              f"{broken[0]}); the captions before it are used", file=sys.stderr)  # fmt: skip
-    return texts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,10 @@ no zero-shot split."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,8 +22,8 @@ import torch
 
 from megadalle.config import Data
 from megadalle.data.images import DEFAULT_KEYS, check_shape, decode_image, image_member
-from megadalle.data.s3 import S3Error, S3Settings, samples
-from megadalle.data.shards import is_shard_set, read_any_manifest, shard_records
+from megadalle.data.s3 import S3Settings, TarDamage, samples
+from megadalle.data.shards import expected_samples, is_shard_set, read_any_manifest, shard_records
 from megadalle.data.stream import SkipCounter, SkipSampleError, Stream
 from megadalle.data.transforms import center_resize, dvae_augment, to_tensor
 
@@ -59,7 +61,7 @@ def data_splits(data: Data) -> list[str]:
     return ["train"] + (["val"] if data.val_shards else [])
 
 
-def _caption(sample: dict, max_chars: int, key: str = "txt") -> str:
+def caption_of(sample: dict, max_chars: int, key: str = "txt") -> str:
     """The sample's caption, or SkipSampleError: missing, not UTF-8, empty or longer than `max_chars` characters."""
     if key not in sample:
         raise SkipSampleError("no caption")
@@ -91,7 +93,7 @@ def train_images(
     run did. Undecodable images and unusable captions are skipped and counted in `skips`."""
 
     def item(sample: dict) -> tuple[torch.Tensor, str]:
-        text = _caption(sample, data.max_caption_chars, data.caption_key)
+        text = caption_of(sample, data.max_caption_chars, data.caption_key)
         img = decode_image(image_member(sample, data.image_keys))  # (H, W, 3) uint8
         check_shape(img, data.min_image_side, data.max_aspect_ratio)
         rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
@@ -111,17 +113,29 @@ def eval_samples(
 ) -> Iterator[tuple]:
     """Finite pass over an image split in order with a custom view: (first(sample) stacked, captions, metadata
     with "key"); sample["image"] is the decoded (H, W, 3) uint8 image. Used to encode augmented views. Nothing for
-    a split the data does not have (split_source)."""
-    data = Data(shards=data) if isinstance(data, str) else data
+    a split the data does not have (split_source). `data` as a string: a shard set, whose manifest gives `split`, or
+    a source without a manifest, which is `split`'s shards."""
+    if isinstance(data, str):
+        data = Data(shards=data) if is_shard_set(data, S3Settings()) else Data(shards=data, val_shards=data)
     source = split_source(data, split)
     if source is None:
         return iter(())
-    urls = [url for url, _ in shard_records(source, split, s3_settings(data))]
-    return _finite_batches(urls, first, batch_size, limit, s3_settings(data), data.image_keys, data.caption_key)
+    settings = s3_settings(data)
+    return _finite_batches(shard_records(source, split, settings), first, batch_size, limit, settings,
+                           data.image_keys, data.caption_key)  # fmt: skip
+
+
+def sample_meta(sample: dict) -> dict:
+    """A sample's `json` member as a dict ({} when it has none or it is not a JSON object: metadata is optional)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _finite_batches(
-    urls: list[str],
+    records: list[tuple[str, dict]],
     first: Callable[[dict], torch.Tensor],
     batch_size: int,
     limit: int,
@@ -130,42 +144,44 @@ def _finite_batches(
     caption_key: str = "txt",
 ) -> Iterator[tuple]:
     """(first(sample), caption, metadata) collated in batches, at most `limit` samples (0: all), from local or s3://
-    shards. Every caller reads the whole split (evaluation then keeps its rank's share of the batches; sampling): no
-    split by rank. A sample whose image or caption cannot be read is skipped, the same ones every pass, and the
-    pass's skips are logged by reason at its end; a shard that cannot be read at all is an error."""
-    import webdataset as wds
+    shards, each as (url, manifest record). Every caller reads the whole split (evaluation then keeps its rank's
+    share of the batches; sampling): no split by rank. A sample whose image or caption cannot be read is skipped,
+    the same ones every pass, and so are the samples a cut or corrupt tar lost (read_shard); the pass's skips are
+    logged by reason when it ends. A shard that cannot be read at all is an error."""
 
-    decode = wds.autodecode.Decoder([])  # txt, json, npy; the image below (data/images.py)
+    def item(sample: dict) -> tuple:
+        caption = caption_of(sample, sys.maxsize, caption_key)
+        if "tokens.npy" in sample:  # a token set
+            sample["tokens.npy"] = np.load(io.BytesIO(sample["tokens.npy"]))
+        else:
+            sample["image"] = decode_image(image_member(sample, image_keys))
+        return first(sample), caption, dict(sample_meta(sample), key=sample["__key__"])
+
     batch: list = []
     seen = 0
     skipped: Counter = Counter()
-    for sample in samples(urls, settings):
-        sample = decode(sample)
-        try:
-            if "tokens.npy" not in sample:  # an image set (a token set's samples hold tokens.npy)
-                sample["image"] = decode_image(image_member(sample, image_keys))
-            caption = sample.get(caption_key)
-            if not isinstance(caption, str) or not caption.strip():
-                raise SkipSampleError("no caption")
-        except SkipSampleError as e:
-            skipped[str(e)] += 1
-            continue
-        batch.append((first(sample), caption, dict(sample.get("json") or {}, key=sample["__key__"])))
-        seen += 1
-        if len(batch) == batch_size or seen == limit:
-            yield _collate(batch)
-            batch = []
-        if seen == limit:
-            return
-    if batch:
-        yield _collate(batch)
-    if skipped:
-        log.warning(f"a pass over {len(urls)} shards from {urls[0]} skipped {sum(skipped.values())} samples "
-                    f"({', '.join(f'{n} {why}' for why, n in sorted(skipped.items()))})")  # fmt: skip
+    try:
+        for url, record in records:
+            known = int(record.get("samples", 0)) or expected_samples(url, settings) or 0
+            for row in read_shard(url, item, skipped, known, settings):
+                batch.append(row)
+                seen += 1
+                if len(batch) == batch_size or seen == limit:
+                    yield collate(batch)
+                    batch = []
+                if seen == limit:
+                    return
+        if batch:
+            yield collate(batch)
+    finally:
+        if skipped:
+            log.warning(f"a pass over {len(records)} shards from {records[0][0]} skipped {sum(skipped.values())} "
+                        f"samples ({', '.join(f'{n} {why}' for why, n in sorted(skipped.items()))})")  # fmt: skip
 
 
-def _collate(samples: list[tuple]) -> tuple:
-    cols = list(zip(*samples))
+def collate(items: list[tuple]) -> tuple:
+    """Items (tensor, values...) -> (stacked tensors, lists of the values)."""
+    cols = list(zip(*items))
     return (torch.stack(cols[0]), *[list(c) for c in cols[1:]])
 
 
@@ -177,7 +193,7 @@ def train_tokens(
     per-sample rng."""
 
     def item(sample: dict) -> tuple[torch.Tensor, str]:
-        text = _caption(sample, data.max_caption_chars)
+        text = caption_of(sample, data.max_caption_chars)
         rng = random.Random(f"{seed}/{rank}/{sample['__epoch__']}/{sample['__key__']}")
         try:
             codes = np.load(io.BytesIO(sample["tokens.npy"]))
@@ -190,15 +206,15 @@ def train_tokens(
 
 def _stream(data: Data, root: str, item: Callable, batch_size: int, rank: int, seed: int, skips: SkipCounter,
             world: int | None) -> Stream:  # fmt: skip
-    from megadalle.engine.distributed import world_size
+    from megadalle.engine.distributed import from_main, world_size
 
     settings = s3_settings(data)
-    records = dict(shard_records(root, "train", settings))
+    records = from_main(lambda: dict(shard_records(root, "train", settings)))  # one listing, not one per rank
     if data.verify_sha256 and not any("sha256" in r for r in records.values()):
         raise ValueError(f"data.verify_sha256: {root} has no manifest with checksums (tools/index_shards.py "
                          f"writes one)")  # fmt: skip
     return Stream(list(records), item, batch_size, rank=rank, world=world or world_size(), seed=seed,
-                  workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, collate=_collate, settings=settings,
+                  workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, collate=collate, settings=settings,
                   skips=skips, records=records)  # fmt: skip
 
 
@@ -208,8 +224,8 @@ def eval_tokens(
     """Finite pass over a token split in manifest order: (codes (B, h*w), captions, metadata with "key"); of K
     encodings (K, h, w), the first (the central view)."""
     settings = settings or S3Settings()
-    urls = [url for url, _ in shard_records(root, split, settings)]
-    return _finite_batches(urls, lambda s: _codes(s["tokens.npy"]), batch_size, limit, settings)
+    first = lambda s: _codes(s["tokens.npy"])  # noqa: E731
+    return _finite_batches(shard_records(root, split, settings), first, batch_size, limit, settings)
 
 
 def _codes(tokens: np.ndarray, rng: random.Random | None = None) -> torch.Tensor:
@@ -225,21 +241,12 @@ def _codes(tokens: np.ndarray, rng: random.Random | None = None) -> torch.Tensor
 def read_shard(
     url: str, make_item: Callable[[dict], Any], skips: Counter, known: int = 0, settings: S3Settings | None = None
 ) -> Iterator[Any]:
-    """Every usable `make_item(sample)` of one shard, in its order (a single pass: tools/encode_shards.py). A sample
-    whose item fails is counted in `skips` by reason (SkipSampleError's message, else the exception's type); corrupt
-    tar data is read past, and at the end the samples a count `known` (a manifest record, an img2dataset
-    `_stats.json`) expected that the tar did not hold are counted as lost; with no count, a broken tar counts once."""
-    settings = settings or S3Settings()
-    broken: list[str] = []
-
-    def handler(exn: Exception) -> bool:
-        if isinstance(exn, S3Error):  # the object could not be read: an error, not corruption
-            raise exn
-        broken.append(type(exn).__name__)
-        return True
-
-    read = 0
-    for sample in samples([url], settings, handler=handler):
+    """Every usable `make_item(sample)` of one shard, in its order (a single pass: evaluation, tools/encode_shards.py).
+    A sample whose item raises SkipSampleError is counted in `skips` under its reason; corrupt tar data is read past,
+    and at the end the samples a count `known` (a manifest record, an img2dataset `_stats.json`; 0: none) expected
+    that the tar did not hold are counted as lost; with no count, a broken tar counts once."""
+    damage, read = TarDamage(), 0
+    for sample in samples([url], settings or S3Settings(), handler=damage):
         read += 1
         try:
             item = make_item(sample)
@@ -247,8 +254,25 @@ def read_shard(
             skips[str(e)] += 1
             continue
         yield item
-    why = f"corrupt tar ({broken[0]})" if broken else "tar ended early"
-    if known > read:
-        skips[why] += known - read
-    elif broken and not known:
-        skips[why] += 1
+    if lost := damage.losses(known, read):
+        skips[damage.reason] += lost
+
+
+def captions(data: Data | str, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """Caption texts (`data.caption_key`) of the given splits of `data` (the [data] section, or a shard set's path;
+    any source, local or s3://), for tools/train_tokenizer.py. Zero-shot captions stay unseen, like their images; a
+    split the data does not have is left out; what a cut or corrupt tar still holds is used, and a warning says how
+    many shards were damaged."""
+    data = Data(shards=data) if isinstance(data, str) else data
+    settings, texts, damaged = s3_settings(data), [], []
+    for split in splits:
+        source = split_source(data, split) if split in data_splits(data) else None
+        for url, _ in shard_records(source, split, settings) if source else ():
+            damage = TarDamage()
+            texts += [s[data.caption_key].decode("utf-8", errors="replace")
+                      for s in samples([url], settings, handler=damage) if data.caption_key in s]  # fmt: skip
+            damaged += [url] if damage.seen else []
+    if damaged:
+        log.warning(f"read past corrupt or cut tar data in {len(damaged)} shards (first: {damaged[0]}); the captions "
+                    f"before it are used")  # fmt: skip
+    return texts

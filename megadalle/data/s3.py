@@ -50,6 +50,31 @@ class ShardChecksumError(ValueError):
     """A shard whose bytes do not match its manifest sha256 (after one re-fetch)."""
 
 
+class TarDamage:
+    """A webdataset handler that reads past corrupt or cut tar data, noting the failures; an S3Error (the object
+    could not be read after the retries) is raised, not read past. `losses(expected, read)`: the samples a shard
+    lost by reason, where a count (a manifest record, an img2dataset `_stats.json`; 0: none) says how many it had:
+    the missing ones, or without a count one for a broken tar."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, S3Error):
+            raise exn
+        self.seen.append(type(exn).__name__)
+        return True
+
+    @property
+    def reason(self) -> str:
+        return f"corrupt tar ({self.seen[0]})" if self.seen else "tar ended early"
+
+    def losses(self, expected: int, read: int) -> int:
+        if expected > read:
+            return expected - read
+        return 1 if self.seen and not expected else 0
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str | None = None
@@ -98,17 +123,22 @@ def _code(e: Exception) -> str:
 
 
 def list_shards(url: str, settings: S3Settings = S3Settings()) -> list[str]:
-    """The shard URLs (or paths) a shard-set URL names, in order: every `.tar` under `s3://bucket/prefix/` or in a
-    local folder (sorted), a brace pattern (`{00000..00331}.tar`), one `.tar`, or a `.txt` file (local or s3://)
-    listing shard URLs one a line (blank and `#` lines ignored; a relative path is relative to the list's folder)."""
+    """The shard URLs (or paths) a shard-set URL names, in order: every `.tar` directly under `s3://bucket/prefix/`
+    (the slash may be left out) or in a local folder (sorted), a brace pattern (`{00000..00331}.tar`), one `.tar`,
+    or a `.txt` file (local or s3://) listing shard URLs one a line (blank and `#` lines ignored; a relative path is
+    relative to the list's folder)."""
     if url.endswith(".txt"):
         return _url_list(url, settings)
     if url.startswith("s3://"):
+        if not url.endswith((".tar", "/")) and not ("{" in url and ".." in url):
+            url += "/"  # s3://bucket/prefix: the prefix's folder, as a local path names its folder
         if url.endswith("/"):
             bucket, prefix = _split_s3(url)
             keys: list[str] = []
-            try:
-                for page in client(settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            pages = client(settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                                Delimiter="/")  # fmt: skip
+            try:  # this level only, as a local folder's glob: not val/ or tokens/ beneath it
+                for page in pages:
                     keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".tar")]
             except Exception as e:
                 why = _code(e) or type(e).__name__
@@ -148,6 +178,35 @@ def _url_list(url: str, settings: S3Settings) -> list[str]:
     if not urls:
         raise ValueError(f"shard list {url} names no shards")
     return urls
+
+
+def object_size(url: str, settings: S3Settings = S3Settings()) -> int | None:
+    """The size in bytes of an object or file (one HEAD request), or None when it does not exist."""
+    if not url.startswith("s3://"):
+        path = Path(url[len("file://") :] if url.startswith("file://") else url)
+        return path.stat().st_size if path.is_file() else None
+    bucket, key = _split_s3(url)
+    try:
+        return int(client(settings).head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except Exception as e:
+        if _code(e) in ("NoSuchKey", "NoSuchBucket", "404"):
+            return None
+        raise S3Error(
+            f"cannot look up {url} ({_where(settings, bucket, key)}): {_code(e) or type(e).__name__}"
+        ) from None
+
+
+def put_object(url: str, body: bytes | Path, settings: S3Settings = S3Settings()) -> None:
+    """Write `body` (bytes, or a local file's contents, uploaded in parts when large) as the object `url`: an S3
+    object appears whole or not at all."""
+    bucket, key = _split_s3(url)
+    try:
+        if isinstance(body, Path):
+            client(settings).upload_file(str(body), bucket, key)
+        else:
+            client(settings).put_object(Bucket=bucket, Key=key, Body=body)
+    except Exception as e:
+        raise S3Error(f"cannot write {url} ({_where(settings, bucket, key)}): {_code(e) or type(e).__name__}") from None
 
 
 def read_object(url: str, settings: S3Settings = S3Settings()) -> bytes | None:

@@ -125,9 +125,9 @@ def is_shard_set(source: str | os.PathLike, settings: S3Settings | None = None) 
     if source.endswith((".tar", ".txt")) or ("{" in source and ".." in source):
         return False
     if source.startswith("s3://"):
-        from megadalle.data.s3 import S3Settings, read_object
+        from megadalle.data.s3 import S3Settings, object_size
 
-        return read_object(source.rstrip("/") + "/" + MANIFEST, settings or S3Settings()) is not None
+        return object_size(source.rstrip("/") + "/" + MANIFEST, settings or S3Settings()) is not None
     path = Path(source[len("file://") :] if source.startswith("file://") else source)
     return (path / MANIFEST).is_file()
 
@@ -187,12 +187,14 @@ def verify_shards(root: str | os.PathLike, checksums: bool = True, settings: S3S
     """Check every shard's size and (with `checksums`) sha256 against the manifest of the local shard set `root`,
     wherever the shards are (a manifest of tools/index_shards.py may name s3:// objects); return the number of
     samples. Sizes alone are the quick check (tools/demo.py makes it on every run)."""
-    from megadalle.data.s3 import S3Settings, open_shard
+    from megadalle.data.s3 import S3Settings, object_size, open_shard
 
     manifest, total = read_manifest(root), 0
     for split in manifest["splits"]:
         for url, rec in shard_records(root, split, settings):
-            if url.startswith("s3://"):
+            if url.startswith("s3://") and not checksums:
+                size, digest = object_size(url, settings or S3Settings()), rec["sha256"]
+            elif url.startswith("s3://"):
                 h, size = hashlib.sha256(), 0
                 with open_shard(url, settings or S3Settings()) as f:
                     while chunk := f.read(1 << 20):

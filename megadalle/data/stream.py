@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megadalle.data.s3 import S3Error, S3Settings, ShardChecksumError, ShardFetcher, epoch_shards, samples
+from megadalle.data.s3 import S3Settings, ShardChecksumError, ShardFetcher, TarDamage, epoch_shards, samples
 from megadalle.data.shards import expected_samples
 
 log = logging.getLogger(__name__)
@@ -156,16 +156,10 @@ class _Worker(torch.utils.data.IterableDataset):
         that the tar did not hold (corrupt or cut tar data); a shard failing its sha256, what was left of it."""
         s, size = self.s, max(1, self.s.shuffle_buffer)
         known = self._known(url)  # 0: nothing gives the shard's count
-        broken: list[str] = []
-
-        def handler(exn: Exception) -> bool:  # corrupt tar data: what can still be read goes on
-            if isinstance(exn, S3Error):  # not corruption: the object could not be read (retries exhausted)
-                raise exn
-            broken.append(type(exn).__name__)
-            return True
+        damage = TarDamage()  # corrupt tar data: what can still be read goes on
 
         try:
-            stream = samples([url], s.settings, handler=handler, opener=fetcher.open)
+            stream = samples([url], s.settings, handler=damage, opener=fetcher.open)
             chunk = list(itertools.islice(stream, size))  # the shard is opened (and checked) here
         except ShardChecksumError as e:
             lost = self._kept_after(known, done, keep, epoch, index) if known else int(keep[1] == 0)
@@ -189,11 +183,10 @@ class _Worker(torch.utils.data.IterableDataset):
                         continue
                     yield n, item
             chunk = list(itertools.islice(stream, size))
-        why = f"corrupt tar ({broken[0]})" if broken else "tar ended early"
         if known > read:  # the samples the tar lost, each counted by the slot that would have read it
-            skips[url][why] += sum(1 for i in range(read, known) if i % keep[0] == keep[1])
-        elif broken and not known and keep[1] == 0:  # no record to say how many were lost: the failure, once
-            skips[url][why] += 1
+            skips[url][damage.reason] += sum(1 for i in range(read, known) if i % keep[0] == keep[1])
+        elif keep[1] == 0 and damage.losses(known, read):  # no count to say how many were lost: the failure, once
+            skips[url][damage.reason] += 1
 
     def _known(self, url: str) -> int:
         """The shard's sample count: its manifest record's, else img2dataset's `_stats.json` beside it, else 0 (said

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from megadalle.engine.launcher import free_port, rendezvous_env
 __all__ = [
     "barrier",
     "free_port",
+    "from_main",
     "init_distributed",
     "is_main",
     "rank",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 
+T = TypeVar("T")
 LAUNCHER = "single"
 """Which launcher `init_distributed` found: env (torchrun, deepspeed), slurm, mpi or single."""
 
@@ -118,6 +122,30 @@ def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(on)
         out = on.to(t.device)
     return out
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """make() on rank 0, its result sent to every rank (one broadcast): what each rank would otherwise fetch for
+    itself, such as a listing of 40,000 shards from S3. An error on rank 0 is raised on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return make()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", make())
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+                box[0] = ("error", e)
+            except Exception:  # an exception that cannot travel: its text does
+                box[0] = ("error", RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def shutdown(barrier: bool = True) -> None:

@@ -43,6 +43,9 @@ The model is megadalle's own ZeRO-3 training of the prior (engine/, App. D and E
   gather window while the forward runs, 2 x (`stage3_max_live_parameters` + `stage3_prefetch_bucket_size`)
   elements (the gathered parameters and the all-gathers' output buffers; within 15% of the measurement). No rank
   holds the whole model.
+- **Encoding stage 2's input** (tools/encode_shards.py): every image once through the dVAE encoder (272 GFLOP at
+  256 px, counted by FlopCounterMode), at `efficiency` x the GPU's fp32 peak (TF32 where PyTorch's cuDNN uses it),
+  the shards dealt to every GPU; decoding and reading the images are left out.
 - **fp16 range**: the per-resblock scales start at 2^13 at any world size and accumulation count (each
   micro-batch's backward carries its own mean loss, engine/grad_scaler.py); what grows with the world is
   DeepSpeed's fp16 reduce-scatter, which divides each rank's gradients by its group (the shard group) before
@@ -74,12 +77,15 @@ class Cluster:
     """GB/s one GPU moves across nodes (its share of the node's network: 8 x 100 Gb/s NICs give 12.5)."""
     fs_gbps: float = 1.0
     """GB/s one rank writes to the checkpoint filesystem."""
+    fp32_tflops: float = 15.7
+    """Per GPU, for fp32 convolutions (the dVAE encoder of tools/encode_shards.py): TF32 tensor cores where the GPU
+    has them and PyTorch uses them (its default for cuDNN: 494 on an H100 / H200), plain fp32 on a V100 (15.7)."""
 
     def check(self) -> None:
         for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("gpu_memory_gib", "peak_tflops", "intra_gbps", "inter_gbps", "fs_gbps"):
+        for name in ("gpu_memory_gib", "peak_tflops", "intra_gbps", "inter_gbps", "fs_gbps", "fp32_tflops"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"cluster: {name} must be positive, got {getattr(self, name)}")
 
@@ -263,11 +269,12 @@ def plan(cluster: Cluster, s: Setting) -> dict:
         out["grad_scale_log2_init"] = 13.0 if s.grad_scaler == "per_resblock" else None
         out["fp16_reduce_predivide"] = shard
     # stage 2's input: every image through the dVAE encoder once (tools/encode_shards.py), an estimate from the
-    # encoder's FLOPs at `efficiency` x peak on every GPU (the shards are dealt to the ranks; no communication)
+    # encoder's FLOPs at `efficiency` x the fp32 (TF32) peak on every GPU (the shards are dealt to the ranks; no
+    # communication); JPEG decoding and reading the shards are left out (tools/bench_decode.py: 185 images/s on 2
+    # CPU cores, so a GPU needs about its node's share of cores for them)
     out["encode_flops_per_image"] = dvae_encoder_flops("paper", 256)
-    out["encode_s"] = (
-        s.encode_images * out["encode_flops_per_image"] / (world * cluster.peak_tflops * 1e12 * s.efficiency)
-    )
+    encode_flops = s.encode_images * out["encode_flops_per_image"]
+    out["encode_s"] = encode_flops / (world * cluster.fp32_tflops * 1e12 * s.efficiency)
     out["cluster"], out["setting"] = asdict(cluster), asdict(s)
     return out
 
@@ -297,5 +304,8 @@ PRESETS: dict[str, tuple[Cluster, Setting]] = {
     "paper": (Cluster(128, 8, 16.0, 125.0, 150.0, 100 / 8 / 8), Setting(moments="paper16")),
     # an H200 cluster: 141 GB, 989 TFLOP/s dense fp16/bf16, NVLink 4 (450 GB/s), 8 x 400 Gb/s per node; the memory
     # allows 8 samples a GPU, so ZeRO-3 gathers the weights once per update
-    "h200": (Cluster(16, 8, 141.0, 989.0, 450.0, 50.0), Setting(micro_batch=8, precision="bf16", powersgd_rank=0)),
+    "h200": (
+        Cluster(16, 8, 141.0, 989.0, 450.0, 50.0, fp32_tflops=494.0),
+        Setting(micro_batch=8, precision="bf16", powersgd_rank=0),
+    ),
 }

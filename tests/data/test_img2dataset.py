@@ -81,7 +81,7 @@ def test_an_epoch_counts_every_fault_by_reason(img2dataset_shards, tmp_path, cap
     # evaluation reads val (all of it: the filters are for training), the tokenizer's captions both splits
     got = sum(len(c) for _, c, _ in eval_images(data, "val", 32, 5))
     assert got == VAL
-    from train_tokenizer import captions
+    from megadalle.data.loader import captions
 
     texts = captions(data)
     assert len(texts) == SHARDS * PER_SHARD - lost + VAL, "the caption of every sample the tars hold"
@@ -112,6 +112,8 @@ def test_the_set_on_s3_reads_as_it_does_locally(img2dataset_shards, s3_server, t
     remote = Data(**{**local.__dict__, "shards": f"s3://{BUCKET}/cc3m/train/{{00000..{SHARDS - 1:05d}}}.tar",
                      "val_shards": f"s3://{BUCKET}/cc3m/val.txt"})  # fmt: skip
     assert not is_shard_set(f"s3://{BUCKET}/cc3m/train/", S3Settings())
+    c.upload_file(str(train / "00000.tar"), BUCKET, "cc3m/train/nested/00000.tar")  # below the prefix: not listed
+    assert list_shards(f"s3://{BUCKET}/cc3m/train") == [f"s3://{BUCKET}/cc3m/train/{i:05d}.tar" for i in range(SHARDS)]
     n_local, skips_local = epoch(local)
     n_remote, skips_remote = epoch(remote)
     assert n_remote == n_local and skips_remote.by_reason() == skips_local.by_reason()
@@ -156,3 +158,29 @@ def test_the_reranker_and_the_prior_on_the_fly_train_from_it(img2dataset_shards,
         assert [m["step"] for m in lines if m["kind"] == "train"] == [1, 2, 3]
         [ev] = [m for m in lines if m["kind"] == "eval"]
         assert np.isfinite(ev[metric]) and not any(k.startswith("zeroshot") for k in ev), "no zero-shot split here"
+
+
+def test_evaluation_reads_past_a_cut_tar_and_takes_the_caption_key(img2dataset_shards, tmp_path, caplog):
+    import webdataset as wds
+
+    from megadalle.data.s3 import samples
+
+    _, val = img2dataset_shards
+    rows = [{"__key__": s["__key__"], "jpg" if "jpg" in s else next(k for k in s if k in ("webp", "png")):
+             s.get("jpg") or s.get("webp") or s["png"], "caption": s["txt"]}
+            for s in samples([str(val / "00000.tar")])]  # fmt: skip
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, part in enumerate((rows[:8], rows[8:])):
+        with wds.TarWriter(str(folder / f"{i:05d}.tar")) as tar:
+            for row in part:
+                tar.write(row)
+        (folder / f"{i:05d}_stats.json").write_text(json.dumps({"successes": len(part)}))
+    cut = folder / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    data = Data(shards=str(folder), val_shards=str(folder), caption_key="caption", image_keys="jpg;webp;png")
+    with caplog.at_level(logging.WARNING, logger="megadalle.data.loader"):
+        got = [c for _, captions, _ in eval_images(data, "val", 32, 3) for c in captions]
+    assert 8 < len(got) < VAL and all(isinstance(c, str) and c for c in got), "read past the cut, captions read"
+    [said] = [r.message for r in caplog.records if "skipped" in r.message]
+    assert f"skipped {VAL - len(got)} samples" in said and "tar" in said, said

@@ -181,9 +181,7 @@ def test_the_fetcher_reads_ahead_and_checks_sha256(server) -> None:
 
 
 def test_evaluation_and_tokenizer_inputs_read_from_s3_equal_the_local_set(server, emoji_shards) -> None:
-    from train_tokenizer import captions
-
-    from megadalle.data.loader import eval_images
+    from megadalle.data.loader import captions, eval_images
     from megadalle.data.s3 import upload_shard_set
 
     upload_shard_set(emoji_shards, f"s3://{BUCKET}/whole/")

@@ -12,7 +12,7 @@ def tok(tokenizer_model):
 
 
 def test_round_trip_lowercases(tok, emoji_shards):
-    from train_tokenizer import captions
+    from megadalle.data.loader import captions
 
     texts = captions(str(emoji_shards))
     assert len(texts) > 100
@@ -57,7 +57,7 @@ def test_bad_input(tok, tmp_path):
 def test_bpe_dropout_is_sentencepieces_bpe_at_zero_and_seeded(tokenizer_model, emoji_shards) -> None:
     """Our BPE-dropout: with dropout 0 it is sentencepiece's BPE id for id on every caption; with dropout it keeps
     the text, splits more, and draws the same tokenisations from the same seed (sentencepiece's cannot be seeded)."""
-    from train_tokenizer import captions
+    from megadalle.data.loader import captions
 
     caps = captions(str(emoji_shards))
     tok = BPETokenizer(tokenizer_model, max_len=64, dropout=0.1)
