@@ -157,7 +157,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.distributed
-def test_img2dataset_shards_encode_alike_on_1_and_2_ranks_and_resume_after_a_kill(
+def test_img2dataset_shards_encode_alike_on_1_2_and_4_ranks_and_resume_after_a_kill(
     dvae_checkpoint, img2dataset_shards, tmp_path
 ):
     from tests.data.img2dataset import FAULTS, MAX_ASPECT, MIN_SIDE, PER_SHARD, SHARDS, VAL
@@ -174,10 +174,12 @@ def test_img2dataset_shards_encode_alike_on_1_and_2_ranks_and_resume_after_a_kil
         f"--data.max_aspect_ratio={MAX_ASPECT}",
     ]
     run_encode(dvae_checkpoint, tmp_path / "one", *flags)
-    proc = run_encode(dvae_checkpoint, tmp_path / "two", *flags, nproc=2)
-    assert "rank 1:" in proc.stdout and "on 2 ranks" in proc.stdout
-    one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
-    assert sorted(one) == sorted(two) and all(one[k] == two[k] for k in one), "2 ranks write what 1 rank writes"
+    one = tree(tmp_path / "one")
+    for n in (2, 4):
+        proc = run_encode(dvae_checkpoint, tmp_path / f"n{n}", *flags, nproc=n)
+        assert f"rank {n - 1}:" in proc.stdout and f"on {n} ranks" in proc.stdout
+        other = tree(tmp_path / f"n{n}")
+        assert sorted(one) == sorted(other) and all(one[k] == other[k] for k in one), f"{n} ranks write as 1 does"
     m = read_manifest(tmp_path / "one")
     assert [Path(r["path"]).name for r in m["splits"]["train"]["shards"]] == [f"{i:05d}.tar" for i in range(SHARDS)]
     by_reason = m["skipped"]["by_reason"]
