@@ -233,6 +233,13 @@ class Train:
     per_resblock for the prior under ZeRO-3, else global."""
     activation_checkpointing: bool = False
     """Recompute each resblock's activations in backward."""
+    autocast: Literal["off", "bf16", "auto"] = "off"
+    """With precision fp32: matmuls and convolutions in bf16 under torch.autocast, parameters, gradients, optimizer
+    and losses in fp32 (torch AMP; the evaluation's forward too). `auto`: bf16 where the device computes it natively
+    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else off; the log says which (engine/wrap.py)."""
+    compile: bool = False
+    """torch.compile each resblock (the prior's attention and MLP branches, the dVAE's resblocks, the reranker's
+    text blocks and conv stages) from outside the model (engine/wrap.py); compile time logged after update 2."""
     log_every: int = 10
     """Updates between metric lines."""
     eval_every: int = 100
@@ -607,6 +614,11 @@ def validate(cfg: JobConfig) -> None:
             "dvae.warm_start_steps is 0: set both, or leave elb_lr_scale at 1 (scale optim.lr instead)",
         ),
         (cfg.logging.peak_tflops >= 0, f"logging.peak_tflops must be >= 0, got {cfg.logging.peak_tflops}"),
+        (
+            cfg.train.autocast == "off" or cfg.train.precision == "fp32",
+            f"train.autocast = {cfg.train.autocast} computes in bf16 from fp32 parameters, but train.precision is "
+            f"{cfg.train.precision}: set train.precision = fp32, or train.autocast = off",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

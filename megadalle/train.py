@@ -49,7 +49,7 @@ from megadalle.engine.optim import reset_moments
 from megadalle.engine.preemption import StopSignals
 from megadalle.engine.progress import Progress
 from megadalle.engine.train_state import DataPosition, PowerSGDState, TrainState
-from megadalle.engine.wrap import apply_wrappers
+from megadalle.engine.wrap import apply_wrappers, autocast, eager_module_hooks
 from megadalle.stages import make_stage
 from megadalle.stages.base import Stage
 
@@ -88,6 +88,8 @@ def build(cfg: JobConfig, stage: Stage, ds: dict[str, Any]) -> TrainState:
     optimizer = make_optimizer(stage.param_groups(model), o.moments, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     state = TrainState(engine, optimizer, stage.lr_schedule, DataPosition(stage))
+    if cfg.train.compile:
+        eager_module_hooks(engine.module)  # DeepSpeed's ZeRO-3 hooks, installed just now, stay out of the graphs
     if o.ema_decay > 0:
         state.ema = ShardedEMA(engine.module, o.ema_decay)
     if getattr(model, "grad_scaler", None) is not None:  # engine/wrap.py put it there
@@ -236,6 +238,8 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
         f"stage {cfg.job.stage}: {n_params / 1e6:.2f}M parameters, world {world}, "
         f"ZeRO {engine.zero_optimization_stage()}, precision {t.precision}, "
         f"micro-batch {t.micro_batch_size} x accum {accum} x world {world}"
+        + (", autocast bf16" if getattr(engine.module, "autocast_dtype", None) else "")
+        + (", compiled" if t.compile else "")
     )
     try:
         batches = stage.batches(rank, loader_state)
@@ -252,6 +256,7 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
     saved = -1  # the step of the last checkpoint written
     ckpt = Checkpointer(ckpt_root, cfg)
     signals: list[str] = []
+    first_dt = 0.0
 
     with Progress(cfg.logging.progress, t.steps, start_step, f"{cfg.job.stage} {cfg.job.name}", rank) as bar:
         while step < t.steps:
@@ -268,6 +273,11 @@ def train(cfg: JobConfig, rank: int, world: int, stop: StopSignals | None = None
             if ema is not None and step % o.ema_every == 0:
                 ema.update()
             dt = time.time() - t0
+            if t.compile and step - start_step <= 2:  # the first update compiles; the second runs compiled
+                first_dt = dt if step - start_step == 1 else first_dt
+                if step - start_step == 2:
+                    log.info(f"train.compile: the first update took {first_dt:.1f} s, the second {dt:.2f} s: "
+                             f"about {first_dt - dt:.1f} s of compilation")  # fmt: skip
             metrics.update(sched)
             metrics.update(stage.throughput(samples_per_step / dt))
             if cfg.logging.peak_tflops and "tflops" in metrics:  # model FLOPs over what the job's accelerators peak at
@@ -354,17 +364,18 @@ def _resume(state: TrainState, ckpt_root: Path, resume: Path, cfg: JobConfig) ->
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
     """Collective: the EMA weights (or the live ones) evaluated on the training engine by every rank, each on its
-    share of the batches (stages/base.py): the EMA swapped into the parameters' own storage (under ZeRO-3 each rank
-    swaps its shards; no rank gathers the model) and the live values back bit for bit afterwards. The module runs
-    as the training forward does: in training precision, under the engine's autocast where it has one. Every rank
-    returns the metrics; rank 0 logs them."""
+        share of the batches (stages/base.py): the EMA swapped into the parameters' own storage (under ZeRO-3 each rank
+        swaps its shards; no rank gathers the model) and the live values back bit for bit afterwards. The module runs
+        as the training forward does: in training precision, under the engine's autocast where it has one (and under
+    train.autocast's). Every rank
+        returns the metrics; rank 0 logs them."""
     from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
     module = engine.module
     zero3 = engine.zero_optimization_stage() == 3
     weights = ema.swapped_in(engine.optimizer if zero3 else None) if ema is not None else contextlib.nullcontext()
     was_training = module.training
-    with weights, torch.no_grad(), autocast_if_enabled(engine):
+    with weights, torch.no_grad(), autocast_if_enabled(engine), autocast(module, engine.device):
         module.eval()
         try:
             metrics = stage.evaluate(module, step, run_dir / "images", device=engine.device)

@@ -14,15 +14,22 @@ with the same settings. On the CPU it runs as a smoke test (--flavor debug --dev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+@contextlib.contextmanager
+def _untimed(name: str) -> Iterator[None]:
+    yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gib", type=float, default=141.0, help="the device's memory, for the planner")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--profile", type=int, default=0, help="then N updates split into forward, backward and step, "
+                    "and torch.profiler's top operators of one more (0: none)")  # fmt: skip
     a = ap.parse_args(argv)
     from megadalle.engine.planner import Cluster, Setting, plan
     from megadalle.engine.wrap import apply_activation_checkpointing
@@ -56,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     text = torch.randint(1, args.text_vocab, (b, args.text_len), device=device)
     image = torch.randint(0, args.image_vocab, (b, args.grid * args.grid), device=device)
 
-    def step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=a.precision != "fp32"):
+    def step(phase=_untimed) -> float:
+        with phase("forward"), torch.autocast(device.type, dtype=dtype, enabled=a.precision != "fp32"):
             out = model(text, image)
             loss = (out.text_nll / 8 + out.image_nll * 7 / 8) / (b * args.seq_len)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        with phase("backward"):
+            scaler.scale(loss).backward()
+        with phase("step"):
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     for _ in range(a.warmup):
@@ -89,6 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "planner": {k: estimate[k] for k in ("step_s", "tokens_per_s", "mfu", "total_bytes")},
     }  # fmt: skip
+    if a.profile:  # where an update's time goes (megadalle/profiling.py's phases, synchronised), and the top operators
+        from megadalle.profiling import PhaseTimer
+
+        timer = PhaseTimer(sync=device.type == "cuda")
+        for _ in range(a.profile):
+            step(timer)
+        result["phases_ms"] = {k: v * 1e3 / a.profile for k, v in timer.seconds.items()}
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        result["top_ops"] = prof.key_averages().table(sort_by=sort, row_limit=12)
+        total = sum(result["phases_ms"].values())
+        print("  ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in result["phases_ms"].items()))
+        print(result["top_ops"])
     print(f"{a.flavor} on {result['device']} ({a.precision}, micro-batch {b}): {result['step_s']:.3f} s/update, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {tflops:.1f} model TFLOP/s, MFU {result['mfu']:.1%}; planner: "
           f"{estimate['step_s']:.3f} s, {estimate['tokens_per_s']:,.0f} tokens/s, "

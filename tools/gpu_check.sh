@@ -34,10 +34,11 @@
 #                                        rows report Flex "not compiled"; rows are written as they come
 #   bench_powersgd          30       12  5 variants (the tests' ones); 2 x 5 ops x 21 calls at 1984 x 3968, and the
 #                                        Householder kernel (one program) against torch.linalg.qr at 1984 x 112
-#   bench_train_gpu         55       35  9 variants (the tests' bf16 ones); the 1p3b prior's init on the CPU ~15 s,
-#                                        25 updates ~10 s
+#   bench_train_gpu         55       38  9 variants (the tests' bf16 ones); the 1p3b prior's init on the CPU ~15 s,
+#                                        25 updates ~10 s, 4 more split into forward / backward / step and profiled
+#                                        (torch.profiler's top CUDA operators, issue 29) ~3 s
 #   summary                 15        2
-#   total                  420      204
+#   total                  420      207
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
@@ -129,7 +130,7 @@ fi
 step bench_powersgd 30 bench_powersgd_kernels.log "$PY" tools/bench_powersgd_kernels.py \
     --json "$RESULTS/bench_powersgd_kernels.json"
 step bench_train_gpu 55 bench_train_gpu.log "$PY" tools/bench_train_gpu.py --flavor 1p3b --steps 20 --warmup 5 \
-    --micro-batch 4 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/bench_train_gpu.json"
+    --micro-batch 4 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-989}" --profile 3 --json "$RESULTS/bench_train_gpu.json"
 
 echo "== summary"
 {
@@ -170,6 +171,8 @@ def train(t):
     q = t["planner"]
     print(f"1p3b on {t['device']}: {t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%}, {t['memory_gib'] or 0:.1f} GiB; "
           f"planner: {q['tokens_per_s']:,.0f} tokens/s, MFU {q['mfu']:.1%}, {q['total_bytes'] / 2**30:.1f} GiB")
+    if t.get("phases_ms"):
+        print("1p3b update: " + ", ".join(f"{k} {v:.1f} ms" for k, v in t["phases_ms"].items()))
 
 part("compile_kernels.json", kernels)
 part("bench_attention.json", attention)

@@ -149,7 +149,8 @@ class ContrastiveModel(nn.Module):
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> ClipOutput:
         img, txt = self.embed_images(images), self.embed_text(text)
         scale = self.scale()
-        logits = scale * img @ txt.T  # (B, B)
+        with torch.autocast(img.device.type, enabled=False):  # fp32: bf16 would round the similarities at scale 100
+            logits = scale * img @ txt.T  # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         return ClipOutput(loss, logits, img, txt, scale)

@@ -74,11 +74,14 @@ FLAVORS: dict[str, DVAEArgs] = {
 class Conv2d(nn.Module):
     """Same-padded convolution with the release's parameter names `w` (out, in, k, k) and `b` (out,)."""
 
-    def __init__(self, n_in: int, n_out: int, kw: int) -> None:
+    def __init__(self, n_in: int, n_out: int, kw: int, fp32: bool = False) -> None:
         super().__init__()
         if kw % 2 != 1:
             raise ValueError(f"kernel width must be odd, got {kw}")
         self.n_in, self.n_out, self.kw = n_in, n_out, kw
+        self.fp32 = fp32
+        """Computed in fp32 under autocast (train.autocast): the encoder's code logits (divided by tau down to 1/16
+        in the gumbel softmax) and the decoder's mu and ln b (the likelihood divides by b) are kept out of bf16."""
         self.w = nn.Parameter(torch.empty(n_out, n_in, kw, kw))
         self.b = nn.Parameter(torch.empty(n_out))
         self.reset_parameters()
@@ -88,6 +91,9 @@ class Conv2d(nn.Module):
         nn.init.zeros_(self.b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.conv2d(x.float(), self.w.float(), self.b.float(), padding=(self.kw - 1) // 2)
         return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=(self.kw - 1) // 2)
 
 
@@ -143,7 +149,12 @@ class Encoder(nn.Module):
             layers.append((f"group_{g + 1}", _group(blocks, pool)))
             n_in = n_out
         layers.append(
-            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(n_in, args.vocab_size, 1))])))
+            (
+                "output",
+                nn.Sequential(
+                    OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(n_in, args.vocab_size, 1, fp32=True))])
+                ),
+            )  # fmt: skip
         )
         self.blocks = nn.Sequential(OrderedDict(layers))
 
@@ -178,7 +189,7 @@ class Decoder(nn.Module):
                 n_in = n_out // 2
                 up = ("upsample", SubpixelUpsample(n_out, n_in))
             layers.append((f"group_{g + 1}", _group(blocks, up)))
-        out_conv = Conv2d(n_in, 2 * args.channels, 1)
+        out_conv = Conv2d(n_in, 2 * args.channels, 1, fp32=True)
         layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", out_conv)]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 

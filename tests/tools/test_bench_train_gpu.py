@@ -13,12 +13,14 @@ from tests.conftest import REPO, python
 def test_bench_train_gpu_smoke_on_cpu(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([python(), "tools/bench_train_gpu.py", "--flavor", "debug", "--steps", "2", "--warmup", "1",
-                           "--device", "cpu", "--peak-tflops", "1", "--json", str(out)],
+                           "--device", "cpu", "--peak-tflops", "1", "--profile", "1", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
     assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["planner"]["tokens_per_s"] > 0
     assert "planner:" in proc.stdout
+    assert set(r["phases_ms"]) == {"forward", "backward", "step"} and all(v > 0 for v in r["phases_ms"].values())
+    assert "aten::" in r["top_ops"]
 
 
 def test_bench_powersgd_kernels_smoke_on_cpu(tmp_path) -> None:
