@@ -58,7 +58,7 @@ def native_bf16(device_type: str) -> bool:
     """Whether `device_type` computes bf16 matmuls natively: a CUDA GPU that supports bf16, a CPU with AVX512-BF16
     or AMX (elsewhere oneDNN converts to fp32 and bf16 is slower than fp32)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return False
@@ -132,7 +132,9 @@ def check_compile_toolchain(device_type: str) -> None:
 
 def apply_compile(model: nn.Module, device_type: str) -> int:
     """torch.compile every block of `compile_units` in place (the compiled function replaces the method on the
-    instance; parameters, names and state_dict stay). Returns the number of blocks."""
+    instance; parameters, names and state_dict stay). Returns the number of blocks. The instance attributes hold
+    the original blocks' bound methods (as `apply_autocast`'s forward does): save state_dicts, never pickle or
+    deepcopy a wrapped model (a copy would call the original's methods)."""
     check_compile_toolchain(device_type)
     units = compile_units(model)
     if not units:
@@ -172,8 +174,11 @@ def apply_wrappers(
 ) -> nn.Module:
     """Every training wrapper the job asks for, in one place (train.py calls this once, before DeepSpeed).
     `grad_scaler`: the resolved mode (engine/ds_config.py's `grad_scaler_mode`); `device_type`: where the job
-    computes (default: cuda where available, else cpu), for `train.autocast = auto` and the compile toolchain."""
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    computes (default: DeepSpeed's accelerator), for `train.autocast = auto` and the compile toolchain."""
+    if device_type is None:
+        from deepspeed.accelerator import get_accelerator
+
+        device_type = get_accelerator().device_name()  # DeepSpeed's choice (DS_ACCELERATOR=cpu on a GPU host)
     if cfg.train.activation_checkpointing:
         if not isinstance(model, DallePrior):
             raise ConfigError(

@@ -82,7 +82,8 @@ def blocked_attention(
 
     def band(x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 0, (s - 1) * b, pad)).view(B, nh, nb + s - 1, b, hd)  # (B, nh, nb + s - 1, b, hd)
-        return torch.stack([x[:, :, j : j + nb] for j in range(s)], dim=3).view(B * nh * nb, s * b, hd)
+        # reshape, not view: contiguous in eager (a view), but under torch.compile stack's traced strides are not
+        return torch.stack([x[:, :, j : j + nb] for j in range(s)], dim=3).reshape(B * nh * nb, s * b, hd)
 
     kb, vb = band(ki), band(vi)  # (B nh nb, S b, hd)
     bias = (plan.bias if bias is None else bias).to(q.dtype)  # (nb, b, S b)

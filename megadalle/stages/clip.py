@@ -125,7 +125,8 @@ class ClipStage(StreamedData):
                 both[0, offsets[i] : offsets[i + 1]] = img
                 both[1, offsets[i] : offsets[i + 1]] = txt
             both = distributed.sum_tensor_over_ranks(both).cpu()
-            sim = both[0] @ both[1].T  # (N, d) x (d, N) -> (N, N)
+            with torch.autocast("cpu", enabled=False):  # fp32: under train.autocast bf16 similarities would tie
+                sim = both[0] @ both[1].T  # (N, d) x (d, N) -> (N, N)
             metrics.update({
                 f"{split}_n": float(len(sim)),
                 f"{split}_i2t_r1": recall_at_k(sim, 1), f"{split}_i2t_r5": recall_at_k(sim, 5),

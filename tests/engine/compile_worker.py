@@ -3,11 +3,13 @@
     torchrun --nproc_per_node N tests/engine/compile_worker.py BATCHES.pt OUT.pt -- --config ... [--k=v ...]
 
 BATCHES.pt: {"steps": [[micro-batches of rank 0, of rank 1, ...], ...]}. For each of train.compile false and true
-the model is built from the job's seed and trained on the same batches (the same random draws per update); rank 0
-writes OUT.pt with each run's global losses, final parameters (gathered) and the number of compiled blocks.
+the model is built from the job's seed and trained on the same batches (the same random draws per update), then
+evaluated with its EMA through train.py's `_evaluate`; rank 0 writes OUT.pt with each run's global losses, final
+parameters (gathered), evaluation metrics, the number of compiled blocks and of graphs dynamo compiled.
 """
 
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -17,10 +19,11 @@ from megadalle.config import load_config
 from megadalle.engine.denormals import flush_denormals
 from megadalle.engine.distributed import init_distributed
 from megadalle.engine.ds_config import load_ds_config
+from megadalle.engine.metrics import MetricsLogger
 from megadalle.engine.optim import reset_moments
 from megadalle.engine.wrap import compile_units
 from megadalle.stages import make_stage
-from megadalle.train import build, train_update
+from megadalle.train import _evaluate, build, train_update
 
 
 def main() -> None:
@@ -41,13 +44,23 @@ def main() -> None:
             if step == stage.moments_reset_step:
                 reset_moments(optimizer)
             losses.append(train_update(engine, optimizer, stage, per_rank[rank], stage.schedules(step))["loss"])
+            if state.ema is not None:
+                state.ema.update()
+        torch.manual_seed(0)
+        run_dir = Path(cfg.run_dir) / ("compiled" if compiled else "eager")
+        logger = MetricsLogger(None, 1, stage.readable)
+        evaluation = _evaluate(stage, engine, state.ema, len(steps), run_dir, logger)  # EMA in, no_grad: recompiles
+        logger.close()
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_tensor")):
             final = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         units = compile_units(engine.module)
         n_compiled = sum(type(getattr(m, name)).__name__ != "method" for m, name in units)
-        out["compiled" if compiled else "eager"] = {"losses": losses, "final": final, "n_compiled": n_compiled,
-                                                    "n_units": len(units)}  # fmt: skip
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # what dynamo really compiled so far
+        out["compiled" if compiled else "eager"] = {
+            "losses": losses, "final": final, "n_compiled": n_compiled, "n_units": len(units), "graphs": graphs,
+            "eval": evaluation,
+        }  # fmt: skip
         del engine, optimizer, state
     if rank == 0:
         torch.save(out, out_path)

@@ -16,12 +16,29 @@ LOSS_RTOL = 1e-5
 """Inductor fuses and reorders fp32 arithmetic: each update's loss within 1e-5 relative of eager's (the issue's bar)."""
 
 
+BF16_LOSS_RTOL = 1e-3
+"""Under train.autocast = bf16 inductor's fused kernels round where eager's bf16 operators do not."""
+
+CASES = {
+    # (ZeRO config, more arguments)
+    "prior": ("zero3", []),  # activation checkpointing, every layer kind (row, column, conv), dense attention
+    "dvae": ("zero3", []),  # through the warm start and the ELB
+    "prior_blocked_bf16": ("zero0", ["--model.attention=blocked", "--train.autocast=bf16"]),  # the demo's way
+    "clip": ("zero1", []),  # text blocks and conv stages (under bf16 eager rounds each op's output to bf16 where
+    # inductor's fused kernels keep fp32: the first losses differ by 0.2%, bf16's own resolution)
+}
+
+
 def _batches(stage: str, world: int) -> list[list[list]]:
     """STEPS updates of a global batch of 4, split over `world` ranks (one micro-batch each); new data each update."""
     g = torch.Generator().manual_seed(3)
     steps = []
     for _ in range(STEPS):
-        if stage == "prior":
+        if stage.startswith("clip"):
+            images, text = torch.rand(4, 3, 32, 32, generator=g), torch.randint(4, 300, (4, 16), generator=g)
+            text[:, 9:] = 0
+            data = [(images[:2], text[:2]), (images[2:], text[2:])]
+        elif stage.startswith("prior"):
             text = torch.randint(4, 300, (4, 16), generator=g)
             for i, n in enumerate((3, 7, 16, 16)):
                 text[i, n:] = 0
@@ -34,9 +51,13 @@ def _batches(stage: str, world: int) -> list[list[list]]:
 
 
 def _args(stage: str, token_shards, tokenizer_model, emoji_shards, tmp_path) -> list[str]:
-    common = [f"--job.run_root={tmp_path}", "--parallel.deepspeed_config=ds_configs/zero3_cpu.json",
-              "--train.micro_batch_size=2", "--optim.ema_decay=0"]  # fmt: skip
-    if stage == "prior":
+    zero, more = CASES[stage]
+    common = [f"--job.run_root={tmp_path}", f"--parallel.deepspeed_config=ds_configs/{zero}_cpu.json",
+              "--train.micro_batch_size=2", "--optim.ema_decay=0.9", *more]  # fmt: skip
+    if stage.startswith("clip"):
+        return ["--config", "megadalle/configs/clip_debug.toml", f"--tokenizer.model_path={tokenizer_model}",
+                f"--data.shards={emoji_shards}", "--train.eval_samples=64", *common]  # fmt: skip
+    if stage.startswith("prior"):
         return ["--config", "megadalle/configs/prior_debug.toml", f"--prior.tokens={token_shards}",
                 f"--tokenizer.model_path={tokenizer_model}", "--train.activation_checkpointing=true",
                 *common]  # fmt: skip
@@ -48,10 +69,10 @@ def _args(stage: str, token_shards, tokenizer_model, emoji_shards, tmp_path) -> 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", ["prior", "dvae"])
-def test_compiled_equals_eager_two_ranks_zero3(stage, tmp_path, token_shards, tokenizer_model, emoji_shards):
-    """The prior with activation checkpointing (every layer kind: row, column, conv) and the dVAE through its warm
-    start and the ELB: 10 updates on 2 ranks under ZeRO-3, compiled against eager, losses within 1e-5 relative."""
+@pytest.mark.parametrize("stage", list(CASES))
+def test_compiled_equals_eager_two_ranks(stage, tmp_path, token_shards, tokenizer_model, emoji_shards):
+    """10 updates on 2 ranks, compiled against eager (CASES: ZeRO-1 and 3 in fp32, losses within 1e-5 relative;
+    ZeRO-0 under bf16 autocast, 1e-3), then the EMA evaluated through train.py (no_grad: dynamo compiles again)."""
     args = _args(stage, token_shards, tokenizer_model, emoji_shards, tmp_path)
     torch.save({"steps": _batches(stage, 2)}, tmp_path / "batches.pt")
     proc = torchrun(REPO / "tests" / "engine" / "compile_worker.py", nproc=2, timeout=600,
@@ -60,10 +81,22 @@ def test_compiled_equals_eager_two_ranks_zero3(stage, tmp_path, token_shards, to
     out = torch.load(tmp_path / "out.pt")
     eager, compiled = out["eager"], out["compiled"]
     assert eager["n_compiled"] == 0 and compiled["n_compiled"] == compiled["n_units"] > 0
-    assert compiled["losses"] == pytest.approx(eager["losses"], rel=LOSS_RTOL)
+    assert eager["graphs"] == 0 and compiled["graphs"] > 0, "dynamo compiled graphs in the compiled run only"
+    bf16 = stage.endswith("_bf16")
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=BF16_LOSS_RTOL if bf16 else LOSS_RTOL)
     assert eager["losses"][-1] < eager["losses"][0], "it trains"
-    for name, p in eager["final"].items():
-        torch.testing.assert_close(compiled["final"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    if not bf16:  # (under bf16, Adam turns rounding differences of small gradients into lr-sized moves)
+        # as tests/engine/test_equivalence.py: an element whose gradient is near zero can move the other way on
+        # rounding alone (Adam's m / sqrt(v) is +-1), so each within 10% of the largest movement, the whole update
+        # within 2% of its norm
+        bound = 0.1 * load_config(args).optim.lr * STEPS
+        for name, p in eager["final"].items():
+            torch.testing.assert_close(compiled["final"][name], p, rtol=0, atol=bound, msg=name)
+        diff = torch.cat([(compiled["final"][n] - p).flatten() for n, p in eager["final"].items()])
+        assert diff.norm() < 0.02 * torch.cat([p.flatten() for p in eager["final"].values()]).norm()
+    assert eager["eval"].keys() == compiled["eval"].keys() and eager["eval"]
+    for k, v in eager["eval"].items():
+        assert compiled["eval"][k] == pytest.approx(v, rel=2e-2 if bf16 else 1e-4, abs=1e-6), k
 
 
 def test_autocast_choice(monkeypatch):
