@@ -145,6 +145,9 @@ def test_compiled_blocks_keep_the_state_dict():
     cfg = load_config(["--config", "megadalle/configs/prior_debug.toml", "--train.compile=true"])
     model = DallePrior(FLAVORS["debug"])
     names = list(model.state_dict())
-    wrap.apply_wrappers(model, cfg, device_type="cpu")
+    c = torch._dynamo.config  # apply_compile sets its limits for the whole (training) process: restored after this
+    with c.patch(recompile_limit=c.recompile_limit, accumulated_recompile_limit=c.accumulated_recompile_limit,
+                 fail_on_recompile_limit_hit=c.fail_on_recompile_limit_hit):  # fmt: skip
+        wrap.apply_wrappers(model, cfg, device_type="cpu")
     assert list(model.state_dict()) == names
     assert len(wrap.compile_units(model)) == 2 * FLAVORS["debug"].n_layers
