@@ -364,11 +364,10 @@ def _resume(state: TrainState, ckpt_root: Path, resume: Path, cfg: JobConfig) ->
 
 def _evaluate(stage: Stage, engine, ema: ShardedEMA | None, step: int, run_dir: Path, logger: MetricsLogger) -> dict:
     """Collective: the EMA weights (or the live ones) evaluated on the training engine by every rank, each on its
-        share of the batches (stages/base.py): the EMA swapped into the parameters' own storage (under ZeRO-3 each rank
-        swaps its shards; no rank gathers the model) and the live values back bit for bit afterwards. The module runs
-        as the training forward does: in training precision, under the engine's autocast where it has one (and under
-    train.autocast's). Every rank
-        returns the metrics; rank 0 logs them."""
+    share of the batches (stages/base.py): the EMA swapped into the parameters' own storage (under ZeRO-3 each rank
+    swaps its shards; no rank gathers the model) and the live values back bit for bit afterwards. The module runs
+    as the training forward does: in training precision, under the engine's autocast where it has one and under
+    train.autocast's (engine/wrap.py). Every rank returns the metrics; rank 0 logs them."""
     from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
     module = engine.module

@@ -10,8 +10,8 @@ Two more techniques for speed (issue 29):
   MLP branches f(x) (the residual join, where the per-resblock scaler sits, stays eager), the dVAE's resblocks,
   the reranker's text blocks and conv stages. Parameter names and checkpoints are unchanged. Activation
   checkpointing recomputes the compiled branch; under ZeRO-3 DeepSpeed's gather hooks (compiler-disabled) split
-  a block's graph at its submodules. Dynamo's recompile limit is raised to cover every block kind, train and eval,
-  and hitting it is an error, never a silent fallback to eager.
+  a block's graph at its submodules. Dynamo's recompile limit is raised to cover the compiled blocks' modules,
+  train and eval, and hitting it is an error, never a silent fallback to eager.
 - `train.autocast`: bf16 matmuls and convolutions under torch.autocast from fp32 parameters (torch AMP), entered
   inside the model's forward (`apply_autocast`) and around the evaluations (`autocast(model, device)`); the models
   keep their losses, the prior's heads and LayerNorms and the dVAE's output convolutions in fp32.
@@ -190,12 +190,12 @@ def apply_wrappers(
         if not isinstance(model, DallePrior):
             raise ConfigError(f"train.grad_scaler = per_resblock: {type(model).__name__} has no resblocks")
         model.grad_scaler = apply_grad_scaler(model)
-    model.autocast_dtype = resolve_autocast(cfg.train.autocast, device_type)
-    if model.autocast_dtype is not None:
-        apply_autocast(model, model.autocast_dtype, device_type)
+    dtype = resolve_autocast(cfg.train.autocast, device_type)
+    if dtype is not None:
+        apply_autocast(model, dtype, device_type)  # sets model.autocast_dtype, which `autocast` reads
     if cfg.train.autocast != "off":
         log.info(f"train.autocast = {cfg.train.autocast}: "
-                 + (f"bf16 matmuls and convolutions on {device_type}" if model.autocast_dtype else
+                 + (f"bf16 matmuls and convolutions on {device_type}" if dtype else
                     f"fp32 ({device_type} has no native bf16)"))  # fmt: skip
     if cfg.train.compile:
         n = apply_compile(model, device_type)
